@@ -1,0 +1,7 @@
+"""The gateway: settings, CLI, HTTP app, Redis buffer, flusher, metrics, embedded server."""
+
+from __future__ import annotations
+
+from .settings import Settings, SettingsError, parse_duration_s
+
+__all__ = ["Settings", "SettingsError", "parse_duration_s"]

@@ -1,0 +1,288 @@
+"""The ``scangate`` command line.
+
+Output formats are a contract: JSON objects and arrays on stdout, one per line; a code
+alone on its line. Bad arguments and failed operations print one line to stderr and exit 2;
+``codes verify`` exits 1 for a code that does not verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+
+from signing import (
+    FileKeyringStore,
+    Keyring,
+    Sealer,
+    SigningError,
+    load_master_key,
+    parse_code,
+    render_to_file,
+)
+from signing.codes import ID_PATTERN
+
+from .settings import Settings, SettingsError, parse_duration_s
+
+PROG = "scangate"
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+class UsageError(Exception):
+    """A bad argument or an operation that cannot be done; printed on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line instead of usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _emit(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value).decode("utf-8") + "\n")
+
+
+def _open_keyring(settings: Settings) -> Keyring:
+    master = load_master_key(settings.master_key, settings.data_dir)
+    return Keyring(FileKeyringStore(settings.keyring_path), Sealer(master))
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration_s(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _entity_id(text: str) -> str:
+    if not ID_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: an id is 1 to 16 characters of A-Z0-9")
+    return text
+
+
+# -- apps ------------------------------------------------------------------------------------
+
+
+def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
+    new = _open_keyring(settings).add_app(args.app_id, args.prefix)
+    _emit({"app_id": new.app_id, "prefix": new.prefix, "kid": new.kid, "token": new.token})
+    return 0
+
+
+def cmd_apps_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    kid = _open_keyring(settings).rotate(args.app_id)
+    _emit({"app_id": args.app_id, "kid": kid})
+    return 0
+
+
+def cmd_apps_retire(args: argparse.Namespace, settings: Settings) -> int:
+    _open_keyring(settings).retire(args.app_id, args.kid)
+    _emit({"app_id": args.app_id, "retired": args.kid.upper()})
+    return 0
+
+
+def cmd_apps_token(args: argparse.Namespace, settings: Settings) -> int:
+    token = _open_keyring(settings).add_token(args.app_id)
+    _emit({"app_id": args.app_id, "token": token})
+    return 0
+
+
+def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
+    _emit(
+        [
+            {
+                "app_id": a.app_id,
+                "prefix": a.prefix,
+                "active_kid": a.active_kid,
+                "kids": list(a.kids),
+                "tokens": a.tokens,
+                "created_at": a.created_at,
+            }
+            for a in _open_keyring(settings).list_apps()
+        ]
+    )
+    return 0
+
+
+# -- codes -----------------------------------------------------------------------------------
+
+
+def cmd_codes_issue(args: argparse.Namespace, settings: Settings) -> int:
+    keyring = _open_keyring(settings)
+    if args.venue is not None:
+        if args.ttl is not None:
+            raise UsageError("--ttl applies to person codes only")
+        code = keyring.issue(args.app, "venue", args.venue)
+    else:
+        code = keyring.issue(args.app, "person", args.person, ttl_s=int(args.ttl or 7 * 86400))
+    sys.stdout.write(code + "\n")
+    return 0
+
+
+def cmd_codes_verify(args: argparse.Namespace, settings: Settings) -> int:
+    verifier = _open_keyring(settings).verifier(args.app)
+    parsed = parse_code(args.code)
+    # Verify as the type the code says it is: this command answers "is this code good".
+    expected = parsed.type if parsed is not None else "venue"
+    result = verifier.verify(args.code, expected, time.time())
+    if isinstance(result, str):
+        _emit({"valid": False, "reason": result, "type": None, "id": None, "kid": None})
+        return EXIT_INVALID
+    _emit(
+        {
+            "valid": True,
+            "reason": None,
+            "type": result.type,
+            "id": result.id,
+            "kid": f"K{result.kid}",
+        }
+    )
+    return 0
+
+
+def cmd_codes_render(args: argparse.Namespace, settings: Settings) -> int:
+    if parse_code(args.code) is None:
+        raise UsageError("that is not a well-formed scangate code")
+    try:
+        render_to_file(args.code, Path(args.output))
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="keyring, master key file, SQLite file, ... (default: $SCANGATE_DATA_DIR "
+        "or ./scangate-data)",
+    )
+
+    parser = _Parser(
+        prog=PROG,
+        parents=[common],
+        description="scangate: scan ingestion gateway for QR health check-in. Verifies "
+        "check-in/check-out scans signed with per-app keys, de-duplicates them, buffers them "
+        "in Redis streams and pairs them into visits for contact tracing.",
+        epilog="Each command has its own --help. Settings come from SCANGATE_* variables "
+        "(see README).",
+    )
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=_Parser)
+    groups.required = True
+
+    def leaf(sub: Any, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, parents=[common], help=help_, description=help_
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    apps = groups.add_parser(
+        "apps",
+        help="apps that issue codes: keys and tokens",
+        description="Apps that issue codes: keys and tokens.",
+    )
+    apps_sub = apps.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    apps_sub.required = True
+    p = leaf(
+        apps_sub,
+        "add",
+        cmd_apps_add,
+        "register an app; prints {app_id, prefix, kid, token} (the token only now)",
+    )
+    p.add_argument("app_id", metavar="APP_ID", help="2 to 16 characters of a-z0-9")
+    p.add_argument(
+        "--prefix",
+        metavar="PFX",
+        help="code prefix, 1 to 16 of A-Z0-9 (default: APP_ID upper-cased)",
+    )
+    p = leaf(
+        apps_sub,
+        "rotate",
+        cmd_apps_rotate,
+        "add a signing key and make it active; older codes keep verifying",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "retire",
+        cmd_apps_retire,
+        "remove a signing key: its codes, printed posters included, stop verifying",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p.add_argument("kid", metavar="KID", help="key id as printed, e.g. K1")
+    p = leaf(
+        apps_sub,
+        "token",
+        cmd_apps_token,
+        "mint another API token for an app; prints {app_id, token} (only now)",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    leaf(apps_sub, "list", cmd_apps_list, "list apps as a JSON array (no secrets)")
+
+    codes = groups.add_parser(
+        "codes",
+        help="issue, verify and render codes",
+        description="Issue, verify and render venue and person codes.",
+    )
+    codes_sub = codes.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    codes_sub.required = True
+    p = leaf(codes_sub, "issue", cmd_codes_issue, "issue a code; prints the code alone")
+    p.add_argument("--app", required=True, metavar="APP_ID")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--venue", type=_entity_id, metavar="ID", help="venue id (A-Z0-9, 1-16)")
+    who.add_argument("--person", type=_entity_id, metavar="ID", help="person id (A-Z0-9, 1-16)")
+    p.add_argument(
+        "--ttl",
+        type=_duration,
+        metavar="DURATION",
+        help="person codes: validity, e.g. 7d (default 7d)",
+    )
+    p = leaf(
+        codes_sub,
+        "verify",
+        cmd_codes_verify,
+        "verify a code with an app's keys; prints {valid, reason, type, id, kid}; "
+        "exit 0 valid, 1 not",
+    )
+    p.add_argument("--app", required=True, metavar="APP_ID")
+    p.add_argument("code", metavar="CODE")
+    p = leaf(codes_sub, "render", cmd_codes_render, "render a code as a QR image")
+    p.add_argument("code", metavar="CODE")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.svg or FILE.png")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            os.environ if env is None else env,
+            data_dir=Path(args.data_dir) if "data_dir" in args else None,
+        )
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except (UsageError, SigningError, SettingsError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

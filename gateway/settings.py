@@ -1,0 +1,111 @@
+"""One frozen settings object. The environment is read only by ``Settings.from_env``,
+called at the entry point (the CLI); everything else receives a ``Settings``."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+_DURATION: Final = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNIT_S: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+SmsSender = Literal["log", "http"]
+
+
+class SettingsError(ValueError):
+    """A setting with a value that cannot be used; the message names the variable."""
+
+
+def parse_duration_s(text: str) -> float:
+    """``90s``, ``10m``, ``4h``, ``7d`` (or ``200ms``) in seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration (write it like 90s, 10m, 4h or 7d)")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("./scangate-data")
+    redis_url: str | None = None  # None: start the embedded Valkey server
+    redis_cluster: bool = False
+    storage_url: str | None = None  # None: SQLite in the data dir
+    master_key: str | None = field(default=None, repr=False)  # base64; None: key file
+    shards: int = 16
+    retry_memory_s: float = 600
+    repeat_window_s: float = 300
+    max_stay_s: float = 4 * 3600
+    orphan_stay_s: float = 3600
+    late_window_s: float = 7 * 86400
+    clock_skew_s: float = 300
+    backlog_high_water: int = 1_000_000
+    rate_limit: int = 0  # events per second per app; 0 is off
+    retention_s: float = 21 * 86400
+    flush_batch: int = 2000
+    flush_max_age_s: float = 0.2
+    timezone: str = "Asia/Ho_Chi_Minh"
+    sms: SmsSender = "log"
+    sms_url: str | None = None
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.data_dir / "keyring.json"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"sqlite:///{(self.data_dir / 'scangate.db').resolve()}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
+        """Settings from ``SCANGATE_*`` variables; ``overrides`` (CLI flags) win."""
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            var = "SCANGATE_" + f.name.upper()
+            if var not in env:
+                var = "SCANGATE_" + f.name.upper().removesuffix("_S")
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _convert(f.name, raw)
+            except ValueError as exc:
+                raise SettingsError(f"{var}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not 1 <= self.shards <= 16384:
+            raise SettingsError("SCANGATE_SHARDS: use 1 to 16384")
+        if self.flush_batch < 1:
+            raise SettingsError("SCANGATE_FLUSH_BATCH: use at least 1")
+        if self.sms not in ("log", "http"):
+            raise SettingsError("SCANGATE_SMS: use log or http")
+        if self.sms == "http" and not self.sms_url:
+            raise SettingsError("SCANGATE_SMS=http needs SCANGATE_SMS_URL")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise SettingsError(f"SCANGATE_TIMEZONE: unknown time zone {self.timezone!r}") from None
+
+
+def _convert(name: str, raw: str) -> object:
+    if name.endswith("_s"):
+        return parse_duration_s(raw)
+    if name in ("shards", "backlog_high_water", "rate_limit", "flush_batch"):
+        if not raw.strip().isdecimal():
+            raise ValueError(f"{raw!r} is not a whole number")
+        return int(raw)
+    if name == "redis_cluster":
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{raw!r} is not true or false")
+        return raw.lower() in ("true", "1", "yes")
+    if name == "data_dir":
+        return Path(raw)
+    return raw

@@ -1,0 +1,150 @@
+"""The CLI's output contract and its one-line errors, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SCANGATE_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        check=False,
+    )
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> object:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_apps_and_codes_round_trip(tmp_path: Path) -> None:
+    added = ok_json(run(tmp_path, "apps", "add", "vhd"))
+    assert isinstance(added, dict)
+    assert set(added) == {"app_id", "prefix", "kid", "token"}
+    assert (added["app_id"], added["prefix"], added["kid"]) == ("vhd", "VHD", "K1")
+    assert ok_json(run(tmp_path, "apps", "add", "bluezone", "--prefix", "BZ"))["prefix"] == "BZ"  # type: ignore[index]
+
+    issued = run(tmp_path, "codes", "issue", "--app", "vhd", "--venue", "SHOP42")
+    assert issued.returncode == 0
+    code = issued.stdout.strip()
+    assert issued.stdout == code + "\n" and code.startswith("VHD:")
+
+    verified = run(tmp_path, "codes", "verify", "--app", "vhd", code)
+    assert json.loads(verified.stdout) == {
+        "valid": True,
+        "reason": None,
+        "type": "venue",
+        "id": "SHOP42",
+        "kid": "K1",
+    }
+    wrong = run(tmp_path, "codes", "verify", "--app", "bluezone", code)
+    assert wrong.returncode == 1
+    assert json.loads(wrong.stdout) == {
+        "valid": False,
+        "reason": "wrong_app",
+        "type": None,
+        "id": None,
+        "kid": None,
+    }
+
+    assert ok_json(run(tmp_path, "apps", "rotate", "vhd")) == {"app_id": "vhd", "kid": "K2"}
+    assert run(tmp_path, "codes", "verify", "--app", "vhd", code).returncode == 0
+    assert run(tmp_path, "apps", "retire", "vhd", "K1").returncode == 0
+    retired = run(tmp_path, "codes", "verify", "--app", "vhd", code)
+    assert (retired.returncode, json.loads(retired.stdout)["reason"]) == (1, "unknown_key")
+
+    person = run(tmp_path, "codes", "issue", "--app", "vhd", "--person", "P1", "--ttl", "1d")
+    pcode = person.stdout.strip()
+    assert (
+        json.loads(run(tmp_path, "codes", "verify", "--app", "vhd", pcode).stdout)["type"]
+        == "person"
+    )
+
+    listed = ok_json(run(tmp_path, "apps", "list"))
+    assert isinstance(listed, list)
+    assert [a["app_id"] for a in listed] == ["bluezone", "vhd"]
+    assert "token" not in json.dumps(listed).replace('"tokens"', "")
+
+    out = tmp_path / "code.png"
+    assert run(tmp_path, "codes", "render", pcode, "-o", str(out)).returncode == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_data_dir_comes_from_the_environment_too(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "apps", "add", "vhd"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SCANGATE_DATA_DIR": str(tmp_path / "d")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "d" / "keyring.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["apps", "add", "X"],
+        ["apps", "add"],
+        ["apps", "frobnicate"],
+        ["apps", "rotate", "nope"],
+        ["apps", "retire", "nope", "K1"],
+        ["codes", "issue", "--app", "nope", "--venue", "V1"],
+        ["codes", "issue", "--app", "vhd", "--venue", "lower"],
+        ["codes", "issue", "--app", "vhd", "--venue", "V1", "--person", "P1"],
+        ["codes", "issue", "--app", "vhd", "--venue", "V1", "--ttl", "1d"],
+        ["codes", "issue", "--app", "vhd", "--person", "P1", "--ttl", "soon"],
+        ["codes", "render", "NOT A CODE", "-o", "x.png"],
+        ["codes", "verify", "--app", "nope", "X"],
+        [],
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path: Path, args: list[str]) -> None:
+    run(tmp_path, "apps", "add", "vhd")
+    result = run(tmp_path, *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_bad_settings_give_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = run(tmp_path, "apps", "list", env={"SCANGATE_SHARDS": "many"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "scangate: error: SCANGATE_SHARDS: 'many' is not a whole number"
+
+
+def test_every_command_has_help(tmp_path: Path) -> None:
+    for args in (
+        ["--help"],
+        ["apps", "--help"],
+        ["apps", "add", "--help"],
+        ["apps", "rotate", "--help"],
+        ["apps", "retire", "--help"],
+        ["apps", "list", "--help"],
+        ["apps", "token", "--help"],
+        ["codes", "--help"],
+        ["codes", "issue", "--help"],
+        ["codes", "verify", "--help"],
+        ["codes", "render", "--help"],
+    ):
+        result = run(tmp_path, *args)
+        assert result.returncode == 0 and "usage: scangate" in result.stdout, args

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import Settings, SettingsError, parse_duration_s
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("10m", 600), ("4h", 14400), ("7d", 604800), ("200ms", 0.2)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration_s(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "10", "1.5h", "-1s", "10 m", "1w"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration_s(text)
+
+
+def test_defaults_match_the_design_table() -> None:
+    s = Settings.from_env({})
+    assert (s.data_dir, s.redis_url, s.shards, s.retry_memory_s, s.repeat_window_s) == (
+        Path("./scangate-data"),
+        None,
+        16,
+        600,
+        300,
+    )
+    assert (s.max_stay_s, s.orphan_stay_s, s.late_window_s, s.clock_skew_s) == (
+        14400,
+        3600,
+        604800,
+        300,
+    )
+    assert (
+        s.backlog_high_water,
+        s.rate_limit,
+        s.retention_s,
+        s.flush_batch,
+        s.flush_max_age_s,
+    ) == (1_000_000, 0, 21 * 86400, 2000, 0.2)
+    assert (s.timezone, s.sms) == ("Asia/Ho_Chi_Minh", "log")
+
+
+def test_environment_and_overrides() -> None:
+    s = Settings.from_env(
+        {
+            "SCANGATE_RETRY_MEMORY": "2m",
+            "SCANGATE_SHARDS": "4",
+            "SCANGATE_DATA_DIR": "/x",
+            "SCANGATE_REDIS_CLUSTER": "true",
+            "SCANGATE_FLUSH_MAX_AGE": "50ms",
+        },
+        data_dir=Path("/y"),
+    )
+    assert (s.retry_memory_s, s.shards, s.data_dir, s.redis_cluster, s.flush_max_age_s) == (
+        120,
+        4,
+        Path("/y"),
+        True,
+        0.05,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SCANGATE_SHARDS": "0"}, "SCANGATE_SHARDS"),
+        ({"SCANGATE_MAX_STAY": "long"}, "SCANGATE_MAX_STAY"),
+        ({"SCANGATE_TIMEZONE": "Mars/Olympus"}, "SCANGATE_TIMEZONE"),
+        ({"SCANGATE_SMS": "http"}, "SCANGATE_SMS_URL"),
+        ({"SCANGATE_REDIS_CLUSTER": "maybe"}, "SCANGATE_REDIS_CLUSTER"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
