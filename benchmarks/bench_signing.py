@@ -19,11 +19,12 @@ import datetime as dt
 import hmac
 import os
 import platform
-import re
 import secrets
 import sys
 import time
 from pathlib import Path
+
+from results import cpu_model, write_section
 
 from signing import Code, CodeVerifier
 from signing.codes import TAG_BYTES, signed_message_prefix
@@ -76,29 +77,6 @@ def rate_stdlib(key: bytes, app_id: str, codes: list[tuple[str, str]]) -> float:
         mac = hmac.digest(key, label + raw[:-TAG_BYTES], "sha256")[:TAG_BYTES]
         hmac.compare_digest(mac, raw[-TAG_BYTES:])
     return len(codes) / (time.perf_counter() - start)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text += "\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> int:

@@ -161,11 +161,25 @@ def cmd_codes_render(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .server import ServeOptions, serve
+
+    if not 1 <= args.workers <= 64:
+        raise UsageError("--workers: use 1 to 64")
+    if not 0 < args.port < 65536:
+        raise UsageError("--port: use 1 to 65535")
+    options = ServeOptions(host=args.host, port=args.port, workers=args.workers)
+    return serve(settings, options)
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--data-dir",
         default=argparse.SUPPRESS,
@@ -191,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(handler=handler)
         return p
+
+    p: argparse.ArgumentParser = groups.add_parser(
+        "serve",
+        parents=[common],
+        help="run the HTTP gateway (embedded Valkey unless SCANGATE_REDIS_URL is set)",
+        description="Run the HTTP gateway: POST /v1/scans, /healthz, /readyz, /metrics. "
+        "With SCANGATE_REDIS_URL unset it starts a Valkey server under the data dir "
+        "(append-only file on) and stops it on exit. SIGTERM stops accepting, finishes "
+        "requests in flight and exits 0.",
+    )
+    p.set_defaults(handler=cmd_serve)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="processes sharing the port with SO_REUSEPORT (default 1)",
+    )  # fmt: skip
 
     apps = groups.add_parser(
         "apps",

@@ -10,6 +10,8 @@ import pytest
 
 from signing import FileKeyringStore, Keyring, Sealer
 
+pytest_plugins = ["tests.fixtures_servers"]
+
 KeyringFactory = Callable[..., Keyring]
 
 

@@ -1,0 +1,322 @@
+"""The aiohttp application: ``create_app(settings)`` and its handlers.
+
+The scan handler is the pipeline's source: authenticate the app, parse the batch, check
+every event (``gateway.events``), append the accepted ones to the Redis buffer
+(``gateway.buffer``), and answer each event's verdict in request order. A 2xx is sent only
+after Redis has taken every accepted event.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from signing import FileKeyringStore, Keyring, Sealer, load_master_key
+
+from .background import Periodic
+from .buffer import BufferUnavailable, RedisBuffer, connect_redis
+from .errors import (
+    HTTP_STATUS_CODES,
+    ApiError,
+    BacklogFull,
+    InvalidRequest,
+    MalformedJson,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from .events import EventRules, Rejection, ScanEvent, check_event, encode_event
+from .keyspace import seen_field, shard_of
+from .metrics import CONTENT_TYPE, Metrics
+from .ratelimit import TokenBuckets
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_EVENTS: Final = 500
+KEYRING_REFRESH_S: Final = 2.0
+BACKLOG_POLL_S: Final = 0.5
+RETRY_AFTER_UNAVAILABLE_S: Final = 1
+RETRY_AFTER_BACKLOG_S: Final = 5
+JSON: Final = "application/json"
+
+
+@dataclass
+class Gateway:
+    """What the handlers share: one per application."""
+
+    settings: Settings
+    keyring: Keyring
+    metrics: Metrics
+    rules: EventRules
+    rate_limits: TokenBuckets | None
+    buffer: RedisBuffer | None = None
+
+
+GATEWAY: Final = web.AppKey("gateway", Gateway)
+
+
+def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
+    """The gateway as an aiohttp application; resources open in its cleanup contexts.
+
+    ``workers`` is how many processes share the port: a per-app rate limit is split
+    between them, since each process counts only what it sees.
+    """
+    master = load_master_key(settings.master_key, settings.data_dir)
+    keyring = Keyring(FileKeyringStore(settings.keyring_path), Sealer(master))
+    gateway = Gateway(
+        settings=settings,
+        keyring=keyring,
+        metrics=Metrics(),
+        rules=EventRules(
+            clock_skew_ms=int(settings.clock_skew_s * 1000),
+            late_window_ms=int(settings.late_window_s * 1000),
+        ),
+        rate_limits=(
+            TokenBuckets(settings.rate_limit / workers, burst=max(settings.rate_limit, MAX_EVENTS))
+            if settings.rate_limit
+            else None
+        ),
+    )
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_observe_and_answer_errors])
+    app[GATEWAY] = gateway
+    app.cleanup_ctx.append(_keyring_refresher)
+    app.cleanup_ctx.append(_redis_buffer)
+    app.router.add_post("/v1/scans", post_scans, name="scans")
+    app.router.add_get("/healthz", get_healthz, name="healthz")
+    app.router.add_get("/readyz", get_readyz, name="readyz")
+    app.router.add_get("/metrics", get_metrics, name="metrics")
+    return app
+
+
+# -- resources -------------------------------------------------------------------------------
+
+
+async def _keyring_refresher(app: web.Application) -> AsyncIterator[None]:
+    """Pick up keyring changes (a rotation, a retirement, a new app) made by the CLI."""
+    keyring = app[GATEWAY].keyring
+
+    async def refresh() -> None:
+        # On an error the previous keyring keeps serving; Periodic logs it and retries.
+        if keyring.refresh():
+            log.info("keyring changed: reloaded")
+
+    task = Periodic("keyring-refresh", refresh, KEYRING_REFRESH_S)
+    yield
+    await task.stop()
+
+
+async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    settings = gateway.settings
+    if settings.redis_url is None:
+        raise RuntimeError("create_app needs settings.redis_url (serve starts the server)")
+    client = connect_redis(settings.redis_url)
+    buffer = gateway.buffer = RedisBuffer(client, settings.shards, settings.retry_memory_s)
+
+    async def poll_backlog() -> None:
+        try:
+            gateway.metrics.set_backlog(await buffer.poll_lengths())
+        except BufferUnavailable:
+            gateway.metrics.redis_errors.inc()
+
+    task = Periodic("backlog-poll", poll_backlog, BACKLOG_POLL_S)
+    yield
+    await task.stop()
+    await client.aclose()
+
+
+# -- middleware ------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn errors into JSON answers and count and time every request by route."""
+    started = time.perf_counter()
+    route = request.match_info.route.name or "unmatched"
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.code, exc.detail, exc.retry_after_s)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_STATUS_CODES.get(exc.status, "http_error")
+        detail = exc.reason
+        if exc.status == 413:
+            detail = f"the body is over {MAX_BODY_BYTES} bytes"
+        response = error_response(exc.status, code, detail)
+    request.app[GATEWAY].metrics.observe_request(
+        route, response.status, time.perf_counter() - started
+    )
+    return response
+
+
+def error_response(
+    status: int, code: str, detail: str, retry_after_s: int | None = None
+) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": code, "detail": detail}),
+        content_type=JSON,
+        headers=headers,
+    )
+
+
+# -- handlers --------------------------------------------------------------------------------
+
+
+def authenticate(request: web.Request, keyring: Keyring) -> str:
+    """The app id of the request's bearer token."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("missing Authorization: Bearer <app token>")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token or len(token) > 256:
+        raise Unauthorized("use Authorization: Bearer <app token>")
+    app_id = keyring.app_for_token(token.strip())
+    if app_id is None:
+        raise Unauthorized("unknown token")
+    return app_id
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON: 415 unless JSON, 413 over the limit, 400 when it does not parse."""
+    if request.content_type != JSON:
+        raise UnsupportedMediaType("send Content-Type: application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+    body = await request.read()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJson(f"the body is not valid JSON: {exc.msg}") from None
+
+
+async def post_scans(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    app_id = authenticate(request, gateway.keyring)
+    doc = await read_json(request)
+    if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
+        raise InvalidRequest('expected {"events": [...]}')
+    raw_events: list[Any] = doc["events"]
+    if not raw_events:
+        raise InvalidRequest("events: send 1 to 500 events")
+    if len(raw_events) > MAX_EVENTS:
+        raise PayloadTooLarge(f"events: at most {MAX_EVENTS} per request")
+    if gateway.rate_limits is not None:
+        wait_s = gateway.rate_limits.take(app_id, len(raw_events), time.monotonic())
+        if wait_s:
+            raise RateLimited(
+                f"over {gateway.settings.rate_limit} events per second for this app",
+                retry_after_s=max(1, math.ceil(wait_s)),
+            )
+    buffer = gateway.buffer
+    assert buffer is not None
+    if sum(buffer.lengths) >= gateway.settings.backlog_high_water:
+        gateway.metrics.backpressure_rejections.inc()
+        raise BacklogFull(
+            "the buffer is over its high-water mark; retry later",
+            retry_after_s=RETRY_AFTER_BACKLOG_S,
+        )
+
+    now_ms = int(time.time() * 1000)
+    verifier = gateway.keyring.verifier(app_id)
+    shards = gateway.settings.shards
+    checked: list[ScanEvent | Rejection] = []
+    by_shard: dict[int, list[tuple[bytes, bytes]]] = {}
+    for raw in raw_events:
+        verdict = check_event(raw, app_id, verifier, gateway.rules, now_ms)
+        checked.append(verdict)
+        if isinstance(verdict, ScanEvent):
+            shard = shard_of(app_id, verdict.event_id, shards)
+            by_shard.setdefault(shard, []).append(
+                (seen_field(app_id, verdict.event_id), encode_event(verdict))
+            )
+
+    appended: dict[int, list[bool]] = {}
+    if by_shard:
+        try:
+            appended = await buffer.append(by_shard, now_ms)
+        except BufferUnavailable as exc:
+            gateway.metrics.redis_errors.inc()
+            raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
+
+    return web.Response(
+        body=_answer(app_id, checked, appended, shards, gateway.metrics), content_type=JSON
+    )
+
+
+def _answer(
+    app_id: str,
+    checked: list[ScanEvent | Rejection],
+    appended: dict[int, list[bool]],
+    shards: int,
+    metrics: Metrics,
+) -> bytes:
+    """The response body, in request order, and the verdict counts for the metrics."""
+    cursors = dict.fromkeys(appended, 0)
+    results: list[dict[str, Any]] = []
+    tally: Tally[tuple[str, str, str, str]] = Tally()
+    accepted = duplicates = 0
+    for verdict in checked:
+        if isinstance(verdict, ScanEvent):
+            shard = shard_of(app_id, verdict.event_id, shards)
+            fresh = appended[shard][cursors[shard]]
+            cursors[shard] += 1
+            status = "accepted" if fresh else "duplicate"
+            if fresh:
+                accepted += 1
+            else:
+                duplicates += 1
+            results.append({"event_id": verdict.event_id, "status": status})
+            tally[(app_id, verdict.kind, status, "")] += 1
+        else:
+            results.append(
+                {
+                    "event_id": verdict.event_id,
+                    "status": "rejected",
+                    "reason": verdict.reason,
+                    "detail": verdict.detail,
+                }
+            )
+            tally[(app_id, verdict.kind, "rejected", verdict.reason)] += 1
+    metrics.count_events(tally)
+    return orjson.dumps(
+        {
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "rejected": len(checked) - accepted - duplicates,
+            "results": results,
+        }
+    )
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type=JSON)
+
+
+async def get_readyz(request: web.Request) -> web.Response:
+    buffer = request.app[GATEWAY].buffer
+    if buffer is None or not await buffer.ping():
+        raise Unavailable("Redis does not answer", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
+    return web.Response(body=b'{"status":"ready","redis":"ok"}', content_type=JSON)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

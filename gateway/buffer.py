@@ -1,0 +1,173 @@
+"""The Redis buffer: de-duplicate accepted events and append them to their shard's stream.
+
+One script call per shard per request, all shards in one pipeline (one round trip). The
+script checks the event's identity against the shard's recent seen-buckets, records it,
+and appends the event to the stream, atomically; it answers per event (appended or
+duplicate) and the stream's length, which keeps the backlog gauge current for free.
+
+De-duplication memory is bucketed by time: each bucket is a hash of identities, and a call
+checks the current bucket and the two before it, each bucket lasting half the retry memory.
+So an identity is remembered for at least the retry memory (at most 1.5 times it), for
+about the memory of one hash field per event and no per-event key or expiry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from .keyspace import EVENT_FIELD, seen_key, stream_key
+
+log = logging.getLogger(__name__)
+
+SEEN_BUCKETS_CHECKED: Final = 3
+MIN_BUCKET_MS: Final = 1000
+
+APPEND_SCRIPT: Final = b"""
+-- KEYS[1]: the shard's stream; KEYS[2]: the current seen-bucket; KEYS[3..]: older buckets.
+-- ARGV[1]: bucket lifetime (ms); ARGV[2]: the stream field; then (identity, value) pairs.
+-- Returns {stream length, then per event: 1 appended, 0 duplicate}.
+local out = {0}
+local added = false
+for i = 3, #ARGV, 2 do
+  local identity = ARGV[i]
+  local seen = false
+  for k = 2, #KEYS do
+    if redis.call('HEXISTS', KEYS[k], identity) == 1 then seen = true; break end
+  end
+  if seen then
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', KEYS[2], identity, '')
+    redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i + 1])
+    out[#out + 1] = 1
+    added = true
+  end
+end
+if added then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
+out[1] = redis.call('XLEN', KEYS[1])
+return out
+"""
+APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT, usedforsecurity=False).hexdigest()
+
+
+class BufferUnavailable(Exception):
+    """Redis did not take the write (down, loading, out of memory): answer 503."""
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """A client that fails fast: a scan request waits on Redis for seconds at most, and a
+    write is never retried behind our back (the caller answers 503, the app retries)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+    )
+
+
+class RedisBuffer:
+    """Appends accepted events to the sharded streams, de-duplicated by identity."""
+
+    def __init__(self, client: aioredis.Redis, shards: int, retry_memory_s: float) -> None:
+        self.client = client
+        self.shards = shards
+        self.bucket_ms = max(MIN_BUCKET_MS, int(retry_memory_s * 1000) // 2)
+        self._bucket_ttl_ms = str(self.bucket_ms * SEEN_BUCKETS_CHECKED).encode()
+        # Last known stream length per shard: updated by every append and every poll.
+        self.lengths: list[int] = [0] * shards
+
+    async def append(
+        self, by_shard: Mapping[int, Sequence[tuple[bytes, bytes]]], now_ms: int
+    ) -> dict[int, list[bool]]:
+        """Append (identity, value) pairs per shard; per shard, True where appended and
+        False where a duplicate. Raises BufferUnavailable when Redis fails.
+
+        If it raises, some shards may have been written: a retry then answers duplicate
+        for those events, so nothing is stored twice.
+        """
+        bucket = now_ms // self.bucket_ms
+        calls = {
+            shard: self._script_args(shard, bucket, pairs) for shard, pairs in by_shard.items()
+        }
+        replies = await self._run(calls)
+        out: dict[int, list[bool]] = {}
+        for shard, reply in replies.items():
+            self.lengths[shard] = int(reply[0])
+            out[shard] = [flag == 1 for flag in reply[1:]]
+        return out
+
+    def _script_args(
+        self, shard: int, bucket: int, pairs: Sequence[tuple[bytes, bytes]]
+    ) -> list[Any]:
+        keys = [stream_key(shard)] + [
+            seen_key(shard, bucket - i) for i in range(SEEN_BUCKETS_CHECKED)
+        ]
+        args: list[Any] = [self._bucket_ttl_ms, EVENT_FIELD]
+        for identity, value in pairs:
+            args.append(identity)
+            args.append(value)
+        return [APPEND_SHA, len(keys), *keys, *args]
+
+    async def _run(self, calls: dict[int, list[Any]]) -> dict[int, list[int]]:
+        """EVALSHA every call in one pipeline; load the script once if the server lost it
+        (a restart empties the script cache) and rerun only the calls that missed it."""
+        pending = dict(calls)
+        done: dict[int, list[int]] = {}
+        for attempt in range(2):
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for call in pending.values():
+                    pipe.execute_command("EVALSHA", *call)
+                replies = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                raise BufferUnavailable(_describe(exc)) from exc
+            missing: dict[int, list[Any]] = {}
+            for (shard, call), reply in zip(pending.items(), replies, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing[shard] = call
+                elif isinstance(reply, BaseException):
+                    raise BufferUnavailable(_describe(reply))
+                else:
+                    done[shard] = reply
+            if not missing:
+                break
+            try:
+                await self.client.script_load(APPEND_SCRIPT)
+            except RedisError as exc:
+                raise BufferUnavailable(_describe(exc)) from exc
+            pending = missing
+        return done
+
+    async def poll_lengths(self) -> list[int]:
+        """Every shard's stream length (entries not yet flushed), in one round trip."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(self.shards):
+                pipe.xlen(stream_key(shard))
+            lengths = [int(n) for n in await pipe.execute()]
+        except RedisError as exc:
+            raise BufferUnavailable(_describe(exc)) from exc
+        self.lengths = lengths
+        return lengths
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except RedisError:
+            return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).split("\n", 1)[0]
+    if text.startswith("OOM"):
+        return "Redis is out of memory (maxmemory reached)"
+    return f"Redis unavailable: {type(exc).__name__}"

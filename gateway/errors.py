@@ -1,0 +1,61 @@
+"""Whole-request errors and the one place they become HTTP answers.
+
+Every error body is ``{"error": code, "detail": text}``. Per-event problems inside a valid
+batch are not errors: they are verdicts (see ``gateway.events``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class ApiError(Exception):
+    """An answer other than success, with a stable code and a detail for people."""
+
+    status: int = 400
+    code: str = "invalid_request"
+
+    def __init__(self, detail: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+class MalformedJson(ApiError):
+    code = "malformed_json"
+
+
+class InvalidRequest(ApiError):
+    code = "invalid_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class RateLimited(ApiError):
+    status, code = 429, "rate_limited"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+class BacklogFull(ApiError):
+    status, code = 503, "backlog_full"
+
+
+# Codes for answers aiohttp itself makes (unknown route, wrong method, body over the limit).
+HTTP_STATUS_CODES: Final[dict[int, str]] = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}

@@ -1,0 +1,40 @@
+"""Every Redis key, stream and consumer-group name scangate uses, and how shards are chosen.
+
+Each key that one script call touches carries its shard as a hash tag (``{7}``), so a call
+stays in one Redis Cluster slot and the same code runs on a cluster unchanged.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Final
+
+KEY_PREFIX: Final = "sg"
+CONSUMER_GROUP: Final = "scangate-flushers"
+# The one field of a stream entry: the event as a compact JSON array (see gateway.events).
+EVENT_FIELD: Final = b"e"
+
+
+def shard_of(app_id: str, event_id: str, shards: int) -> int:
+    """The shard of an event: stable across processes and hosts (``hash()`` is salted)."""
+    return zlib.crc32(f"{app_id}\x00{event_id}".encode()) % shards
+
+
+def stream_key(shard: int) -> str:
+    """The stream buffering a shard's accepted events until the flusher stores them."""
+    return f"{KEY_PREFIX}:{{{shard}}}:events"
+
+
+def seen_key(shard: int, bucket: int) -> str:
+    """A hash of the event identities a shard accepted in one time bucket (de-duplication)."""
+    return f"{KEY_PREFIX}:{{{shard}}}:seen:{bucket}"
+
+
+def dead_letter_key(shard: int) -> str:
+    """Entries of a shard's stream that could not be decoded, kept for a person to look at."""
+    return f"{KEY_PREFIX}:{{{shard}}}:dead"
+
+
+def seen_field(app_id: str, event_id: str) -> bytes:
+    """An event's identity inside a seen-bucket hash."""
+    return f"{app_id}:{event_id}".encode()

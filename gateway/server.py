@@ -1,0 +1,197 @@
+"""``scangate serve``: a supervisor process and N gateway worker processes.
+
+The supervisor starts the embedded Valkey server when no Redis URL is configured, points
+prometheus_client's multiprocess directory at a fresh folder (so ``/metrics`` of any worker
+reports all of them), starts the workers (each binds the same port with SO_REUSEPORT),
+restarts a worker that dies, and on SIGTERM or SIGINT stops the workers gracefully (each
+stops accepting, finishes requests in flight within the shutdown deadline, exits), then the
+embedded server, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any, Final
+
+from signing import FileKeyringStore, Keyring, Sealer, load_master_key
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_DEADLINE_S: Final = 20.0
+WORKER_START_TIMEOUT_S: Final = 60.0
+RESTART_BACKOFF_S: Final = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    shutdown_deadline_s: float = SHUTDOWN_DEADLINE_S
+
+
+def serve(settings: Settings, options: ServeOptions) -> int:
+    """Run until SIGTERM or SIGINT; the exit status."""
+    from .embedded import RedisProcess, valkey_binary  # imported here: only serve needs it
+
+    stop_requested = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Open the keyring once here: a missing or wrong master key fails now, on one line,
+    # not in every worker; and a generated key file is made once, not raced for.
+    Keyring(FileKeyringStore(settings.keyring_path),
+            Sealer(load_master_key(settings.master_key, settings.data_dir)))  # fmt: skip
+    metrics_dir = settings.data_dir / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+
+    embedded: RedisProcess | None = None
+    if settings.redis_url is None:
+        embedded = RedisProcess(
+            valkey_binary(), settings.data_dir / "valkey", unix_socket=True, appendonly=True
+        )
+        embedded.start()
+        log.info("embedded Valkey started (%s, append-only file on)", embedded.url)
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
+
+    ctx = multiprocessing.get_context("spawn")
+    ready: Any = ctx.Queue()
+    workers: dict[int, BaseProcess] = {}
+
+    def start_worker(slot: int) -> None:
+        proc = ctx.Process(
+            target=run_worker,
+            args=(settings, options, ready),
+            name=f"scangate-worker-{slot}",
+            daemon=False,
+        )
+        proc.start()
+        workers[slot] = proc
+
+    try:
+        for slot in range(options.workers):
+            start_worker(slot)
+        if not _await_ready(ready, options.workers, lambda: stop_requested):
+            log.error("workers did not start; stopping")
+            return 1
+        log.info(
+            "scangate listening on http://%s:%d (%d worker%s)",
+            options.host,
+            options.port,
+            options.workers,
+            "" if options.workers == 1 else "s",
+        )
+        while not stop_requested:
+            time.sleep(0.2)
+            for slot, proc in list(workers.items()):
+                if not proc.is_alive() and not stop_requested:
+                    log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
+                    _forget_dead_process(proc.pid)
+                    time.sleep(RESTART_BACKOFF_S)
+                    start_worker(slot)
+        log.info(
+            "stopping: finishing requests in flight (deadline %.0fs)", options.shutdown_deadline_s
+        )
+        return 0
+    finally:
+        _stop_all(list(workers.values()), options.shutdown_deadline_s + 5)
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded Valkey stopped")
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _await_ready(ready: Any, n: int, stopping: Any) -> bool:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    started = 0
+    while started < n and time.monotonic() < deadline and not stopping():
+        try:
+            kind, detail = ready.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if kind != "ready":
+            log.error("a worker failed to start: %s", detail)
+            return False
+        started += 1
+    return started == n
+
+
+def _stop_all(procs: list[BaseProcess], deadline_s: float) -> None:
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + deadline_s
+    for proc in procs:
+        proc.join(max(0.0, end - time.monotonic()))
+        if proc.is_alive():
+            log.warning("worker %s did not stop in time: killing it", proc.pid)
+            proc.kill()
+            proc.join(5)
+
+
+def _forget_dead_process(pid: int | None) -> None:
+    if pid is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+# -- worker process --------------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
+    """One gateway process: serve until SIGTERM/SIGINT, then shut down gracefully."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    try:
+        import uvloop
+
+        uvloop.run(_serve_worker(settings, options, ready))
+    except Exception as exc:
+        ready.put(("failed", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
+    from aiohttp import web
+
+    from .app import create_app
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    app = create_app(settings, workers=options.workers)
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=options.shutdown_deadline_s, handle_signals=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, options.host, options.port, reuse_port=True, backlog=2048)
+    await site.start()
+    ready.put(("ready", os.getpid()))
+    await stop.wait()
+    # Stop accepting, let requests in flight finish (bounded by shutdown_timeout), close.
+    await runner.cleanup()

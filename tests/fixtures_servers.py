@@ -1,0 +1,117 @@
+"""Fixtures for real Redis/Valkey and PostgreSQL servers (helpers in ``servers.py``).
+
+Loaded by ``tests/conftest.py`` through ``pytest_plugins``. Nothing here touches the
+machine's shared services: Redis and Valkey servers are private processes on free ports,
+and the only shared PostgreSQL used is the one ``SCANGATE_TEST_POSTGRES_URL`` names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from gateway.embedded import RedisProcess
+
+from .servers import (
+    SERVER_KINDS,
+    PrivatePostgres,
+    ServerKind,
+    missing,
+    postgres_bindir,
+    run_async_check,
+    start_redis,
+)
+
+PrivateRedisFactory = Callable[..., RedisProcess]
+PrivatePostgresFactory = Callable[[], PrivatePostgres]
+
+POSTGRES_URL_VARIABLE = "SCANGATE_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(scope="session", params=SERVER_KINDS, ids=list(SERVER_KINDS))
+def redis_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisProcess]:
+    """A private server per kind for the whole session, on a free loopback port.
+
+    Tests that use it run once against Valkey and once against Redis. No append-only file:
+    nothing here outlives the session, and fsyncs would only slow the tests.
+    """
+    kind: ServerKind = request.param
+    process = start_redis(kind, tmp_path_factory.mktemp(f"{kind}-session"), appendonly=False)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """The session server's URL, with its keyspace emptied for this test."""
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedisFactory]:
+    """Start servers of a test's own: ``private_redis("redis", unix_socket=True)``.
+
+    For tests that stop, restart or kill a server. Keyword arguments go to
+    :class:`~gateway.embedded.RedisProcess` (append-only file on by default, so data
+    survives a restart). Every server started is stopped at teardown.
+    """
+    with contextlib.ExitStack() as cleanup:
+
+        def start(binary: ServerKind = "valkey", **kwargs: Any) -> RedisProcess:
+            # A short directory: a Unix socket path must stay under about 100 bytes.
+            process = start_redis(binary, tmp_path_factory.mktemp(binary), **kwargs)
+            cleanup.callback(process.stop)
+            return process
+
+        yield start
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The URL in ``SCANGATE_TEST_POSTGRES_URL``, once it answers ``SELECT 1``.
+
+    Skips when the variable is unset (fails under ``CI=true``). The database is shared:
+    tests must clean up what they create, and never stop the server.
+    """
+    url = os.environ.get(POSTGRES_URL_VARIABLE)
+    if not url:
+        missing(
+            f"PostgreSQL tests need {POSTGRES_URL_VARIABLE}, "
+            "e.g. postgresql://postgres@127.0.0.1:5432/test"
+        )
+    try:
+        run_async_check(url)
+    except Exception as exc:
+        pytest.fail(f"{POSTGRES_URL_VARIABLE}={url} does not answer: {exc!r}", pytrace=False)
+    return url
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgresFactory]:
+    """Start PostgreSQL clusters of a test's own: ``pg = private_postgres()``.
+
+    For tests that stop or restart the server; each has ``.url``, ``.start()``,
+    ``.stop()`` and ``.restart()``. Skips when initdb is missing (fails under ``CI=true``).
+    Every cluster is stopped and its directory removed at teardown.
+    """
+    bindir = postgres_bindir()
+    with contextlib.ExitStack() as cleanup:
+
+        def start() -> PrivatePostgres:
+            cluster = PrivatePostgres(bindir)
+            cleanup.callback(cluster.remove)
+            cluster.start()
+            return cluster
+
+        yield start

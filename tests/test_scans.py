@@ -1,0 +1,389 @@
+"""POST /v1/scans against a real Redis or Valkey: verdicts, whole-request errors, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway import Settings
+from gateway.app import GATEWAY, create_app
+from gateway.events import decode_event
+from gateway.keyspace import stream_key
+from signing import Keyring
+from signing.codes import format_code, parse_code
+
+SHARDS = 4
+
+
+@dataclass
+class World:
+    """A gateway on a real Redis, with two apps and their tokens."""
+
+    client: TestClient[Any, Any]
+    keyring: Keyring
+    redis: aioredis.Redis
+    tokens: dict[str, str]
+    settings: Settings
+
+    async def post(self, events: list[Any], app: str = "vhd", **kw: Any) -> Any:
+        return await self.client.post(
+            "/v1/scans", json={"events": events}, headers=self.auth(app), **kw
+        )
+
+    def auth(self, app: str = "vhd") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[app]}"}
+
+    def event(self, n: int, kind: str = "checkin", app: str = "vhd", **over: Any) -> dict[str, Any]:
+        e = {
+            "event_id": f"EVT-{n:08d}",
+            "kind": kind,
+            "venue_code": self.keyring.issue(app, "venue", f"V{n % 7}"),
+            "person_code": self.keyring.issue(app, "person", f"P{n}", ttl_s=86400),
+            "scanned_at": int(time.time() * 1000) - 1000,
+        }
+        e.update(over)
+        return e
+
+    def sync_keys(self) -> None:
+        """What the gateway's keyring refresh does every 2 s, now."""
+        self.client.server.app[GATEWAY].keyring.refresh()
+
+    async def stored(self) -> list[Any]:
+        """Every event in the streams, decoded."""
+        out = []
+        for shard in range(SHARDS):
+            for _id, fields in await self.redis.xrange(stream_key(shard)):
+                out.append(decode_event(fields[b"e"]))
+        return out
+
+
+WorldFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_world(
+    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_url: str
+) -> AsyncIterator[WorldFactory]:
+    tokens = {
+        "vhd": keyring.add_app("vhd").token,
+        "bluezone": keyring.add_app("bluezone", prefix="BZ").token,
+    }
+    opened: list[tuple[TestClient[Any, Any], aioredis.Redis]] = []
+
+    async def make(url: str = redis_url, **settings_over: Any) -> World:
+        settings = Settings(
+            data_dir=tmp_path,
+            redis_url=url,
+            master_key=base64.b64encode(master_key).decode(),
+            shards=SHARDS,
+        )
+        settings = replace(settings, **settings_over)
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
+        await client.start_server()
+        r = aioredis.Redis.from_url(url)
+        opened.append((client, r))
+        return World(client, keyring, r, tokens, settings)
+
+    yield make
+    for client, r in opened:
+        await client.close()
+        await r.aclose()
+
+
+@pytest.fixture
+async def world(make_world: WorldFactory) -> World:
+    w: World = await make_world()
+    return w
+
+
+async def test_a_batch_is_accepted_and_the_streams_hold_exactly_it(world: World) -> None:
+    events = [world.event(i, kind="checkin" if i % 2 else "checkout") for i in range(20)]
+    resp = await world.post(events)
+    assert resp.status == 200
+    body = await resp.json()
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (20, 0, 0)
+    assert [r["event_id"] for r in body["results"]] == [e["event_id"] for e in events]
+    assert all(r == {"event_id": r["event_id"], "status": "accepted"} for r in body["results"])
+    stored = await world.stored()
+    assert sorted(e.event_id for e in stored) == sorted(e["event_id"] for e in events)
+    by_id = {e.event_id: e for e in stored}
+    for e in events:
+        s = by_id[e["event_id"]]
+        assert (s.app_id, s.kind, s.scanned_at_ms) == ("vhd", e["kind"], e["scanned_at"])
+        assert s.venue_id == parse_code(e["venue_code"]).id  # type: ignore[union-attr]
+        assert s.person_id == parse_code(e["person_code"]).id  # type: ignore[union-attr]
+
+
+async def test_a_retried_batch_is_all_duplicates(world: World) -> None:
+    events = [world.event(i) for i in range(10)]
+    assert (await (await world.post(events)).json())["accepted"] == 10
+    again = await (await world.post(events)).json()
+    assert (again["accepted"], again["duplicates"]) == (0, 10)
+    assert {r["status"] for r in again["results"]} == {"duplicate"}
+    assert len(await world.stored()) == 10
+
+
+async def test_the_same_event_twice_in_one_request(world: World) -> None:
+    e = world.event(1)
+    body = await (await world.post([e, e])).json()
+    assert [r["status"] for r in body["results"]] == ["accepted", "duplicate"]
+    assert len(await world.stored()) == 1
+
+
+async def test_event_identity_is_app_and_event_id(world: World) -> None:
+    # The same event id from two apps: two different events; neither blocks the other.
+    a = await (await world.post([world.event(1)], app="vhd")).json()
+    b = await (await world.post([world.event(1, app="bluezone")], app="bluezone")).json()
+    assert a["accepted"] == b["accepted"] == 1
+    assert sorted(e.app_id for e in await world.stored()) == ["bluezone", "vhd"]
+
+
+async def test_server_owned_fields_are_never_taken_from_the_body(world: World) -> None:
+    e = world.event(1, app_id="bluezone", received_at=0, app="vhd")
+    before = int(time.time() * 1000)
+    assert (await (await world.post([e])).json())["accepted"] == 1
+    (stored,) = await world.stored()
+    assert stored.app_id == "vhd"
+    assert stored.received_at_ms >= before
+
+
+def forged(code: str) -> str:
+    """The same code with a different tag: well-formed, wrongly signed."""
+    parsed = parse_code(code)
+    assert parsed is not None
+    return format_code(parsed.prefix, parsed.signed, bytes(16))
+
+
+async def test_every_reason_and_a_mixed_batch_accepts_exactly_the_good_ones(world: World) -> None:
+    k = world.keyring
+    now_ms = int(time.time() * 1000)
+    k.rotate("vhd")
+    old_key_venue = k.issue("vhd", "venue", "OLD")  # signed with K2
+    k.rotate("vhd")
+    k.retire("vhd", "K2")
+    world.sync_keys()
+    cases: list[tuple[dict[str, Any], str | None]] = [
+        (world.event(1), None),
+        (world.event(2, venue_code="VHD:NOTACODE"), "malformed_code"),
+        (world.event(3, venue_code=k.issue("bluezone", "venue", "V1")), "wrong_app"),
+        (world.event(4, venue_code=world.event(4)["person_code"]), "wrong_type"),
+        (world.event(5, person_code=world.event(5)["venue_code"]), "wrong_type"),
+        (world.event(6, venue_code=old_key_venue), "unknown_key"),
+        (world.event(7, person_code=forged(world.event(7)["person_code"])), "bad_signature"),
+        (
+            world.event(
+                8, person_code=k.issue("vhd", "person", "P8", now_s=1_700_000_000, ttl_s=60)
+            ),
+            "expired",
+        ),
+        (world.event(9, scanned_at=now_ms + 6 * 60_000), "clock_skew"),
+        (world.event(10, scanned_at=now_ms - 8 * 86_400_000), "too_late"),
+        (world.event(11, kind="enter"), "invalid_event"),
+        (world.event(12, event_id="short"), "invalid_event"),
+        (world.event(13, scanned_at=1.5), "invalid_event"),
+        (world.event(14, scanned_at="2026-11-25T10:00:00"), "invalid_event"),
+        (world.event(15, device_id=["x"]), "invalid_event"),
+        ({k2: v for k2, v in world.event(16).items() if k2 != "person_code"}, "invalid_event"),
+        ("not an object", "invalid_event"),
+        (world.event(18, scanned_at="2026-11-25T10:00:00+07:00", device_id="scanner-7"), None),
+        (world.event(19, scanned_at=now_ms + 4 * 60_000), None),  # within the 5 min skew
+        (world.event(20), None),
+    ]
+    # Event 18's fixed time must sit inside the late window for this to be a good event.
+    if now_ms - 1795575600000 > 7 * 86_400_000:
+        cases[17] = (world.event(18, device_id="scanner-7"), None)
+    resp = await world.post([c for c, _ in cases])
+    assert resp.status == 200
+    body = await resp.json()
+    good = [c for c, reason in cases if reason is None]
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (
+        len(good), 0, len(cases) - len(good))  # fmt: skip
+    for (event, reason), result in zip(cases, body["results"], strict=True):
+        if reason is None:
+            assert result["status"] == "accepted", result
+        else:
+            assert result["status"] == "rejected"
+            assert result["reason"] == reason, (event, result)
+            assert isinstance(result["detail"], str) and result["detail"]
+    # A detail says which field was wrong.
+    assert body["results"][1]["detail"].startswith("venue_code")
+    assert body["results"][6]["detail"].startswith("person_code")
+    assert body["results"][11]["detail"].startswith("event_id")
+    stored = await world.stored()
+    assert sorted(e.event_id for e in stored) == sorted(c["event_id"] for c in good)
+
+
+async def test_codes_of_app_a_posted_with_app_b_token_are_wrong_app(world: World) -> None:
+    body = await (await world.post([world.event(1, app="vhd")], app="bluezone")).json()
+    assert body["results"][0]["reason"] == "wrong_app"
+    assert await world.stored() == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "data", "status", "error"),
+    [
+        ({}, b'{"events": []}', 401, "unauthorized"),
+        ({"Authorization": "Bearer sga_nope"}, b'{"events": []}', 401, "unauthorized"),
+        ({"Authorization": "Basic abc"}, b'{"events": []}', 401, "unauthorized"),
+        ("auth", b'{"events": [', 400, "malformed_json"),
+        ("auth", b"\xff\xfe", 400, "malformed_json"),
+        ("auth", b"[]", 400, "invalid_request"),
+        ("auth", b'{"events": {}}', 400, "invalid_request"),
+        ("auth", b'{"events": []}', 400, "invalid_request"),
+        ("auth", b'{"nope": 1}', 400, "invalid_request"),
+    ],
+)
+async def test_whole_request_errors(
+    world: World, headers: Any, data: bytes, status: int, error: str
+) -> None:
+    h = world.auth() if headers == "auth" else headers
+    resp = await world.client.post(
+        "/v1/scans", data=data, headers={**h, "Content-Type": "application/json"}
+    )
+    assert resp.status == status
+    body = await resp.json()
+    assert body["error"] == error and body["detail"]
+
+
+async def test_wrong_content_type_is_415(world: World) -> None:
+    resp = await world.client.post(
+        "/v1/scans", data=b'{"events": []}', headers={**world.auth(), "Content-Type": "text/plain"}
+    )
+    assert resp.status == 415
+    assert (await resp.json())["error"] == "unsupported_media_type"
+
+
+async def test_oversize_body_and_too_many_events_are_413(world: World) -> None:
+    big = b'{"events": ["' + b"x" * (1024 * 1024) + b'"]}'
+    resp = await world.client.post(
+        "/v1/scans",
+        data=io.BytesIO(big),
+        headers={**world.auth(), "Content-Type": "application/json"},
+    )
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "payload_too_large"
+    resp = await world.post([{"event_id": f"E{i:08d}"} for i in range(501)])
+    assert resp.status == 413
+    assert "500" in (await resp.json())["detail"]
+    assert await world.stored() == []
+
+
+async def test_rate_limit_answers_429_with_retry_after(make_world: WorldFactory) -> None:
+    world: World = await make_world(rate_limit=10)
+    # The burst allows one full batch; what follows within the second is over the rate.
+    first = await world.post([world.event(i) for i in range(500)])
+    assert first.status == 200
+    resp = await world.post([world.event(1000 + i) for i in range(20)])
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert (await resp.json())["error"] == "rate_limited"
+    # Another app has its own budget.
+    assert (await world.post([world.event(5000, app="bluezone")], app="bluezone")).status == 200
+
+
+async def test_backlog_over_high_water_is_503_and_nothing_is_stored(
+    make_world: WorldFactory,
+) -> None:
+    world: World = await make_world(backlog_high_water=5)
+    assert (await world.post([world.event(i) for i in range(5)])).status == 200
+    resp = await world.post([world.event(100)])
+    assert resp.status == 503
+    assert resp.headers["Retry-After"]
+    assert (await resp.json())["error"] == "backlog_full"
+    assert len(await world.stored()) == 5
+    metrics = await (await world.client.get("/metrics")).text()
+    assert "scangate_backpressure_rejections_total 1.0" in metrics
+
+
+async def test_redis_stopped_is_503_then_used_again_without_a_restart(
+    make_world: WorldFactory, private_redis: Any
+) -> None:
+    server = private_redis("valkey", appendonly=True)
+    world: World = await make_world(url=server.url)
+    assert (await world.post([world.event(1)])).status == 200
+    assert (await world.client.get("/readyz")).status == 200
+
+    server.stop()
+    resp = await world.post([world.event(2)])
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"] == "unavailable"
+    assert (await world.client.get("/readyz")).status == 503
+
+    server.start()
+    resp = await world.post([world.event(2), world.event(1)])
+    assert resp.status == 200
+    body = await resp.json()
+    # Event 1 survived the restart (append-only file) and is still remembered.
+    assert [r["status"] for r in body["results"]] == ["accepted", "duplicate"]
+    assert (await world.client.get("/readyz")).status == 200
+    metrics = await (await world.client.get("/metrics")).text()
+    assert "scangate_redis_errors_total" in metrics
+
+
+async def test_health_readiness_and_metrics(world: World) -> None:
+    assert (await world.client.get("/healthz")).status == 200
+    assert (await world.client.get("/readyz")).status == 200
+    await world.post([world.event(1), world.event(2, venue_code="VHD:X")])
+    await world.post([world.event(1)])
+    text = await (await world.client.get("/metrics")).text()
+    for name in (
+        "scangate_http_requests_total",
+        "scangate_http_request_duration_seconds_bucket",
+        "scangate_scan_events_total",
+        "scangate_stream_backlog",
+        "scangate_backpressure_rejections_total",
+        "scangate_redis_errors_total",
+    ):
+        assert name in text, name
+    assert 'scangate_http_requests_total{route="scans",status="200"} 2.0' in text
+    assert (
+        'scangate_scan_events_total{app="vhd",kind="checkin",outcome="accepted",reason=""} 1.0'
+        in text
+    )
+    assert (
+        'scangate_scan_events_total{app="vhd",kind="checkin",outcome="duplicate",reason=""} 1.0'
+        in text
+    )
+    assert 'outcome="rejected",reason="malformed_code"} 1.0' in text
+
+
+async def test_unknown_routes_and_methods_answer_json(world: World) -> None:
+    resp = await world.client.get("/v1/nope")
+    assert resp.status == 404
+    assert (await resp.json())["error"] == "not_found"
+    resp = await world.client.get("/v1/scans")
+    assert resp.status == 405
+    assert (await resp.json())["error"] == "method_not_allowed"
+
+
+async def test_a_new_app_added_by_the_cli_is_picked_up(world: World) -> None:
+    token = world.keyring.add_app("ncovi").token
+    world.tokens["ncovi"] = token
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        resp = await world.post([world.event(1, app="ncovi")], app="ncovi")
+        if resp.status == 200:
+            break
+        await asyncio.sleep(0.2)
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+
+
+def test_entries_are_compact() -> None:
+    # A guard on the stream entry format: one field, a short JSON array.
+    from gateway.events import ScanEvent, encode_event
+
+    value = encode_event(ScanEvent("vhd", "E" * 16, "checkin", "V1", "P1", 1, 2, None))
+    assert orjson.loads(value) == ["vhd", "E" * 16, "i", "V1", "P1", 1, 2, None]
