@@ -1,6 +1,34 @@
-"""Durable storage: the storage interface and its backends, migrations, pairing into
-visits, tracing, reports and retention. May import ``signing``, never ``gateway``."""
+"""Durable storage: the storage interface and its backends (SQLite, PostgreSQL), schema
+migrations, pairing into visits, tracing and retention. May import ``signing``, never
+``gateway``."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from .base import (
+    AuditEntry,
+    BatchResult,
+    PurgeResult,
+    Storage,
+    StorageError,
+    connect_storage,
+)
+from .models import CLOSED_BY, ContactRow, Kind, PairingRules, ScanEvent, Visit
+from .pairing import derive_visits
+from .tracing import TraceQuery
+
+__all__ = [
+    "CLOSED_BY",
+    "AuditEntry",
+    "BatchResult",
+    "ContactRow",
+    "Kind",
+    "PairingRules",
+    "PurgeResult",
+    "ScanEvent",
+    "Storage",
+    "StorageError",
+    "TraceQuery",
+    "Visit",
+    "connect_storage",
+    "derive_visits",
+]

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import redis
 
 from gateway.embedded import RedisProcess
+from storage import Storage, connect_storage
+from storage.postgres import PostgresStorage
 
 from .servers import (
     SERVER_KINDS,
@@ -115,3 +120,62 @@ def private_postgres() -> Iterator[PrivatePostgresFactory]:
             return cluster
 
         yield start
+
+
+# -- storage on both backends ------------------------------------------------------------------
+
+STORAGE_KINDS = ("sqlite", "postgresql")
+
+
+@contextlib.asynccontextmanager
+async def open_test_storage(
+    kind: str, tmp_path: Path, postgres_url: str | None
+) -> AsyncIterator[Storage]:
+    """A fresh, migrated storage: a new SQLite file, or a new schema of the test database
+    (dropped afterwards), so tests never see each other's rows."""
+    if kind == "sqlite":
+        storage = await connect_storage(f"sqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}")
+        try:
+            yield storage
+        finally:
+            await storage.close()
+        return
+    assert postgres_url is not None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        pg = await PostgresStorage.connect(
+            postgres_url, timezone="Asia/Ho_Chi_Minh", search_path=schema
+        )
+        try:
+            await pg.migrate()
+            yield pg
+        finally:
+            await pg.close()
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+
+
+@pytest.fixture(params=STORAGE_KINDS)
+def storage_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def storage_opener(
+    storage_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[[], contextlib.AbstractAsyncContextManager[Storage]]:
+    """Opens fresh storages of this test's backend (PostgreSQL needs postgres_url)."""
+    url = request.getfixturevalue("postgres_url") if storage_kind == "postgresql" else None
+    return lambda: open_test_storage(storage_kind, tmp_path, url)
+
+
+@pytest.fixture
+async def storage(
+    storage_opener: Callable[[], contextlib.AbstractAsyncContextManager[Storage]],
+) -> AsyncIterator[Storage]:
+    async with storage_opener() as opened:
+        yield opened

@@ -1,0 +1,187 @@
+"""The storage interface, what both backends share, and ``connect_storage``.
+
+A backend stores batches of scan events and keeps each touched person's visits equal to
+``derive_visits`` of that person's stored events. It re-derives only a window: from a
+"quiet point" of the person (an event with no other event within the pairing horizon
+before it, so no earlier event can change what follows) to the person's last event.
+That keeps a batch's work proportional to the recent events of the persons it touches,
+and makes redelivery, reordering and concurrent flushers converge on the same rows.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import secrets
+from collections.abc import Sequence
+from typing import Final, NamedTuple
+
+from .models import ContactRow, PairingRules, ScanEvent, Visit
+from .pairing import derive_visits, quiet_point
+from .tracing import TraceQuery, candidate_windows, contacts_of, depth2_persons
+
+ADMIN_TOKEN_PREFIX: Final = "sgadm_"  # noqa: S105 - a label, not a secret
+FIRST_LOOKBACK_FACTOR: Final = 3
+
+
+class StorageError(Exception):
+    """Storage cannot do what was asked (unreachable, bad URL, ...); the message says why."""
+
+
+class BatchResult(NamedTuple):
+    inserted: int
+    duplicates: int
+    persons: int  # persons whose visits were re-derived
+
+
+class PurgeResult(NamedTuple):
+    events: int
+    visits: int
+    partitions_dropped: int
+
+
+class AuditEntry(NamedTuple):
+    at_ms: int
+    actor: str
+    action: str
+    subject: str
+    detail: str
+
+
+def hash_admin_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_admin_token() -> str:
+    return ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def rederive(
+    events: Sequence[ScanEvent], lo_ms: int, since_ms: int, rules: PairingRules
+) -> tuple[int, list[Visit]] | None:
+    """A person's visits from their quiet point before ``lo_ms``: (quiet point, visits).
+
+    ``events`` are all the person's stored events scanned at or after ``since_ms``, sorted
+    by scan time. None when no quiet point lies in that range: load from further back.
+    """
+    q = quiet_point([e.scanned_at_ms for e in events], lo_ms, rules.horizon_ms, since_ms)
+    if q is None:
+        return None
+    return q, derive_visits([e for e in events if e.scanned_at_ms >= q], rules)
+
+
+def first_lookback_ms(rules: PairingRules) -> int:
+    return FIRST_LOOKBACK_FACTOR * rules.horizon_ms
+
+
+class Storage(abc.ABC):
+    """What the flusher, tracing, retention and the admin commands need from a backend."""
+
+    kind: str
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; the versions applied now."""
+
+    @abc.abstractmethod
+    async def store_batch(self, events: Sequence[ScanEvent], rules: PairingRules) -> BatchResult:
+        """In one transaction: insert the events (ignoring identities already stored) and
+        re-derive the visits of every person with a new event."""
+
+    @abc.abstractmethod
+    async def person_visits(self, person_id: str, start_ms: int, end_ms: int) -> list[Visit]:
+        """A person's visits overlapping [start, end]."""
+
+    @abc.abstractmethod
+    async def venue_visits(self, venue_id: str, start_ms: int, end_ms: int) -> list[Visit]:
+        """Everyone's visits at a venue overlapping [start, end]."""
+
+    @abc.abstractmethod
+    async def all_visits(self) -> list[Visit]:
+        """Every visit, sorted (for checks and small exports)."""
+
+    @abc.abstractmethod
+    async def count_events(self) -> int: ...
+
+    @abc.abstractmethod
+    async def event_identities(self) -> list[tuple[str, str]]:
+        """Every stored (app id, event id), for exactly-once checks."""
+
+    @abc.abstractmethod
+    async def purge(self, cutoff_ms: int) -> PurgeResult:
+        """Delete events scanned and visits produced before ``cutoff_ms``."""
+
+    @abc.abstractmethod
+    async def add_admin(self, name: str) -> str:
+        """Register an admin; its token (shown once, stored hashed)."""
+
+    @abc.abstractmethod
+    async def admin_for_token(self, token: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None: ...
+
+    @abc.abstractmethod
+    async def audit_entries(self) -> list[AuditEntry]: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def trace(self, query: TraceQuery, actor: str) -> list[ContactRow]:
+        """Contacts of a person (DESIGN.md, "Contact tracing"), audit-logged."""
+        await self.audit(
+            actor,
+            "trace",
+            query.person_id,
+            f"days={query.days} margin_ms={query.margin_ms} "
+            f"min_overlap_ms={query.min_overlap_ms} depth={query.depth}",
+        )
+        rows = await self._contacts(query, query.person_id, 1, None, frozenset({query.person_id}))
+        if query.depth == 2:
+            for contact in depth2_persons(rows):
+                rows += await self._contacts(
+                    query, contact, 2, contact, frozenset({query.person_id, contact})
+                )
+        return rows
+
+    async def _contacts(
+        self,
+        query: TraceQuery,
+        person_id: str,
+        depth: int,
+        via: str | None,
+        exclude: frozenset[str],
+    ) -> list[ContactRow]:
+        case_visits = await self.person_visits(person_id, query.window_start_ms, query.now_ms)
+        candidates: list[Visit] = []
+        for venue_id, start, end in candidate_windows(case_visits, query):
+            candidates += await self.venue_visits(venue_id, start, end)
+        return contacts_of(case_visits, candidates, query, depth, via, exclude)
+
+
+async def connect_storage(url: str, *, timezone: str = "Asia/Ho_Chi_Minh") -> Storage:
+    """Open the storage a URL names (``sqlite:///path`` or ``postgresql://...``) and apply
+    pending migrations."""
+    storage: Storage
+    if url.startswith("sqlite:///"):
+        from .sqlite import SqliteStorage
+
+        storage = SqliteStorage(url.removeprefix("sqlite:///"))
+    elif url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStorage
+
+        storage = await PostgresStorage.connect(url, timezone=timezone)
+    else:
+        raise StorageError(
+            "SCANGATE_STORAGE_URL must start with sqlite:/// or postgresql:// "
+            f"(got {url.split(':', 1)[0]!r})"
+        )
+    try:
+        await storage.migrate()
+    except BaseException:
+        await storage.close()
+        raise
+    return storage

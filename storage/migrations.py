@@ -1,0 +1,117 @@
+"""Schema migrations, per backend: an ordered list of (version, statements).
+
+Applied by ``scangate migrate`` and at start-up, each version once, recorded in
+``schema_migrations``. Never edit a released version: add the next one.
+
+SQLite keeps times as integer epoch milliseconds; PostgreSQL as ``timestamptz``, with
+``scan_events`` and ``visits`` partitioned by day (partitions are created as days come,
+see ``storage.postgres``). A unique key of a partitioned table must include the partition
+column, so on PostgreSQL the (app_id, event_id) key lives in ``scan_event_ids``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+Migration = tuple[int, tuple[str, ...]]
+
+SQLITE: Final[tuple[Migration, ...]] = (
+    (
+        1,
+        (
+            """CREATE TABLE scan_events (
+                app_id TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                kind TEXT NOT NULL CHECK (kind IN ('checkin', 'checkout')),
+                venue_id TEXT NOT NULL,
+                person_id TEXT NOT NULL,
+                scanned_at INTEGER NOT NULL,
+                received_at INTEGER NOT NULL,
+                device_id TEXT,
+                stored_at INTEGER NOT NULL,
+                PRIMARY KEY (app_id, event_id)
+            ) WITHOUT ROWID""",
+            "CREATE INDEX scan_events_person ON scan_events (person_id, scanned_at)",
+            "CREATE INDEX scan_events_scanned ON scan_events (scanned_at)",
+            """CREATE TABLE visits (
+                person_id TEXT NOT NULL,
+                venue_id TEXT NOT NULL,
+                checkin_at INTEGER NOT NULL,
+                checkout_at INTEGER NOT NULL,
+                closed_by TEXT NOT NULL
+                    CHECK (closed_by IN ('checkout', 'next_checkin', 'auto', 'orphan')),
+                source_at INTEGER NOT NULL
+            )""",
+            "CREATE INDEX visits_person ON visits (person_id, source_at)",
+            "CREATE INDEX visits_venue ON visits (venue_id, checkin_at)",
+            "CREATE INDEX visits_source ON visits (source_at)",
+            """CREATE TABLE admins (
+                name TEXT PRIMARY KEY,
+                token_sha256 TEXT NOT NULL UNIQUE,
+                created_at INTEGER NOT NULL
+            )""",
+            """CREATE TABLE audit_log (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                at INTEGER NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                detail TEXT NOT NULL
+            )""",
+        ),
+    ),
+)
+
+POSTGRES: Final[tuple[Migration, ...]] = (
+    (
+        1,
+        (
+            """CREATE TABLE scan_event_ids (
+                app_id text NOT NULL,
+                event_id text NOT NULL,
+                scanned_at timestamptz NOT NULL,
+                PRIMARY KEY (app_id, event_id)
+            )""",
+            "CREATE INDEX scan_event_ids_scanned ON scan_event_ids (scanned_at)",
+            """CREATE TABLE scan_events (
+                app_id text NOT NULL,
+                event_id text NOT NULL,
+                kind text NOT NULL CHECK (kind IN ('checkin', 'checkout')),
+                venue_id text NOT NULL,
+                person_id text NOT NULL,
+                scanned_at timestamptz NOT NULL,
+                received_at timestamptz NOT NULL,
+                device_id text,
+                stored_at timestamptz NOT NULL
+            ) PARTITION BY RANGE (scanned_at)""",
+            "CREATE INDEX scan_events_person ON scan_events (person_id, scanned_at)",
+            """CREATE TABLE visits (
+                person_id text NOT NULL,
+                venue_id text NOT NULL,
+                checkin_at timestamptz NOT NULL,
+                checkout_at timestamptz NOT NULL,
+                closed_by text NOT NULL
+                    CHECK (closed_by IN ('checkout', 'next_checkin', 'auto', 'orphan')),
+                source_at timestamptz NOT NULL
+            ) PARTITION BY RANGE (source_at)""",
+            "CREATE INDEX visits_person ON visits (person_id, source_at)",
+            "CREATE INDEX visits_venue ON visits (venue_id, checkin_at)",
+            """CREATE TABLE admins (
+                name text PRIMARY KEY,
+                token_sha256 text NOT NULL UNIQUE,
+                created_at timestamptz NOT NULL
+            )""",
+            """CREATE TABLE audit_log (
+                id bigserial PRIMARY KEY,
+                at timestamptz NOT NULL,
+                actor text NOT NULL,
+                action text NOT NULL,
+                subject text NOT NULL,
+                detail text NOT NULL
+            )""",
+        ),
+    ),
+)
+
+# The tables partitioned by day on PostgreSQL, with their partition column.
+POSTGRES_DAY_PARTITIONED: Final = (("scan_events", "scanned_at"), ("visits", "source_at"))

@@ -1,0 +1,77 @@
+"""The records storage keeps and computes: scan events, visits, pairing rules, contacts.
+
+Times are integer epoch milliseconds (UTC) everywhere inside scangate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal, NamedTuple
+
+Kind = Literal["checkin", "checkout"]
+ClosedBy = Literal["checkout", "next_checkin", "auto", "orphan"]
+CLOSED_BY: Final[tuple[ClosedBy, ...]] = ("checkout", "next_checkin", "auto", "orphan")
+
+
+class ScanEvent(NamedTuple):
+    """An accepted scan. ``app_id`` and ``received_at_ms`` come from the server, never the body.
+
+    Its identity is (app_id, event_id).
+    """
+
+    app_id: str
+    event_id: str
+    kind: Kind
+    venue_id: str
+    person_id: str
+    scanned_at_ms: int
+    received_at_ms: int
+    device_id: str | None
+
+
+class Visit(NamedTuple):
+    """A person's stay at a venue, always with an end.
+
+    ``source_at_ms`` is the time of the event that produced the visit: the opening check-in,
+    or, for an ``orphan``, the check-out. Re-derivation replaces a person's visits by it.
+    """
+
+    person_id: str
+    venue_id: str
+    checkin_at_ms: int
+    checkout_at_ms: int
+    closed_by: ClosedBy
+    source_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PairingRules:
+    """The windows of pairing (DESIGN.md, "Pairing"), in milliseconds."""
+
+    repeat_window_ms: int = 5 * 60_000
+    max_stay_ms: int = 4 * 3_600_000
+    orphan_stay_ms: int = 60 * 60_000
+    # A venue may set its own maximum stay (venue id -> ms).
+    venue_max_stay_ms: Mapping[str, int] = field(default_factory=dict)
+
+    def max_stay_at(self, venue_id: str) -> int:
+        return self.venue_max_stay_ms.get(venue_id, self.max_stay_ms)
+
+    @property
+    def horizon_ms(self) -> int:
+        """How far back an event can influence pairing: after a gap this long with no event
+        of a person, nothing earlier changes any of that person's later visits."""
+        return max(self.repeat_window_ms, self.max_stay_ms, *self.venue_max_stay_ms.values())
+
+
+class ContactRow(NamedTuple):
+    """One pair of overlapping visits found by tracing."""
+
+    person_id: str
+    venue_id: str
+    overlap_start_ms: int
+    overlap_end_ms: int
+    overlap_minutes: float
+    depth: int
+    via: str | None

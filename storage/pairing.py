@@ -1,0 +1,197 @@
+"""Pairing: a person's scan events into visits (DESIGN.md, "Pairing").
+
+The visits of a person are a pure function of the *set* of that person's events: no clock,
+no arrival order, no count of copies. Re-derivation after a late or redelivered event is
+therefore always safe, and :func:`quiet_point` says how far back it has to look.
+
+Boundaries (all windows in ``PairingRules``, ms; ``t`` is the later scan time):
+
+- repeat check-in: same venue as the open visit and ``t - checkin_at <= repeat_window_ms``
+  (inclusive: a re-scan at exactly 5 min is still a repeat);
+- repeat check-out: same venue as the previous *effective* check-out there (one that closed
+  a visit or made an orphan) and ``t - that_checkout_at <= repeat_window_ms`` (inclusive),
+  and no visit open at that venue;
+- open visit: still open at ``t`` while ``t - checkin_at <= max_stay_at(venue)``
+  (inclusive), so a check-out at exactly the maximum stay closes it as ``checkout`` and a
+  check-in elsewhere at exactly that time closes it as ``next_checkin``; from 1 ms later it
+  has ended ``auto`` at ``checkin_at + max_stay``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Sequence
+from typing import Final, NamedTuple
+
+from storage.models import Kind, PairingRules, ScanEvent, Visit
+
+__all__ = ["derive_visits", "quiet_point"]
+
+# Check-ins sort before check-outs at the same instant, so "in V1 10:00, out V1 10:00" is a
+# (zero-length) visit rather than an orphan followed by a visit left open.
+_KIND_RANK: Final[dict[Kind, int]] = {"checkin": 0, "checkout": 1}
+
+
+class _OpenVisit(NamedTuple):
+    venue_id: str
+    checkin_at_ms: int
+
+
+def derive_visits(events: Iterable[ScanEvent], rules: PairingRules) -> list[Visit]:
+    """The visits of one person, as a pure function of the set of their events.
+
+    Copies of an event (same ``(app_id, event_id)``) count once, and any input order gives
+    the same result. Every visit has an end; an ``auto`` end may lie in the future (the
+    person is inside now). Visits are sorted by
+    ``(source_at_ms, venue_id, checkin_at_ms, closed_by)``.
+
+    Raises ValueError if the events are not all of one person, or if two events share an
+    identity but differ in what pairing reads (kind, venue, person, scan time).
+    """
+    unique = _unique_events(events)
+    if not unique:
+        return []
+    person_id = unique[0].person_id
+    visits: list[Visit] = []
+    open_visit: _OpenVisit | None = None
+    # Venue -> time of the check-out there that last closed a visit or made an orphan:
+    # the start of that venue's repeat window for check-outs.
+    last_checkout_at: dict[str, int] = {}
+
+    for event in sorted(unique, key=_scan_order):
+        t = event.scanned_at_ms
+        venue_id = event.venue_id
+        if open_visit is not None:
+            max_stay_ms = rules.max_stay_at(open_visit.venue_id)
+            if t - open_visit.checkin_at_ms > max_stay_ms:
+                # Ended on its own before this event; the event cannot touch it any more.
+                visits.append(_auto_visit(person_id, open_visit, max_stay_ms))
+                open_visit = None
+
+        if event.kind == "checkin":
+            if open_visit is not None:
+                if (
+                    open_visit.venue_id == venue_id
+                    and t - open_visit.checkin_at_ms <= rules.repeat_window_ms
+                ):
+                    continue
+                visits.append(
+                    Visit(
+                        person_id,
+                        open_visit.venue_id,
+                        open_visit.checkin_at_ms,
+                        t,
+                        "next_checkin",
+                        open_visit.checkin_at_ms,
+                    )
+                )
+            open_visit = _OpenVisit(venue_id, t)
+            continue
+
+        if open_visit is not None and open_visit.venue_id == venue_id:
+            # Closes even inside the repeat window of an earlier check-out here: a visit
+            # opened after that check-out is a new stay, and its own check-out ends it.
+            visits.append(
+                Visit(
+                    person_id,
+                    venue_id,
+                    open_visit.checkin_at_ms,
+                    t,
+                    "checkout",
+                    open_visit.checkin_at_ms,
+                )
+            )
+            open_visit = None
+            last_checkout_at[venue_id] = t
+            continue
+        previous_ms = last_checkout_at.get(venue_id)
+        if previous_ms is not None and t - previous_ms <= rules.repeat_window_ms:
+            continue
+        # No visit open here (never checked in, checked in elsewhere — that visit stays
+        # open —, or already ended "auto"): keep the stay with an assumed length.
+        visits.append(Visit(person_id, venue_id, t - rules.orphan_stay_ms, t, "orphan", t))
+        last_checkout_at[venue_id] = t
+
+    if open_visit is not None:
+        visits.append(_auto_visit(person_id, open_visit, rules.max_stay_at(open_visit.venue_id)))
+    visits.sort(key=lambda v: (v.source_at_ms, v.venue_id, v.checkin_at_ms, v.closed_by))
+    return visits
+
+
+def quiet_point(
+    times_ms: Sequence[int], before_ms: int, horizon_ms: int, known_from_ms: int
+) -> int | None:
+    """The latest event time ``q <= before_ms`` after which earlier events no longer matter.
+
+    ``times_ms`` are the sorted scan times of *all* of one person's stored events at or
+    after ``known_from_ms`` (nothing earlier was loaded). ``q`` is one of them such that no
+    event lies in ``[q - horizon_ms, q)``: the previous loaded time is ``< q - horizon_ms``,
+    or ``q`` is the first loaded time and ``q - horizon_ms >= known_from_ms``. Returns None
+    if no loaded time qualifies; the caller then loads further back.
+
+    Guarantee, for ``horizon_ms >= rules.horizon_ms``::
+
+        [v for v in derive_visits(all_events, rules) if v.source_at_ms >= q]
+            == derive_visits([e for e in all_events if e.scanned_at_ms >= q], rules)
+
+    It holds because every event before ``q`` is more than the horizon before it, so at
+    ``q`` no visit is open (one opened earlier ended ``auto`` after at most the maximum
+    stay) and no repeat window is active: the scan over the events from ``q`` on starts from
+    the same empty state either way, and each visit's ``source_at_ms`` is the time of the
+    event that made it, so visits from earlier events all fall before ``q``.
+    """
+    i = bisect_right(times_ms, before_ms) - 1
+    while i >= 0:
+        q = times_ms[i]
+        # Equal times are the same candidate; what counts is the previous *distinct* time.
+        first = bisect_left(times_ms, q, 0, i + 1)
+        if first == 0:
+            return q if q - horizon_ms >= known_from_ms else None
+        if times_ms[first - 1] < q - horizon_ms:
+            return q
+        i = first - 1
+    return None
+
+
+def _unique_events(events: Iterable[ScanEvent]) -> list[ScanEvent]:
+    """One event per identity, all of one person; raises ValueError otherwise."""
+    by_identity: dict[tuple[str, str], ScanEvent] = {}
+    person_id: str | None = None
+    for event in events:
+        if person_id is None:
+            person_id = event.person_id
+        elif event.person_id != person_id:
+            raise ValueError("derive_visits takes the events of one person only")
+        identity = (event.app_id, event.event_id)
+        seen = by_identity.setdefault(identity, event)
+        # received_at_ms and device_id may differ between deliveries; pairing ignores them.
+        if _pairing_fields(seen) != _pairing_fields(event):
+            raise ValueError(f"event {identity!r} given twice with different contents")
+    return list(by_identity.values())
+
+
+def _pairing_fields(event: ScanEvent) -> tuple[str, str, str, int]:
+    return (event.kind, event.venue_id, event.person_id, event.scanned_at_ms)
+
+
+def _scan_order(event: ScanEvent) -> tuple[int, int, str, str, str]:
+    # A total order on identities, so the scan never depends on input order. (Events equal
+    # in time, kind and venue act as repeats of each other, so even their order is moot.)
+    return (
+        event.scanned_at_ms,
+        _KIND_RANK[event.kind],
+        event.venue_id,
+        event.app_id,
+        event.event_id,
+    )
+
+
+def _auto_visit(person_id: str, open_visit: _OpenVisit, max_stay_ms: int) -> Visit:
+    return Visit(
+        person_id,
+        open_visit.venue_id,
+        open_visit.checkin_at_ms,
+        open_visit.checkin_at_ms + max_stay_ms,
+        "auto",
+        open_visit.checkin_at_ms,
+    )

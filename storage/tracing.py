@@ -1,0 +1,221 @@
+"""Contact tracing, the pure part (DESIGN.md, "Contact tracing"): no I/O, no clock.
+
+A storage backend fetches visits and calls these functions:
+
+1. the case's visits in the window (``checkout_at >= query.window_start_ms`` and
+   ``checkin_at <= query.now_ms``);
+2. :func:`candidate_windows` says which visits to fetch next: every visit at the venue that
+   overlaps the window's interval (``checkin_at < end and checkout_at > start``);
+3. :func:`contacts_of` with ``depth=1, via=None, exclude=frozenset({query.person_id})``
+   gives the depth-1 rows;
+4. for depth 2, for each person P of :func:`depth2_persons` (in that sorted order): fetch P's
+   visits, then candidates for P's windows as in 2, and call :func:`contacts_of` with
+   ``depth=2, via=P, exclude=frozenset({query.person_id, P})``. The rows of all P are
+   concatenated after the depth-1 rows.
+
+:func:`rows_to_json` and :func:`rows_to_csv` format the rows for the HTTP API and the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from storage.models import ContactRow, Visit
+from storage.times import format_time_ms
+
+DAY_MS: Final = 86_400_000
+CSV_COLUMNS: Final = (
+    "person_id",
+    "venue_id",
+    "overlap_start",
+    "overlap_end",
+    "overlap_minutes",
+    "depth",
+    "via",
+)
+# First characters a spreadsheet may read as a formula or a control (OWASP, "CSV Injection").
+_FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TraceQuery:
+    """What to trace: the case (``person_id``), how far back, and the overlap rule.
+
+    ``now_ms`` is the end of the window and is passed in, so a trace is a pure function of
+    its query and the stored visits. Raises ValueError, with a message fit for an API
+    ``detail``, for a value out of range.
+    """
+
+    person_id: str
+    now_ms: int
+    days: int = 14
+    margin_ms: int = 60 * 60_000
+    min_overlap_ms: int = 10 * 60_000
+    depth: Literal[1, 2] = 1
+
+    def __post_init__(self) -> None:
+        if self.days < 1:
+            raise ValueError("days must be at least 1")
+        if self.margin_ms < 0:
+            raise ValueError("margin must not be negative")
+        if self.min_overlap_ms < 0:
+            raise ValueError("min_overlap must not be negative")
+        if self.depth not in (1, 2):
+            raise ValueError("depth must be 1 or 2")
+
+    @property
+    def window_start_ms(self) -> int:
+        """The earliest time a case visit may end and still be traced."""
+        return self.now_ms - self.days * DAY_MS
+
+
+def widen(visit: Visit, margin_ms: int) -> tuple[int, int]:
+    """``(checkin - margin, checkout + margin)``: when the case may have been at the venue."""
+    return visit.checkin_at_ms - margin_ms, visit.checkout_at_ms + margin_ms
+
+
+def _in_window(visit: Visit, query: TraceQuery) -> bool:
+    # Both ends inclusive: a visit that ends exactly at the window's start still counts.
+    return visit.checkout_at_ms >= query.window_start_ms and visit.checkin_at_ms <= query.now_ms
+
+
+def _case_visits_in_window(case_visits: Sequence[Visit], query: TraceQuery) -> list[Visit]:
+    # De-duplicated and sorted, so neither the backend's row order nor a visit fetched twice
+    # changes the answer.
+    return sorted({v for v in case_visits if _in_window(v, query)})
+
+
+def candidate_windows(
+    case_visits: Sequence[Visit], query: TraceQuery
+) -> list[tuple[str, int, int]]:
+    """``(venue_id, widened_start_ms, widened_end_ms)`` for each case visit in the window.
+
+    A backend fetches the visits at ``venue_id`` with ``checkin_at < widened_end`` and
+    ``checkout_at > widened_start``: no other visit can overlap the widened case visit.
+    Sorted by venue, then start; one entry per distinct case visit.
+    """
+    return sorted(
+        (v.venue_id, *widen(v, query.margin_ms)) for v in _case_visits_in_window(case_visits, query)
+    )
+
+
+def contacts_of(
+    case_visits: Sequence[Visit],
+    candidates: Sequence[Visit],
+    query: TraceQuery,
+    depth: int,
+    via: str | None,
+    exclude: frozenset[str],
+) -> list[ContactRow]:
+    """One row per pair (case visit in the window, overlapping visit of another person).
+
+    ``case_visits`` are one person's visits (the case at depth 1, the ``via`` person at depth
+    2); those outside the query's window are skipped. ``candidates`` may hold visits of anyone
+    anywhere, and may repeat a visit: each pair is counted once. A candidate counts when it is
+    at the case visit's venue, its person is in neither ``exclude`` nor the case visits'
+    persons (nor is ``query.person_id``), and it overlaps the case visit widened by
+    ``query.margin_ms`` on both sides for at least ``query.min_overlap_ms`` (inclusive) and
+    for more than zero. The overlap reported is of the widened interval with the contact's
+    visit. Rows are sorted by (overlap start, venue, person), then overlap end.
+
+    Raises ValueError for a depth other than 1 or 2, or if ``via`` is given at depth 1 or
+    missing at depth 2.
+    """
+    if depth not in (1, 2):
+        raise ValueError("depth must be 1 or 2")
+    if (depth == 1) != (via is None):
+        raise ValueError("via names the depth-1 person of a depth-2 row, and only then")
+    cases = _case_visits_in_window(case_visits, query)
+    # A person is never their own contact, whether they are the case or the via person.
+    skipped = exclude | {query.person_id} | {v.person_id for v in cases}
+    by_venue: dict[str, list[Visit]] = {}
+    # dict.fromkeys drops a visit fetched twice (once per case window) but keeps the order.
+    for visit in dict.fromkeys(candidates):
+        if visit.person_id not in skipped:
+            by_venue.setdefault(visit.venue_id, []).append(visit)
+
+    rows: list[ContactRow] = []
+    for case in cases:
+        widened_start, widened_end = widen(case, query.margin_ms)
+        for contact in by_venue.get(case.venue_id, ()):
+            start = max(widened_start, contact.checkin_at_ms)
+            end = min(widened_end, contact.checkout_at_ms)
+            # "> 0" as well: with min_overlap 0, visits that only touch are still not contacts.
+            if end - start >= query.min_overlap_ms and end > start:
+                rows.append(
+                    ContactRow(
+                        person_id=contact.person_id,
+                        venue_id=case.venue_id,
+                        overlap_start_ms=start,
+                        overlap_end_ms=end,
+                        overlap_minutes=round((end - start) / 60_000, 2),
+                        depth=depth,
+                        via=via,
+                    )
+                )
+    rows.sort(key=lambda r: (r.overlap_start_ms, r.venue_id, r.person_id, r.overlap_end_ms))
+    return rows
+
+
+def depth2_persons(rows: Sequence[ContactRow]) -> list[str]:
+    """The distinct persons of the depth-1 rows, sorted: whose contacts depth 2 adds."""
+    return sorted({row.person_id for row in rows if row.depth == 1})
+
+
+def rows_to_json(rows: Sequence[ContactRow]) -> list[dict[str, object]]:
+    """Rows as JSON objects, times in RFC 3339 UTC with milliseconds.
+
+    ``overlap_minutes`` is a number; ``via`` is present only on depth-2 rows.
+    """
+    out: list[dict[str, object]] = []
+    for row in rows:
+        item: dict[str, object] = {
+            "person_id": row.person_id,
+            "venue_id": row.venue_id,
+            "overlap_start": format_time_ms(row.overlap_start_ms),
+            "overlap_end": format_time_ms(row.overlap_end_ms),
+            "overlap_minutes": row.overlap_minutes,
+            "depth": row.depth,
+        }
+        if row.via is not None:
+            item["via"] = row.via
+        out.append(item)
+    return out
+
+
+def neutralise_cell(text: str) -> str:
+    """``text`` with a ``'`` in front if a spreadsheet could take it for a formula.
+
+    That is, if it starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return
+    (OWASP CSV injection guidance); any other text is returned unchanged.
+    """
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def rows_to_csv(rows: Sequence[ContactRow]) -> str:
+    """Rows as CSV text: a header of :data:`CSV_COLUMNS`, then one line per row.
+
+    Times are RFC 3339 UTC with milliseconds, minutes have two decimals, ``via`` is empty at
+    depth 1, and every cell goes through :func:`neutralise_cell`. Lines end in ``\\r\\n``
+    (RFC 4180, the csv module's default), so write the text to a file opened with
+    ``newline=""``.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        cells = (
+            row.person_id,
+            row.venue_id,
+            format_time_ms(row.overlap_start_ms),
+            format_time_ms(row.overlap_end_ms),
+            f"{row.overlap_minutes:.2f}",
+            str(row.depth),
+            row.via or "",
+        )
+        writer.writerow([neutralise_cell(cell) for cell in cells])
+    return buffer.getvalue()

@@ -1,0 +1,199 @@
+"""Storage on SQLite and PostgreSQL: batches, exactly-once rows, visits, tracing, retention."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+
+from storage import PairingRules, ScanEvent, Storage, TraceQuery, Visit, derive_visits
+
+RULES = PairingRules()
+DAY = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
+_ids = itertools.count()
+
+
+def at(hhmm: str, day: int = 0) -> int:
+    h, m = map(int, hhmm.split(":"))
+    return int((DAY + dt.timedelta(days=day, hours=h, minutes=m)).timestamp() * 1000)
+
+
+def ev(
+    kind: str, venue: str, hhmm: str, person: str = "P1", day: int = 0, app: str = "vhd"
+) -> ScanEvent:
+    t = at(hhmm, day)
+    return ScanEvent(app, f"E{next(_ids):012d}", kind, venue, person, t, t + 5, None)  # type: ignore[arg-type]
+
+
+def visit(venue: str, start: str, end: str, closed_by: str, person: str = "P1") -> Visit:
+    source = at(end) if closed_by == "orphan" else at(start)
+    return Visit(person, venue, at(start), at(end), closed_by, source)  # type: ignore[arg-type]
+
+
+WORKED_EXAMPLES = [
+    (
+        [("checkin", "V1", "10:00"), ("checkout", "V1", "11:00")],
+        [visit("V1", "10:00", "11:00", "checkout")],
+    ),
+    (
+        [("checkin", "V1", "10:30"), ("checkin", "V2", "12:00"), ("checkout", "V2", "13:00")],
+        [visit("V1", "10:30", "12:00", "next_checkin"), visit("V2", "12:00", "13:00", "checkout")],
+    ),
+    ([("checkout", "V3", "09:00")], [visit("V3", "08:00", "09:00", "orphan")]),
+    (
+        [("checkin", "V1", "08:00"), ("checkin", "V1", "08:02"), ("checkout", "V1", "08:30")],
+        [visit("V1", "08:00", "08:30", "checkout")],
+    ),
+    ([("checkin", "V2", "06:00")], [visit("V2", "06:00", "10:00", "auto")]),
+    (
+        [("checkin", "V1", "10:00"), ("checkout", "V1", "15:00")],
+        [visit("V1", "10:00", "14:00", "auto"), visit("V1", "14:00", "15:00", "orphan")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("events", "expected"), WORKED_EXAMPLES)
+async def test_worked_examples_in_every_order_and_split(
+    storage: Storage, events: list[tuple[str, str, str]], expected: list[Visit]
+) -> None:
+    made = [ev(k, v, t) for k, v, t in events]
+    # Last event first, one at a time: every arrival re-derives what it touches.
+    for e in reversed(made):
+        await storage.store_batch([e], RULES)
+    assert sorted(await storage.all_visits()) == sorted(expected)
+    # Redelivery of everything at once changes nothing.
+    result = await storage.store_batch(made, RULES)
+    assert (result.inserted, result.duplicates) == (0, len(made))
+    assert sorted(await storage.all_visits()) == sorted(expected)
+
+
+async def test_identities_are_stored_once_and_duplicates_counted(storage: Storage) -> None:
+    a, b = ev("checkin", "V1", "10:00"), ev("checkout", "V1", "11:00")
+    same_id_other_app = a._replace(app_id="bluezone")
+    first = await storage.store_batch([a, b, a], RULES)
+    assert (first.inserted, first.duplicates) == (2, 1)
+    second = await storage.store_batch([a, same_id_other_app], RULES)
+    assert (second.inserted, second.duplicates) == (1, 1)
+    assert sorted(await storage.event_identities()) == sorted(
+        [("vhd", a.event_id), ("vhd", b.event_id), ("bluezone", a.event_id)]
+    )
+
+
+async def test_late_events_re_derive_the_visits_they_touch(storage: Storage) -> None:
+    # Today's visits exist; a check-in uploaded late from yesterday's offline queue, and one
+    # from this morning that now splits today's first visit.
+    await storage.store_batch(
+        [ev("checkin", "V1", "08:00"), ev("checkin", "V2", "09:00"), ev("checkout", "V2", "10:00")],
+        RULES,
+    )
+    await storage.store_batch(
+        [ev("checkin", "V3", "08:30"), ev("checkin", "V9", "22:00", day=-1)], RULES
+    )
+    visits = await storage.all_visits()
+    assert [(v.venue_id, v.closed_by) for v in visits] == [
+        ("V9", "auto"),
+        ("V1", "next_checkin"),
+        ("V3", "next_checkin"),
+        ("V2", "checkout"),
+    ]
+    assert visits[1].checkout_at_ms == at("08:30")
+
+
+async def test_visits_of_many_persons_match_the_pure_function(storage: Storage) -> None:
+    events = []
+    for p in range(20):
+        for i, (kind, venue, hhmm) in enumerate(
+            [
+                ("checkin", "V1", "07:00"),
+                ("checkin", "V2", "09:10"),
+                ("checkout", "V2", "09:40"),
+                ("checkout", "V3", "18:00"),
+                ("checkin", "V1", "20:00"),
+            ]
+        ):
+            if (p + i) % 4:
+                events.append(ev(kind, venue, hhmm, person=f"P{p}"))
+    for i in range(0, len(events), 7):
+        await storage.store_batch(events[i : i + 7], RULES)
+    expected = sorted(
+        v
+        for p in {e.person_id for e in events}
+        for v in derive_visits([e for e in events if e.person_id == p], RULES)
+    )
+    assert sorted(await storage.all_visits()) == expected
+
+
+async def test_tracing_finds_the_planted_contact_not_the_early_leaver(storage: Storage) -> None:
+    await storage.store_batch(
+        [
+            ev("checkin", "MARKET", "10:00", person="CASE"),
+            ev("checkout", "MARKET", "11:00", person="CASE"),
+            # Overlaps the case for 30 minutes.
+            ev("checkin", "MARKET", "10:30", person="NEAR"),
+            ev("checkout", "MARKET", "12:00", person="NEAR"),
+            # Left at 08:30, 90 minutes before the case arrived: beyond the 60 min margin.
+            ev("checkin", "MARKET", "08:00", person="EARLY"),
+            ev("checkout", "MARKET", "08:30", person="EARLY"),
+            # Left at 09:05: 5 minutes inside the margin, under the 10 minute minimum.
+            ev("checkin", "MARKET", "08:40", person="BRUSH"),
+            ev("checkout", "MARKET", "09:05", person="BRUSH"),
+            # Same time, another venue.
+            ev("checkin", "SCHOOL", "10:00", person="ELSEWHERE"),
+            ev("checkout", "SCHOOL", "11:00", person="ELSEWHERE"),
+            # A contact of NEAR, later, for depth 2.
+            ev("checkin", "CAFE", "13:00", person="NEAR"),
+            ev("checkout", "CAFE", "14:00", person="NEAR"),
+            ev("checkin", "CAFE", "13:30", person="SECOND"),
+            ev("checkout", "CAFE", "14:30", person="SECOND"),
+        ],
+        RULES,
+    )
+    query = TraceQuery(person_id="CASE", now_ms=at("23:00"))
+    rows = await storage.trace(query, actor="test")
+    assert [
+        (
+            r.person_id,
+            r.venue_id,
+            r.overlap_start_ms,
+            r.overlap_end_ms,
+            r.overlap_minutes,
+            r.depth,
+            r.via,
+        )
+        for r in rows
+    ] == [("NEAR", "MARKET", at("10:30"), at("12:00"), 90.0, 1, None)]
+    deep = await storage.trace(TraceQuery(person_id="CASE", now_ms=at("23:00"), depth=2), "test")
+    assert [(r.person_id, r.depth, r.via) for r in deep] == [
+        ("NEAR", 1, None),
+        ("SECOND", 2, "NEAR"),
+    ]
+    audit = await storage.audit_entries()
+    assert [(a.actor, a.action, a.subject) for a in audit] == [
+        ("test", "trace", "CASE"),
+        ("test", "trace", "CASE"),
+    ]
+
+
+async def test_retention_deletes_what_is_older_and_keeps_the_rest(storage: Storage) -> None:
+    old = [ev("checkin", "V1", "10:00", person=f"OLD{i}", day=-30) for i in range(3)]
+    edge = [ev("checkin", "V1", "10:00", person="EDGE", day=-21)]
+    recent = [ev("checkin", "V1", "10:00", person=f"NEW{i}", day=-1) for i in range(3)]
+    await storage.store_batch(old + edge + recent, RULES)
+    cutoff = at("12:00", day=-21)  # after EDGE's check-in, in the same day
+    result = await storage.purge(cutoff)
+    assert result.events == 4
+    assert result.visits == 4
+    kept = await storage.event_identities()
+    assert sorted(e for _a, e in kept) == sorted(e.event_id for e in recent)
+    assert sorted(v.person_id for v in await storage.all_visits()) == ["NEW0", "NEW1", "NEW2"]
+    # A purged identity is gone from the unique key too: nothing is left to block.
+    assert (await storage.purge(cutoff)).events == 0
+
+
+async def test_admin_tokens_are_stored_hashed(storage: Storage) -> None:
+    token = await storage.add_admin("officer1")
+    assert await storage.admin_for_token(token) == "officer1"
+    assert await storage.admin_for_token(token + "x") is None
+    with pytest.raises(Exception, match="already exists"):
+        await storage.add_admin("officer1")
