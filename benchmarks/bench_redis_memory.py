@@ -42,8 +42,16 @@ async def measure(url: str, n_events: int) -> tuple[float, int]:
             for i in range(start, min(start + 100, n_events)):
                 # A 22-character event id, as apps make them (a ULID-like text), and ids
                 # of the maximum length (16) for venue and person: a pessimistic entry.
-                event = ScanEvent("vhd", f"01JDX{i:017d}", "checkin", f"VENUE{i % 10000:011d}",
-                                  f"PERSON{i:010d}", now_ms, now_ms, "SCANNER-0042")  # fmt: skip
+                event = ScanEvent(
+                    "vhd",
+                    f"01JDX{i:017d}",
+                    "checkin",
+                    f"VENUE{i % 10000:011d}",
+                    f"PERSON{i:010d}",
+                    now_ms,
+                    now_ms,
+                    "SCANNER-0042",
+                )
                 shard = shard_of("vhd", event.event_id, SHARDS)
                 by_shard.setdefault(shard, []).append(
                     (seen_field("vhd", event.event_id), encode_event(event))

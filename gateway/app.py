@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -20,6 +20,9 @@ import orjson
 from aiohttp import web
 
 from signing import FileKeyringStore, Keyring, Sealer, load_master_key
+from signing.codes import ID_PATTERN
+from storage import Storage, TraceQuery, connect_storage
+from storage.tracing import rows_to_json
 
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
@@ -39,7 +42,7 @@ from .events import EventRules, Rejection, ScanEvent, check_event, encode_event
 from .keyspace import seen_field, shard_of
 from .metrics import CONTENT_TYPE, Metrics
 from .ratelimit import TokenBuckets
-from .settings import Settings
+from .settings import Settings, parse_duration_s
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class Gateway:
     rules: EventRules
     rate_limits: TokenBuckets | None
     buffer: RedisBuffer | None = None
+    storage: Storage | None = None
 
 
 GATEWAY: Final = web.AppKey("gateway", Gateway)
@@ -93,7 +97,9 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_keyring_refresher)
     app.cleanup_ctx.append(_redis_buffer)
+    app.cleanup_ctx.append(_storage)
     app.router.add_post("/v1/scans", post_scans, name="scans")
+    app.router.add_get("/v1/trace/{person_id}", get_trace, name="trace")
     app.router.add_get("/healthz", get_healthz, name="healthz")
     app.router.add_get("/readyz", get_readyz, name="readyz")
     app.router.add_get("/metrics", get_metrics, name="metrics")
@@ -135,6 +141,17 @@ async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
     yield
     await task.stop()
     await client.aclose()
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    """Storage, for readiness and tracing (the flusher writes through its own)."""
+    gateway = app[GATEWAY]
+    settings = gateway.settings
+    gateway.storage = await connect_storage(
+        settings.resolved_storage_url, timezone=settings.timezone
+    )
+    yield
+    await gateway.storage.close()
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -311,10 +328,60 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 
 async def get_readyz(request: web.Request) -> web.Response:
-    buffer = request.app[GATEWAY].buffer
-    if buffer is None or not await buffer.ping():
+    gateway = request.app[GATEWAY]
+    if gateway.buffer is None or not await gateway.buffer.ping():
         raise Unavailable("Redis does not answer", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
-    return web.Response(body=b'{"status":"ready","redis":"ok"}', content_type=JSON)
+    if gateway.storage is None or not await gateway.storage.ping():
+        raise Unavailable("storage does not answer", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
+    return web.Response(body=b'{"status":"ready","redis":"ok","storage":"ok"}', content_type=JSON)
+
+
+async def get_trace(request: web.Request) -> web.Response:
+    """Contacts of a person, for an admin token; every call is audit-logged."""
+    gateway = request.app[GATEWAY]
+    storage = gateway.storage
+    assert storage is not None
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    admin = (
+        await storage.admin_for_token(token.strip())
+        if scheme.lower() == "bearer" and 0 < len(token) <= 256
+        else None
+    )
+    if admin is None:
+        raise Unauthorized("an admin token is needed: Authorization: Bearer <admin token>")
+    person_id = request.match_info["person_id"]
+    if not ID_PATTERN.fullmatch(person_id):
+        raise InvalidRequest("person_id: 1 to 16 characters of A-Z0-9")
+    try:
+        query = trace_query(person_id, request.query, now_ms=int(time.time() * 1000))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    rows = await storage.trace(query, actor=f"admin:{admin}")
+    return web.Response(body=orjson.dumps(rows_to_json(rows)), content_type=JSON)
+
+
+def trace_query(person_id: str, params: Mapping[str, str], now_ms: int) -> TraceQuery:
+    """A trace query from ``days``, ``margin``, ``min_overlap`` and ``depth`` parameters."""
+    days = params.get("days", "14")
+    depth = params.get("depth", "1")
+    if not days.isdecimal() or not 1 <= int(days) <= 60:
+        raise ValueError("days: a whole number from 1 to 60")
+    if depth not in ("1", "2"):
+        raise ValueError("depth: 1 or 2")
+    try:
+        margin_ms = int(parse_duration_s(params.get("margin", "60m")) * 1000)
+        min_overlap_ms = int(parse_duration_s(params.get("min_overlap", "10m")) * 1000)
+    except ValueError as exc:
+        raise ValueError(f"margin/min_overlap: {exc}") from None
+    return TraceQuery(
+        now_ms=now_ms,
+        person_id=person_id,
+        days=int(days),
+        margin_ms=margin_ms,
+        min_overlap_ms=min_overlap_ms,
+        depth=1 if depth == "1" else 2,
+    )
 
 
 async def get_metrics(request: web.Request) -> web.Response:

@@ -8,11 +8,14 @@ alone on its line. Bad arguments and failed operations print one line to stderr 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import getpass
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,6 +31,8 @@ from signing import (
     render_to_file,
 )
 from signing.codes import ID_PATTERN
+from storage import Storage, StorageError, connect_storage
+from storage.times import format_time_ms
 
 from .settings import Settings, SettingsError, parse_duration_s
 
@@ -171,8 +176,104 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--workers: use 1 to 64")
     if not 0 < args.port < 65536:
         raise UsageError("--port: use 1 to 65535")
-    options = ServeOptions(host=args.host, port=args.port, workers=args.workers)
+    options = ServeOptions(
+        host=args.host, port=args.port, workers=args.workers, flusher=not args.no_flusher
+    )
     return serve(settings, options)
+
+
+# -- storage, flusher, tracing ---------------------------------------------------------------
+
+
+def _run_storage(settings: Settings, work: Callable[[Storage], Awaitable[int]]) -> int:
+    """Open storage (migrations applied), run ``work`` on it, close it."""
+
+    async def run() -> int:
+        storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
+        try:
+            return await work(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        _emit({"storage": storage.kind, "migrated": True})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_flush(args: argparse.Namespace, settings: Settings) -> int:
+    from .server import run_flusher
+
+    if settings.redis_url is None:
+        raise UsageError("scangate flush needs SCANGATE_REDIS_URL (serve runs its own flusher)")
+    return run_flusher(settings, metrics_port=args.metrics_port)
+
+
+def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from storage.tracing import rows_to_csv, rows_to_json
+
+    from .app import trace_query
+
+    try:
+        query = trace_query(
+            args.person_id,
+            {
+                "days": str(args.days),
+                "margin": args.margin,
+                "min_overlap": args.min_overlap,
+                "depth": str(args.depth),
+            },
+            now_ms=int(time.time() * 1000),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(storage: Storage) -> int:
+        rows = await storage.trace(query, actor=actor)
+        if args.format == "csv":
+            sys.stdout.write(rows_to_csv(rows))
+        else:
+            _emit(rows_to_json(rows))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", args.name):
+        raise UsageError("NAME: 1 to 64 characters of A-Za-z0-9_.@-")
+
+    async def work(storage: Storage) -> int:
+        token = await storage.add_admin(args.name)
+        await storage.audit(f"cli:{getpass.getuser()}", "admin_added", args.name)
+        _emit({"name": args.name, "token": token})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    cutoff_ms = int((time.time() - settings.retention_s) * 1000)
+
+    async def work(storage: Storage) -> int:
+        result = await storage.purge(cutoff_ms)
+        _emit(
+            {
+                "cutoff": format_time_ms(cutoff_ms),
+                "events": result.events,
+                "visits": result.visits,
+                "partitions_dropped": result.partitions_dropped,
+            }
+        )
+        return 0
+
+    return _run_storage(settings, work)
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -219,9 +320,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument(
-        "--workers", type=int, default=1, metavar="N",
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
         help="processes sharing the port with SO_REUSEPORT (default 1)",
-    )  # fmt: skip
+    )
+    p.add_argument(
+        "--no-flusher",
+        action="store_true",
+        help="do not start a flusher process (run scangate flush elsewhere)",
+    )
+
+    leaf(
+        groups,
+        "migrate",
+        cmd_migrate,
+        "apply pending schema migrations to SCANGATE_STORAGE_URL (also done at start-up)",
+    )
+    p = leaf(
+        groups,
+        "flush",
+        cmd_flush,
+        "run a flusher: move buffered scans from Redis into storage until SIGTERM",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this flusher's Prometheus metrics on 127.0.0.1:PORT",
+    )
+    p = leaf(
+        groups,
+        "trace",
+        cmd_trace,
+        "contacts of a person: one row per pair of overlapping visits (audit-logged)",
+    )
+    p.add_argument("person_id", metavar="PERSON_ID", type=_entity_id)
+    p.add_argument("--days", type=int, default=14, help="how far back (default 14)")
+    p.add_argument(
+        "--margin",
+        default="60m",
+        metavar="DURATION",
+        help="widen the case's visits by this on both sides (default 60m)",
+    )
+    p.add_argument(
+        "--min-overlap",
+        default="10m",
+        metavar="DURATION",
+        help="shortest overlap that counts (default 10m)",
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2 adds the contacts of each contact (default 1)",
+    )
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    leaf(
+        groups,
+        "purge",
+        cmd_purge,
+        "delete events and visits older than SCANGATE_RETENTION (the flusher does it daily)",
+    )
+    admins = groups.add_parser(
+        "admins",
+        help="health officials' admin tokens",
+        description="Admin tokens for tracing (GET /v1/trace).",
+    )
+    admins_sub = admins.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    admins_sub.required = True
+    p = leaf(
+        admins_sub,
+        "add",
+        cmd_admins_add,
+        "register an admin; prints {name, token} (the token only now)",
+    )
+    p.add_argument("name", metavar="NAME")
 
     apps = groups.add_parser(
         "apps",
@@ -310,7 +486,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         )
         handler: Handler = args.handler
         return handler(args, settings)
-    except (UsageError, SigningError, SettingsError) as exc:
+    except (UsageError, SigningError, SettingsError, StorageError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
 

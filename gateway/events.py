@@ -9,14 +9,15 @@ Nothing here does I/O.
 from __future__ import annotations
 
 import re
-from typing import Final, Literal, NamedTuple
+from typing import Final, NamedTuple
 
 import orjson
 
 from signing import REJECT_REASONS, Code, CodeVerifier
+from storage.models import Kind, ScanEvent
 from storage.times import parse_time_ms
 
-Kind = Literal["checkin", "checkout"]
+__all__ = ["EVENT_REASONS", "EventRules", "Rejection", "ScanEvent", "check_event"]
 KINDS: Final[tuple[Kind, ...]] = ("checkin", "checkout")
 
 # Why an event is rejected: the signing reasons plus the gateway's own. Also a metric label.
@@ -32,19 +33,6 @@ MAX_DEVICE_ID_CHARS: Final = 128
 _DEVICE_ID_PATTERN: Final = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII
 _KIND_CODE: Final[dict[str, str]] = {"checkin": "i", "checkout": "o"}
 _CODE_KIND: Final[dict[str, Kind]] = {"i": "checkin", "o": "checkout"}
-
-
-class ScanEvent(NamedTuple):
-    """An accepted scan. ``app_id`` and ``received_at_ms`` come from the server, never the body."""
-
-    app_id: str
-    event_id: str
-    kind: Kind
-    venue_id: str
-    person_id: str
-    scanned_at_ms: int
-    received_at_ms: int
-    device_id: str | None
 
 
 class Rejection(NamedTuple):

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE_S: Final = 20.0
 WORKER_START_TIMEOUT_S: Final = 60.0
 RESTART_BACKOFF_S: Final = 1.0
+FLUSHER_SLOT: Final = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    flusher: bool = True
     shutdown_deadline_s: float = SHUTDOWN_DEADLINE_S
 
 
@@ -58,8 +60,10 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Open the keyring once here: a missing or wrong master key fails now, on one line,
     # not in every worker; and a generated key file is made once, not raced for.
-    Keyring(FileKeyringStore(settings.keyring_path),
-            Sealer(load_master_key(settings.master_key, settings.data_dir)))  # fmt: skip
+    Keyring(
+        FileKeyringStore(settings.keyring_path),
+        Sealer(load_master_key(settings.master_key, settings.data_dir)),
+    )
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir()
@@ -78,13 +82,14 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     ready: Any = ctx.Queue()
     workers: dict[int, BaseProcess] = {}
 
+    # Slots 0..N-1 are gateway workers; slot -1 is the flusher.
     def start_worker(slot: int) -> None:
-        proc = ctx.Process(
-            target=run_worker,
-            args=(settings, options, ready),
-            name=f"scangate-worker-{slot}",
-            daemon=False,
-        )
+        if slot == FLUSHER_SLOT:
+            proc = ctx.Process(target=run_flusher, args=(settings,), name="scangate-flusher")
+        else:
+            proc = ctx.Process(
+                target=run_worker, args=(settings, options, ready), name=f"scangate-worker-{slot}"
+            )
         proc.start()
         workers[slot] = proc
 
@@ -94,6 +99,8 @@ def serve(settings: Settings, options: ServeOptions) -> int:
         if not _await_ready(ready, options.workers, lambda: stop_requested):
             log.error("workers did not start; stopping")
             return 1
+        if options.flusher:
+            start_worker(FLUSHER_SLOT)
         log.info(
             "scangate listening on http://%s:%d (%d worker%s)",
             options.host,
@@ -195,3 +202,43 @@ async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -
     await stop.wait()
     # Stop accepting, let requests in flight finish (bounded by shutdown_timeout), close.
     await runner.cleanup()
+
+
+# -- flusher process -------------------------------------------------------------------------
+
+
+def run_flusher(settings: Settings, metrics_port: int | None = None) -> int:
+    """A flusher process: flush until SIGTERM/SIGINT, finishing the batch in hand."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    import uvloop
+
+    return uvloop.run(_flush_until_stopped(settings, metrics_port))
+
+
+async def _flush_until_stopped(settings: Settings, metrics_port: int | None) -> int:
+    from storage import connect_storage
+
+    from .buffer import connect_redis
+    from .flusher import Flusher
+    from .metrics import FlusherMetrics
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    assert settings.redis_url is not None
+    metrics = FlusherMetrics()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
+    client = connect_redis(settings.redis_url)
+    try:
+        await Flusher(client, storage, settings, metrics).run(stop)
+    finally:
+        await client.aclose()
+        await storage.close()
+    return 0

@@ -48,6 +48,7 @@ class Settings:
     retention_s: float = 21 * 86400
     flush_batch: int = 2000
     flush_max_age_s: float = 0.2
+    flush_claim_idle_s: float = 30  # a pending entry idle this long is claimed by another flusher
     timezone: str = "Asia/Ho_Chi_Minh"
     sms: SmsSender = "log"
     sms_url: str | None = None

@@ -208,7 +208,10 @@ async def test_every_reason_and_a_mixed_batch_accepts_exactly_the_good_ones(worl
     body = await resp.json()
     good = [c for c, reason in cases if reason is None]
     assert (body["accepted"], body["duplicates"], body["rejected"]) == (
-        len(good), 0, len(cases) - len(good))  # fmt: skip
+        len(good),
+        0,
+        len(cases) - len(good),
+    )
     for (event, reason), result in zip(cases, body["results"], strict=True):
         if reason is None:
             assert result["status"] == "accepted", result

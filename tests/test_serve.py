@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -27,8 +29,12 @@ def free_port() -> int:
 def cli(data_dir: Path, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
-        capture_output=True, text=True, timeout=60, check=True, env=clean_env(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=clean_env(),
+    )
     return result.stdout.strip()
 
 
@@ -55,10 +61,23 @@ class Served:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), "serve",
-             "--port", str(self.port), "--workers", str(workers)],
-            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "--data-dir",
+                str(data_dir),
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -86,15 +105,21 @@ def test_serve_on_embedded_defaults_takes_scans(tmp_path: Path, workers: int) ->
         assert request(served.base + "/healthz")[0] == 200
         now = int(time.time() * 1000)
         events = [
-            {"event_id": f"EVENT{i:04d}", "kind": "checkin", "venue_code": venue,
-             "person_code": person, "scanned_at": now}
+            {
+                "event_id": f"EVENT{i:04d}",
+                "kind": "checkin",
+                "venue_code": venue,
+                "person_code": person,
+                "scanned_at": now,
+            }
             for i in range(20)
-        ]  # fmt: skip
+        ]
         # Several requests, so with 2 workers both are likely to answer some.
         accepted = 0
         for i in range(0, 20, 2):
-            status, body = request(served.base + "/v1/scans", {"events": events[i:i + 2]},
-                                   app["token"])  # fmt: skip
+            status, body = request(
+                served.base + "/v1/scans", {"events": events[i : i + 2]}, app["token"]
+            )
             assert status == 200, body
             accepted += json.loads(body)["accepted"]
         assert accepted == 20
@@ -106,6 +131,17 @@ def test_serve_on_embedded_defaults_takes_scans(tmp_path: Path, workers: int) ->
         line = 'scangate_scan_events_total{app="vhd",kind="checkin",outcome="accepted",reason=""}'
         assert f"{line} 20.0" in text
         assert (tmp_path / "valkey").is_dir()
+        # serve's own flusher moves them into the embedded SQLite store.
+        deadline = time.monotonic() + 30
+        stored = 0
+        while time.monotonic() < deadline and stored < 20:
+            time.sleep(0.3)
+            with contextlib.closing(sqlite3.connect(tmp_path / "scangate.db")) as db:
+                stored = db.execute("SELECT count(*) FROM scan_events").fetchone()[0]
+        assert stored == 20
+        text = request(served.base + "/metrics")[1].decode()
+        assert "scangate_flushed_events_total 20.0" in text
+        assert "scangate_scan_to_storage_seconds_bucket" in text
     finally:
         code, out = served.stop()
     assert code == 0, out
@@ -116,15 +152,20 @@ def test_serve_on_embedded_defaults_takes_scans(tmp_path: Path, workers: int) ->
 def test_events_survive_a_serve_restart_in_the_append_only_file(tmp_path: Path) -> None:
     app = json.loads(cli(tmp_path, "apps", "add", "vhd"))
     event = {
-        "event_id": "KEEPME0001", "kind": "checkout",
+        "event_id": "KEEPME0001",
+        "kind": "checkout",
         "venue_code": cli(tmp_path, "codes", "issue", "--app", "vhd", "--venue", "V1"),
         "person_code": cli(tmp_path, "codes", "issue", "--app", "vhd", "--person", "P1"),
         "scanned_at": int(time.time() * 1000),
-    }  # fmt: skip
+    }
     served = Served(tmp_path, 1)
     try:
-        assert json.loads(request(served.base + "/v1/scans", {"events": [event]},
-                                  app["token"])[1])["accepted"] == 1  # fmt: skip
+        assert (
+            json.loads(request(served.base + "/v1/scans", {"events": [event]}, app["token"])[1])[
+                "accepted"
+            ]
+            == 1
+        )
     finally:
         assert served.stop()[0] == 0
     served = Served(tmp_path, 1)
@@ -147,11 +188,17 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
 
     def post_many(offset: int) -> None:
         for i in range(30):
-            ev = {"event_id": f"INFLIGHT{offset:03d}{i:04d}", "kind": "checkin",
-                  "venue_code": venue, "person_code": person, "scanned_at": now}  # fmt: skip
+            ev = {
+                "event_id": f"INFLIGHT{offset:03d}{i:04d}",
+                "kind": "checkin",
+                "venue_code": venue,
+                "person_code": person,
+                "scanned_at": now,
+            }
             try:
-                results.append(request(served.base + "/v1/scans", {"events": [ev]},
-                                       app["token"])[0])  # fmt: skip
+                results.append(
+                    request(served.base + "/v1/scans", {"events": [ev]}, app["token"])[0]
+                )
             except OSError:
                 results.append(-1)  # refused after the listener closed: never half-answered
 

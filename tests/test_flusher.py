@@ -1,0 +1,237 @@
+"""The flusher against real Redis/Valkey and both storage backends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway import Settings
+from gateway.events import encode_event
+from gateway.flusher import Flusher, pairing_rules
+from gateway.keyspace import CONSUMER_GROUP, EVENT_FIELD, dead_letter_key, stream_key
+from gateway.metrics import FlusherMetrics
+from storage import ScanEvent, Storage, derive_visits
+from tests.fixtures_servers import open_test_storage
+
+SHARDS = 4
+BASE_MS = 1_795_000_000_000
+
+
+def flusher_settings(**over: Any) -> Settings:
+    return Settings(
+        shards=SHARDS,
+        flush_batch=over.pop("flush_batch", 50),
+        flush_max_age_s=over.pop("flush_max_age_s", 0.01),
+        **over,
+    )
+
+
+async def push(client: aioredis.Redis, events: list[ScanEvent]) -> None:
+    """Put events straight into their shard streams, as the gateway's script does."""
+    from gateway.keyspace import shard_of
+
+    pipe = client.pipeline(transaction=False)
+    for e in events:
+        pipe.xadd(
+            stream_key(shard_of(e.app_id, e.event_id, SHARDS)), {EVENT_FIELD: encode_event(e)}
+        )
+    await pipe.execute()
+
+
+async def drain(flusher: Flusher, client: aioredis.Redis, rounds: int = 200) -> None:
+    """Step the flusher until every stream is empty and nothing is pending."""
+    for _ in range(rounds):
+        await flusher.step()
+        lengths = [await client.xlen(stream_key(s)) for s in range(SHARDS)]
+        if not any(lengths):
+            return
+    raise AssertionError(f"streams not drained: {lengths}")
+
+
+@contextlib.asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.flushall()
+        yield client
+    finally:
+        await client.aclose()
+
+
+def expected_visits(events: list[ScanEvent], settings_: Settings) -> list[Any]:
+    rules = pairing_rules(settings_)
+    persons = {e.person_id for e in events}
+    return sorted(
+        v for p in persons for v in derive_visits([e for e in events if e.person_id == p], rules)
+    )
+
+
+# A small world where the pairing windows are hit often: 3 persons, 3 venues, times on a
+# grid of 1, 3 and 5 minutes and whole hours across two days.
+minutes = st.one_of(
+    st.integers(0, 48 * 60),
+    st.integers(0, 48 * 12).map(lambda x: x * 5),
+    st.integers(0, 48).map(lambda x: x * 60),
+    st.integers(0, 48 * 20).map(lambda x: x * 3),
+)
+event_specs = st.lists(
+    st.tuples(
+        st.sampled_from(["P1", "P2", "P3"]),
+        st.sampled_from(["checkin", "checkout"]),
+        st.sampled_from(["V1", "V2", "V3"]),
+        minutes,
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(specs=event_specs, data=st.data())
+def test_any_order_duplication_and_batch_split_gives_the_same_visits_on_both_backends(
+    specs: list[tuple[str, str, str, int]],
+    data: st.DataObject,
+    redis_url: str,
+    tmp_path: Path,
+    postgres_url: str,
+) -> None:
+    events = [
+        ScanEvent(
+            "vhd",
+            f"EV{i:08d}",
+            kind,
+            venue,
+            person,
+            BASE_MS + m * 60_000,  # type: ignore[arg-type]
+            BASE_MS + m * 60_000,
+            None,
+        )
+        for i, (person, kind, venue, m) in enumerate(specs)
+    ]
+    rnd = random.Random(data.draw(st.integers(0, 2**32)))
+    # Redelivery: some events arrive twice or three times, in any order.
+    feed = events + [e for e in events if rnd.random() < 0.3] * rnd.randint(1, 2)
+    rnd.shuffle(feed)
+    batch = data.draw(st.integers(1, 10), label="flush batch size")
+    splits = (
+        sorted(rnd.sample(range(1, len(feed)), k=min(3, len(feed) - 1))) if len(feed) > 1 else []
+    )
+    s = flusher_settings(flush_batch=batch)
+
+    async def scenario() -> None:
+        results = []
+        for kind in ("sqlite", "postgresql"):
+            async with (
+                redis_client(redis_url) as client,
+                open_test_storage(kind, tmp_path, postgres_url) as storage,
+            ):
+                flusher = Flusher(client, storage, s, FlusherMetrics(), consumer="prop")
+                start = 0
+                for end in [*splits, len(feed)]:
+                    await push(client, feed[start:end])
+                    await drain(flusher, client)
+                    start = end
+                results.append(sorted(await storage.all_visits()))
+                assert await storage.count_events() == len(events)
+        assert results[0] == results[1] == expected_visits(events, s)
+
+    asyncio.run(scenario())
+
+
+StorageOpener = Callable[[], contextlib.AbstractAsyncContextManager[Storage]]
+
+
+async def test_undecodable_entries_go_to_dead_letters_and_never_block(
+    redis_url: str, storage: Storage
+) -> None:
+    s = flusher_settings()
+    good = [
+        ScanEvent("vhd", f"GOOD{i:06d}", "checkin", "V1", f"P{i}", BASE_MS, BASE_MS, None)
+        for i in range(5)
+    ]
+    metrics = FlusherMetrics()
+    async with redis_client(redis_url) as client:
+        await push(client, good[:2])
+        await client.xadd(stream_key(0), {EVENT_FIELD: b"not json"})
+        await client.xadd(stream_key(1), {b"other": b"field"})
+        await client.xadd(stream_key(2), {EVENT_FIELD: b'["vhd", 1]'})
+        await push(client, good[2:])
+        flusher = Flusher(client, storage, s, metrics, consumer="c1")
+        await drain(flusher, client)
+        dead = sum([await client.xlen(dead_letter_key(sh)) for sh in range(SHARDS)])
+        assert dead == 3
+        entry = (await client.xrange(dead_letter_key(0)))[0][1]
+        assert entry[EVENT_FIELD] == b"not json" and entry[b"reason"]
+    assert await storage.count_events() == 5
+    assert metrics.dead_letters._value.get() == 3
+
+
+async def test_entries_a_dead_consumer_left_pending_are_claimed_and_stored_once(
+    redis_url: str, storage: Storage
+) -> None:
+    s = flusher_settings(flush_claim_idle_s=0.2)
+    events = [
+        ScanEvent("vhd", f"PEND{i:06d}", "checkin", "V1", f"P{i % 3}", BASE_MS + i, BASE_MS, None)
+        for i in range(30)
+    ]
+    async with redis_client(redis_url) as client:
+        await push(client, events)
+        dead = Flusher(client, storage, s, FlusherMetrics(), consumer="dead")
+        await dead.ensure_groups()
+        # The dead consumer read a batch and stored half of it, then died before acking.
+        batch = await dead.collect()
+        assert batch
+        await storage.store_batch([e for e in events[:15]], pairing_rules(s))
+        pending = await client.xpending(stream_key(0), CONSUMER_GROUP)
+        assert pending["pending"] > 0
+        await asyncio.sleep(0.3)
+        alive = Flusher(client, storage, s, FlusherMetrics(), consumer="alive")
+        await drain(alive, client)
+        for shard in range(SHARDS):
+            assert (await client.xpending(stream_key(shard), CONSUMER_GROUP))["pending"] == 0
+    ids = await storage.event_identities()
+    assert len(ids) == len(set(ids)) == 30
+    assert sorted(await storage.all_visits()) == expected_visits(events, s)
+
+
+async def test_storage_down_keeps_the_batch_until_it_commits(
+    redis_url: str, private_postgres: Any
+) -> None:
+    from storage import connect_storage
+
+    pg = private_postgres()
+    storage = await connect_storage(pg.url)
+    s = flusher_settings()
+    events = [
+        ScanEvent(
+            "vhd", f"DOWN{i:06d}", "checkout", "V1", "P1", BASE_MS + i * 60_000, BASE_MS, None
+        )
+        for i in range(10)
+    ]
+    metrics = FlusherMetrics()
+    try:
+        async with redis_client(redis_url) as client:
+            await push(client, events)
+            flusher = Flusher(client, storage, s, metrics, consumer="c1")
+            pg.stop()
+            task = asyncio.create_task(drain(flusher, client))
+            await asyncio.sleep(1.5)
+            assert not task.done()
+            assert metrics.flush_errors._value.get() >= 1
+            pg.start()
+            await asyncio.wait_for(task, 30)
+        assert await storage.count_events() == 10
+    finally:
+        await storage.close()
