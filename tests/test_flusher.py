@@ -235,3 +235,38 @@ async def test_storage_down_keeps_the_batch_until_it_commits(
         assert await storage.count_events() == 10
     finally:
         await storage.close()
+
+
+async def test_concurrent_flushers_store_each_event_once_with_the_right_visits(
+    redis_url: str, storage_opener: StorageOpener
+) -> None:
+    s = flusher_settings(flush_batch=7)
+    rnd = random.Random(7)
+    # Few persons, many events each: the two flushers keep touching the same persons.
+    events = [
+        ScanEvent(
+            "vhd",
+            f"CC{i:06d}",
+            rnd.choice(["checkin", "checkout"]),  # type: ignore[arg-type]
+            rnd.choice(["V1", "V2"]),
+            f"P{i % 4}",
+            BASE_MS + rnd.randrange(0, 2 * 86_400_000),
+            BASE_MS,
+            None,
+        )
+        for i in range(300)
+    ]
+    async with redis_client(redis_url) as client, storage_opener() as one:
+        await push(client, events)
+        # On PostgreSQL each flusher's transaction takes its own pool connection: they run
+        # concurrently and meet on the person locks. SQLite serialises writers anyway.
+        flushers = [
+            Flusher(client, one, s, FlusherMetrics(), consumer="a"),
+            Flusher(client, one, s, FlusherMetrics(), consumer="b"),
+        ]
+        await asyncio.gather(*(drain(f, client) for f in flushers))
+        handled = [f.metrics.flushed_events._value.get() for f in flushers]
+        assert sum(handled) == 300 and all(handled), handled
+        ids = await one.event_identities()
+        assert len(ids) == len(set(ids)) == 300
+        assert sorted(await one.all_visits()) == expected_visits(events, s)
