@@ -50,6 +50,7 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_EVENTS: Final = 500
 KEYRING_REFRESH_S: Final = 2.0
 BACKLOG_POLL_S: Final = 0.5
+METRICS_PUBLISH_S: Final = 1.0
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
 RETRY_AFTER_BACKLOG_S: Final = 5
 JSON: Final = "application/json"
@@ -98,6 +99,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     app.cleanup_ctx.append(_keyring_refresher)
     app.cleanup_ctx.append(_redis_buffer)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_metrics_publisher)
     app.router.add_post("/v1/scans", post_scans, name="scans")
     app.router.add_get("/v1/trace/{person_id}", get_trace, name="trace")
     app.router.add_get("/healthz", get_healthz, name="healthz")
@@ -141,6 +143,19 @@ async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
     yield
     await task.stop()
     await client.aclose()
+
+
+async def _metrics_publisher(app: web.Application) -> AsyncIterator[None]:
+    """Publish the hot path's counts to Prometheus every second (and at each scrape)."""
+    metrics = app[GATEWAY].metrics
+
+    async def publish() -> None:
+        metrics.publish()
+
+    task = Periodic("metrics-publish", publish, METRICS_PUBLISH_S)
+    yield
+    await task.stop()
+    metrics.publish()
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ counters). Under ``scangate serve`` every process writes to the multiprocess dir
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import Counter as Tally
 from typing import Final
@@ -38,6 +39,7 @@ LATENCY_BUCKETS_S: Final = (
     5.0,
 )
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+_DURATION_BOUNDS: Final = (*LATENCY_BUCKETS_S, float("inf"))
 
 
 def multiprocess_enabled() -> bool:
@@ -84,24 +86,42 @@ class Metrics:
         self.redis_errors = Counter(
             "scangate_redis_errors_total", "Redis calls that failed.", registry=r
         )
-        self._request_children: dict[tuple[str, int], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
+        # The hot path only adds to these plain counts; ``publish`` moves them into the
+        # Prometheus values once a second and before every scrape. In multiprocess mode
+        # each Prometheus increment is a locked write to a memory-mapped file, several per
+        # request, which cost more than the rest of a single-event request's work.
+        self._requests: Tally[tuple[str, int]] = Tally()
+        self._durations: dict[str, list[float]] = {}  # per bucket counts, then the sum
+        self._events: Tally[tuple[str, str, str, str]] = Tally()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        child = self._request_children.get((route, status))
-        if child is None:
-            child = self._request_children[(route, status)] = self.http_requests.labels(
-                route, str(status)
-            )
-        child.inc()
-        timer = self._duration_children.get(route)
-        if timer is None:
-            timer = self._duration_children[route] = self.http_duration.labels(route)
-        timer.observe(seconds)
+        self._requests[(route, status)] += 1
+        tally = self._durations.get(route)
+        if tally is None:
+            tally = self._durations[route] = [0.0] * (len(_DURATION_BOUNDS) + 1)
+        tally[bisect.bisect_left(_DURATION_BOUNDS, seconds)] += 1
+        tally[-1] += seconds
 
     def count_events(self, tally: Tally[tuple[str, str, str, str]]) -> None:
         """Add a request's verdicts: (app, kind, outcome, reason) -> count."""
-        for labels, n in tally.items():
+        self._events.update(tally)
+
+    def publish(self) -> None:
+        """Move the counts gathered since the last call into the Prometheus metrics."""
+        requests, self._requests = self._requests, Tally()
+        durations, self._durations = self._durations, {}
+        events, self._events = self._events, Tally()
+        for (route, status), n in requests.items():
+            self.http_requests.labels(route, str(status)).inc(n)
+        for route, tally in durations.items():
+            child = self.http_duration.labels(route)
+            # prometheus_client keeps a histogram child's per-bucket counts in ``_buckets``
+            # (not cumulative) and the total in ``_sum``; it has no public bulk observe.
+            for bucket, count in zip(child._buckets, tally, strict=False):
+                if count:
+                    bucket.inc(count)
+            child._sum.inc(tally[-1])
+        for labels, n in events.items():
             self.scan_events.labels(*labels).inc(n)
 
     def set_backlog(self, lengths: list[int]) -> None:
@@ -109,6 +129,7 @@ class Metrics:
             self.stream_backlog.labels(str(shard)).set(n)
 
     def exposition(self) -> bytes:
+        self.publish()
         if multiprocess_enabled():
             merged = CollectorRegistry()
             MultiProcessCollector(merged)  # type: ignore[no-untyped-call]

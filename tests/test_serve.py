@@ -125,10 +125,15 @@ def test_serve_on_embedded_defaults_takes_scans(tmp_path: Path, workers: int) ->
         assert accepted == 20
         status, body = request(served.base + "/v1/scans", {"events": events[:1]}, app["token"])
         assert json.loads(body)["duplicates"] == 1
-        status, metrics = request(served.base + "/metrics")
-        text = metrics.decode()
-        # All workers' counts together, whichever worker answered /metrics.
+        # All workers' counts together, whichever worker answered /metrics; each worker
+        # publishes its counts every second.
         line = 'scangate_scan_events_total{app="vhd",kind="checkin",outcome="accepted",reason=""}'
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = request(served.base + "/metrics")[1].decode()
+            if f"{line} 20.0" in text:
+                break
+            time.sleep(0.3)
         assert f"{line} 20.0" in text
         assert (tmp_path / "valkey").is_dir()
         # serve's own flusher moves them into the embedded SQLite store.
