@@ -32,7 +32,13 @@ log = logging.getLogger(__name__)
 SEEN_BUCKETS_CHECKED: Final = 3
 MIN_BUCKET_MS: Final = 1000
 COMMIT_WINDOW_S: Final = 0.001
-GROUP_TARGET: Final = 48  # requests: with this many queued, commit without waiting
+MAX_CONNECTIONS: Final = 32  # per process; group commit needs one at a time
+POOL_WAIT_S: Final = 2.0
+# With this many requests, or events, queued a group goes without waiting for the window:
+# a batch of 100 already pays for its own round trip.
+GROUP_TARGET: Final = 48
+GROUP_EVENTS_TARGET: Final = 200
+MAX_IN_FLIGHT: Final = 2
 
 APPEND_SCRIPT: Final = b"""
 -- KEYS[1]: the shard's stream; KEYS[2]: the current seen-bucket; KEYS[3..]: older buckets.
@@ -69,13 +75,18 @@ class BufferUnavailable(Exception):
 def connect_redis(url: str) -> aioredis.Redis:
     """A client that fails fast: a scan request waits on Redis for seconds at most, and a
     write is never retried behind our back (the caller answers 503, the app retries)."""
-    return aioredis.Redis.from_url(
+    # A blocking pool: when every connection is busy a caller waits (bounded) for one
+    # instead of failing at once, as the default pool does past its size.
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_S,
         socket_connect_timeout=2,
         socket_timeout=5,
         retry=Retry(NoBackoff(), 0),
         decode_responses=False,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 class _Write(NamedTuple):
@@ -106,6 +117,8 @@ class RedisBuffer:
         self._queue: list[_Write] = []
         self._group_full = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
+        self._queued_events = 0
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._heads: dict[tuple[int, int], list[Any]] = {}
 
     async def append(
@@ -119,35 +132,49 @@ class RedisBuffer:
         """
         done: asyncio.Future[dict[int, list[bool]]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Write(by_shard, now_ms // self.bucket_ms, done))
-        if len(self._queue) >= GROUP_TARGET:
+        self._queued_events += sum(len(pairs) for pairs in by_shard.values())
+        if len(self._queue) >= GROUP_TARGET or self._queued_events >= GROUP_EVENTS_TARGET:
             self._group_full.set()
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_queued(), name="group-commit")
         return await done
 
     async def _commit_queued(self) -> None:
+        in_flight = self._in_flight
         while self._queue:
-            if len(self._queue) < GROUP_TARGET:
+            if not self._group_full.is_set():
                 # Let concurrent requests catch up: this short wait is the group commit.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._group_full.wait(), COMMIT_WINDOW_S)
+            # At most MAX_IN_FLIGHT groups at Redis: one is sent while the last is
+            # answered, so the gateway and Redis work at the same time.
+            while len(in_flight) >= MAX_IN_FLIGHT:
+                await asyncio.wait(set(in_flight), return_when="FIRST_COMPLETED")
             self._group_full.clear()
-            group, self._queue = self._queue, []
-            try:
-                results = await self._commit(group)
-            except Exception as exc:
-                failure = (
-                    exc
-                    if isinstance(exc, BufferUnavailable)
-                    else BufferUnavailable(f"Redis write failed: {type(exc).__name__}")
-                )
-                for write in group:
-                    if not write.done.done():
-                        write.done.set_exception(failure)
-                continue
-            for write, result in zip(group, results, strict=True):
+            group, self._queue, self._queued_events = self._queue, [], 0
+            task = asyncio.create_task(self._deliver(group))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        # Done when nothing is queued: groups still in flight answer their own requests,
+        # and the next write starts a new committer.
+
+    async def _deliver(self, group: list[_Write]) -> None:
+        """Commit a group and answer each of its requests."""
+        try:
+            results = await self._commit(group)
+        except Exception as exc:
+            failure = (
+                exc
+                if isinstance(exc, BufferUnavailable)
+                else BufferUnavailable(f"Redis write failed: {type(exc).__name__}")
+            )
+            for write in group:
                 if not write.done.done():
-                    write.done.set_result(result)
+                    write.done.set_exception(failure)
+            return
+        for write, result in zip(group, results, strict=True):
+            if not write.done.done():
+                write.done.set_result(result)
 
     async def _commit(self, group: list[_Write]) -> list[dict[int, list[bool]]]:
         """One script call per (shard, bucket) for the whole group, in one round trip."""

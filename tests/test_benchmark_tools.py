@@ -1,0 +1,190 @@
+"""The load-test tools in benchmarks/: the data set they mint verifies, and the plot draws.
+
+Both scripts run as real subprocesses, the way the README has people run them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from signing import Code, FileKeyringStore, Keyring, Sealer, load_master_key
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCANGATE_")}
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def open_keyring(data_dir: Path) -> Keyring:
+    key = load_master_key(None, data_dir)
+    return Keyring(FileKeyringStore(data_dir / "keyring.json"), Sealer(key))
+
+
+def test_setup_data_mints_codes_that_verify_and_reuses_apps(tmp_path: Path) -> None:
+    data_dir, out = tmp_path / "data", tmp_path / "out" / "loadtest.json"
+    args = ("--data-dir", str(data_dir), "--venues", "50", "--persons", "100", "--out", str(out))
+    first = run_script("setup_data.py", *args)
+    assert first.returncode == 0, first.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # it holds a bearer token
+    data = json.loads(out.read_text())
+    assert set(data) == {
+        "gateway_app",
+        "token",
+        "venue_codes",
+        "person_codes",
+        "wrong_app_token_codes",
+        "created_at",
+    }
+    assert data["gateway_app"] == "vhd"
+    assert (len(data["venue_codes"]), len(data["person_codes"])) == (50, 100)
+    wrong = data["wrong_app_token_codes"]
+    assert (len(wrong["venue_codes"]), len(wrong["person_codes"])) == (200, 200)
+
+    keyring = open_keyring(data_dir)
+    assert keyring.app_ids() == ["bluezone", "vhd"]
+    assert keyring.app_for_token(data["token"]) == "vhd"
+    vhd, bluezone = keyring.verifier("vhd"), keyring.verifier("bluezone")
+    now = time.time()
+    venues = [vhd.verify(c, "venue", now) for c in data["venue_codes"]]
+    persons = [vhd.verify(c, "person", now) for c in data["person_codes"]]
+    assert all(isinstance(c, Code) for c in venues + persons)
+    assert [c.id for c in venues if isinstance(c, Code)][:2] == ["V0000001", "V0000002"]
+    assert [c.id for c in persons if isinstance(c, Code)][-1] == "P0000100"
+    for person in persons:
+        assert isinstance(person, Code) and person.expires_at is not None
+        assert 29 * 86400 < person.expires_at - now <= 30 * 86400
+    # bluezone's codes are good codes of bluezone, and wrong_app under vhd's keys.
+    for code in wrong["venue_codes"]:
+        assert isinstance(bluezone.verify(code, "venue", now), Code)
+        assert vhd.verify(code, "venue", now) == "wrong_app"
+    for code in wrong["person_codes"]:
+        assert vhd.verify(code, "person", now) == "wrong_app"
+
+    again = run_script("setup_data.py", *args)
+    assert again.returncode == 0, again.stderr
+    second = json.loads(out.read_text())
+    keyring.refresh()
+    apps = {a.app_id: a for a in keyring.list_apps()}
+    assert set(apps) == {"bluezone", "vhd"}
+    assert (apps["vhd"].kids, apps["vhd"].tokens) == (("K1",), 2)  # same key, a new token
+    assert apps["bluezone"].tokens == 1  # never posts with its own token: none minted
+    assert second["token"] != data["token"]
+    assert keyring.app_for_token(second["token"]) == "vhd"
+    assert keyring.app_for_token(data["token"]) == "vhd"  # the first run's still works
+    assert isinstance(vhd.verify(data["venue_codes"][0], "venue", time.time()), Code)
+
+
+def test_setup_data_refuses_bad_arguments_on_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = [
+        ("--data-dir", str(tmp_path), "--venues", "0"),
+        ("--data-dir", str(tmp_path), "--persons", "many"),
+        ("--venues", "5"),
+        ("--data-dir", str(a_file)),
+        ("--data-dir", str(tmp_path / "d"), "--out", str(tmp_path)),
+    ]
+    for args in cases:
+        result = run_script("setup_data.py", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
+        assert result.stderr.startswith("setup_data.py: error: ")
+    assert not (tmp_path / "d").exists()  # nothing touched before the arguments were checked
+
+
+# The columns ``locust --csv PREFIX --csv-full-history`` writes to <PREFIX>_stats_history.csv.
+PERCENTILES = ["50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
+HISTORY_COLUMNS = [
+    "Timestamp",
+    "User Count",
+    "Type",
+    "Name",
+    "Requests/s",
+    "Failures/s",
+    *PERCENTILES,
+    "Total Request Count",
+    "Total Failure Count",
+    "Total Median Response Time",
+    "Total Average Response Time",
+    "Total Min Response Time",
+    "Total Max Response Time",
+    "Total Average Content Size",
+]
+
+
+def write_history(path: Path, seconds: int = 40) -> None:
+    """A rush: users ramp up and down; the first rows have no requests yet (N/A)."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(HISTORY_COLUMNS)
+        total = 0
+        for s in range(seconds):
+            users = min(s, 20, seconds - s)
+            rps = 30.0 * users
+            total += int(rps)
+            if s < 2:
+                latencies: list[object] = ["N/A"] * len(PERCENTILES)
+            else:
+                latencies = [3 + i * (1 + users // 4) for i in range(len(PERCENTILES))]
+            tail = [total, s // 10, 3, 4.5, 1, 90, 300]
+            for kind in ("/v1/scans [single]", "/v1/scans [batch]"):
+                writer.writerow(
+                    [1_795_000_000 + s, users, "POST", kind, rps / 2, 0, *latencies, *tail]
+                )
+            writer.writerow(
+                [1_795_000_000 + s, users, "", "Aggregated", rps, 0.1, *latencies, *tail]
+            )
+
+
+def test_plot_locust_draws_a_png(tmp_path: Path) -> None:
+    history = tmp_path / "rush_stats_history.csv"
+    write_history(history)
+    out = tmp_path / "plots" / "rush.png"
+    result = run_script("plot_locust.py", str(history), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        assert width >= 800 and height >= 500
+        # Something was drawn: a blank canvas has one colour.
+        colors = image.convert("RGB").getcolors(maxcolors=1_000_000)
+        assert colors is not None and len(colors) > 50
+
+
+def test_plot_locust_refuses_what_it_cannot_plot(tmp_path: Path) -> None:
+    stats = tmp_path / "rush_stats.csv"  # the per-name totals, not the history
+    stats.write_text("Type,Name,Request Count\nPOST,/v1/scans,10\n")
+    empty = tmp_path / "empty_stats_history.csv"
+    empty.write_text(",".join(HISTORY_COLUMNS) + "\n")
+    cases = [
+        (str(stats), "-o", str(tmp_path / "a.png")),
+        (str(empty), "-o", str(tmp_path / "b.png")),
+        (str(tmp_path / "missing.csv"), "-o", str(tmp_path / "c.png")),
+        (str(stats), "-o", str(tmp_path / "d.svg")),
+        (str(stats),),
+    ]
+    for args in cases:
+        result = run_script("plot_locust.py", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
+        assert result.stderr.startswith("plot_locust.py: error: ")
+    assert not list(tmp_path.glob("*.png"))
