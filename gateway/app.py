@@ -54,6 +54,8 @@ METRICS_PUBLISH_S: Final = 1.0
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
 RETRY_AFTER_BACKLOG_S: Final = 5
 JSON: Final = "application/json"
+# Set as a plain header: aiohttp's content_type setter parses and rebuilds it each time.
+JSON_HEADERS: Final = {"Content-Type": JSON}
 
 
 @dataclass
@@ -269,16 +271,19 @@ async def post_scans(request: web.Request) -> web.Response:
     now_ms = int(time.time() * 1000)
     verifier = gateway.keyring.verifier(app_id)
     shards = gateway.settings.shards
-    checked: list[ScanEvent | Rejection] = []
+    # Each event's verdict, with its shard when it goes to Redis (-1 when rejected).
+    checked: list[tuple[ScanEvent | Rejection, int]] = []
     by_shard: dict[int, list[tuple[bytes, bytes]]] = {}
     for raw in raw_events:
         verdict = check_event(raw, app_id, verifier, gateway.rules, now_ms)
-        checked.append(verdict)
         if isinstance(verdict, ScanEvent):
             shard = shard_of(app_id, verdict.event_id, shards)
             by_shard.setdefault(shard, []).append(
                 (seen_field(app_id, verdict.event_id), encode_event(verdict))
             )
+            checked.append((verdict, shard))
+        else:
+            checked.append((verdict, -1))
 
     appended: dict[int, list[bool]] = {}
     if by_shard:
@@ -289,15 +294,14 @@ async def post_scans(request: web.Request) -> web.Response:
             raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
 
     return web.Response(
-        body=_answer(app_id, checked, appended, shards, gateway.metrics), content_type=JSON
+        body=_answer(app_id, checked, appended, gateway.metrics), headers=JSON_HEADERS
     )
 
 
 def _answer(
     app_id: str,
-    checked: list[ScanEvent | Rejection],
+    checked: list[tuple[ScanEvent | Rejection, int]],
     appended: dict[int, list[bool]],
-    shards: int,
     metrics: Metrics,
 ) -> bytes:
     """The response body, in request order, and the verdict counts for the metrics."""
@@ -305,9 +309,8 @@ def _answer(
     results: list[dict[str, Any]] = []
     tally: Tally[tuple[str, str, str, str]] = Tally()
     accepted = duplicates = 0
-    for verdict in checked:
+    for verdict, shard in checked:
         if isinstance(verdict, ScanEvent):
-            shard = shard_of(app_id, verdict.event_id, shards)
             fresh = appended[shard][cursors[shard]]
             cursors[shard] += 1
             status = "accepted" if fresh else "duplicate"
