@@ -35,6 +35,9 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_BLOCK_MS: Final = 1000  # wake at least this often to notice a stop request
+# While a batch is being stored, read ahead in short blocks: an empty read returns soon
+# after the store is done, so a quiet stream does not hold up the next step.
+READ_AHEAD_BLOCK_MS: Final = 50
 CLAIM_EVERY_S: Final = 5.0
 PURGE_EVERY_S: Final = 24 * 3600.0
 BACKLOG_EVERY_S: Final = 1.0
@@ -81,6 +84,8 @@ class Flusher:
         self._last_claim = 0.0
         self._last_purge = 0.0
         self._last_backlog = 0.0
+        # Entries read while the previous batch was being stored: the next batch.
+        self._read_ahead: list[Entry] = []
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -101,6 +106,18 @@ class Flusher:
                 log.warning("flusher: Redis unavailable (%s); retrying", type(exc).__name__)
                 self._groups_ready = False
                 await _sleep_unless(stop, 1.0)
+        # What was read ahead is pending on this consumer: store it now rather than leave it
+        # to another flusher's claim, which waits flush_claim_idle first.
+        batch, self._read_ahead = self._read_ahead, []
+        if batch:
+            try:
+                await self.flush(batch, stop)
+            except RedisError as exc:
+                self.metrics.flush_errors.inc()
+                log.warning(
+                    "flusher: acknowledging the last batch failed (%s); it will be claimed",
+                    type(exc).__name__,
+                )
 
     async def step(self, stop: asyncio.Event | None = None) -> int:
         """One round: claim abandoned entries when due, read a batch, store it, purge when
@@ -114,9 +131,19 @@ class Flusher:
             if claimed:
                 await self.flush(claimed, stop)
                 handled += len(claimed)
-        batch = await self.collect(stop)
+        batch, self._read_ahead = self._read_ahead, []
+        if not batch:
+            batch = await self.collect(stop)
         if batch:
-            await self.flush(batch, stop)
+            # Read the next batch while this one is stored: reading and decoding overlap the
+            # storage's own work (SQLite's C code on its thread, PostgreSQL's server), and
+            # the next batch's age starts counting while it waits. Only one batch is stored
+            # at a time, so batches still commit in the order they were read.
+            storing = asyncio.ensure_future(self.flush(batch, stop))
+            try:
+                self._read_ahead = await self.collect(stop, until=storing)
+            finally:
+                await storing
             handled += len(batch)
         if now - self._last_backlog >= BACKLOG_EVERY_S:
             self._last_backlog = now
@@ -138,15 +165,22 @@ class Flusher:
                     raise
         self._groups_ready = True
 
-    async def collect(self, stop: asyncio.Event | None = None) -> list[Entry]:
-        """Read until the batch is full or ``flush_max_age`` after its first entry."""
+    async def collect(
+        self, stop: asyncio.Event | None = None, until: asyncio.Future[None] | None = None
+    ) -> list[Entry]:
+        """Read until the batch is full or ``flush_max_age`` after its first entry.
+
+        With ``until`` (the batch being stored), an empty read gives up once that is done,
+        so the caller is not kept waiting for entries that are not coming.
+        """
         size = self.settings.flush_batch
         max_age_s = self.settings.flush_max_age_s
+        streams = len(self._streams)
         entries: list[Entry] = []
         deadline: float | None = None
         while len(entries) < size and not (stop is not None and stop.is_set()):
             if deadline is None:
-                block_ms = MAX_BLOCK_MS
+                block_ms = MAX_BLOCK_MS if until is None else READ_AHEAD_BLOCK_MS
             else:
                 block_ms = int((deadline - time.monotonic()) * 1000)
                 if block_ms <= 0:
@@ -156,7 +190,10 @@ class Flusher:
                     CONSUMER_GROUP,
                     self.consumer,
                     dict.fromkeys(self._streams, ">"),
-                    count=size - len(entries),
+                    # COUNT is per stream: share what is left of the batch among them, so a
+                    # batch is at most flush_batch + shards - 1 entries (not shards times
+                    # flush_batch, which can hold more persons than storage can lock).
+                    count=-(-(size - len(entries)) // streams),
                     block=block_ms,
                 )
             except ResponseError as exc:
@@ -170,7 +207,7 @@ class Flusher:
                 entries.extend(Entry(shard, eid, fields) for eid, fields in messages)
             if entries and deadline is None:
                 deadline = time.monotonic() + max_age_s
-            if not entries and deadline is None:
+            if not entries and deadline is None and (until is None or until.done()):
                 break  # nothing within a block: let the caller do its periodic work
         return entries
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import secrets
+from collections import Counter
 from collections.abc import Sequence
-from typing import Final, NamedTuple
+from typing import Final, Generic, NamedTuple, TypeVar
 
 from .models import ContactRow, PairingRules, ScanEvent, Visit
 from .pairing import derive_visits, quiet_point
 from .tracing import TraceQuery, candidate_windows, contacts_of, depth2_persons
 
+K = TypeVar("K")
 ADMIN_TOKEN_PREFIX: Final = "sgadm_"  # noqa: S105 - a label, not a secret
 FIRST_LOOKBACK_FACTOR: Final = 3
 
@@ -68,6 +70,48 @@ def rederive(
     if q is None:
         return None
     return q, derive_visits([e for e in events if e.scanned_at_ms >= q], rules)
+
+
+class VisitChanges(NamedTuple, Generic[K]):
+    """How to turn a person's stored visits into re-derived ones, row by row."""
+
+    deleted: list[K]  # keys of rows no re-derived visit matches
+    updated: list[tuple[K, Visit]]  # rows that only change their end (checkout_at, closed_by)
+    inserted: list[Visit]
+
+
+def visit_changes(stored: Sequence[tuple[K, Visit]], derived: Sequence[Visit]) -> VisitChanges[K]:
+    """The row changes that make the ``stored`` visits (each with its row key) equal to the
+    ``derived`` ones, as a multiset.
+
+    Equal visits stay in place, and a visit whose end moved (an ``auto`` end closed by a
+    check-out or the next check-in: the usual change) is updated where it is rather than
+    deleted and inserted: its indexed columns do not change, so no index is touched.
+    """
+    wanted = Counter(derived)
+    leftover: dict[tuple[str, str, int, int], list[K]] = {}
+    for key, visit in stored:
+        if wanted[visit] > 0:
+            wanted[visit] -= 1
+        else:
+            leftover.setdefault(_visit_start(visit), []).append(key)
+    updated: list[tuple[K, Visit]] = []
+    inserted: list[Visit] = []
+    for visit in derived:
+        if wanted[visit] > 0:
+            wanted[visit] -= 1
+            keys = leftover.get(_visit_start(visit))
+            if keys:
+                updated.append((keys.pop(), visit))
+            else:
+                inserted.append(visit)
+    deleted = [key for keys in leftover.values() for key in keys]
+    return VisitChanges(deleted, updated, inserted)
+
+
+def _visit_start(visit: Visit) -> tuple[str, str, int, int]:
+    """What a visit keeps when its end moves: all the columns the visit indexes hold."""
+    return (visit.person_id, visit.venue_id, visit.checkin_at_ms, visit.source_at_ms)
 
 
 def first_lookback_ms(rules: PairingRules) -> int:

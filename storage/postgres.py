@@ -5,11 +5,12 @@ Vietnam's morning rush in two, and retention drops whole days. Partitions are cr
 days come (a cache of known ones avoids asking each batch), under an advisory lock so
 concurrent flushers do not race on the DDL.
 
-A batch is one transaction: lock the persons it touches (advisory transaction locks, in a
-sorted order so two flushers never deadlock), insert identities into ``scan_event_ids``
-(the unique key; ``ON CONFLICT DO NOTHING`` tells new from already stored), insert the new
-events, then re-derive those persons' visits. Times cross the wire as epoch milliseconds
-and are converted in SQL, which saves building a datetime per value in Python.
+A batch is one transaction: insert identities into ``scan_event_ids`` (the unique key;
+``ON CONFLICT DO NOTHING`` tells new from already stored), insert the new events, lock the
+persons with new events (advisory transaction locks on stripes of persons, in a sorted
+order so two flushers never deadlock), then re-derive those persons' visits, writing only
+the rows that change. Times cross the wire as epoch milliseconds and are converted in SQL,
+which saves building a datetime per value in Python.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -35,12 +36,20 @@ from .base import (
     hash_admin_token,
     new_admin_token,
     rederive,
+    visit_changes,
 )
 from .models import PairingRules, ScanEvent, Visit
 
 MIGRATION_LOCK: Final = 0x5C4A_0001
 PARTITION_LOCK: Final = 0x5C4A_0002
 POOL_MAX: Final = 8
+# Persons are locked by stripe (the two-key advisory locks of class PERSON_LOCKS), not one
+# by one: a batch of 2,000 persons would otherwise take 2,000 locks, and a few flushers
+# exhaust PostgreSQL's shared lock table (max_locks_per_transaction x max_connections,
+# 6,400 by default: "out of shared memory"). Locking a stripe locks all its persons, so it
+# is still correct; two big batches share some person anyway, so little concurrency is lost.
+PERSON_LOCKS: Final = 0x5C4A_0003
+PERSON_LOCK_STRIPES: Final = 1024
 
 _MS: Final = "(extract(epoch from {}) * 1000)::bigint"
 _VISIT_SELECT: Final = (
@@ -53,9 +62,17 @@ _VISIT_SELECT: Final = (
 _EVENT_SELECT: Final = (
     "SELECT e.app_id, e.event_id, e.kind, e.venue_id, e.person_id, "
     + _MS.format("e.scanned_at")
-    + ", "
+    + " AS s, "
     + _MS.format("e.received_at")
-    + ", e.device_id FROM scan_events e"
+    + " AS r, e.device_id FROM scan_events e"
+)
+# A visit with its row's address: (partition, ctid), then the visit's columns.
+_VISIT_ROW_SELECT: Final = (
+    "SELECT v.tableoid::regclass::text AS part, v.ctid, v.person_id, v.venue_id, "
+    + ", ".join(_MS.format(f"v.{c}") + f" AS {c}" for c in ("checkin_at", "checkout_at"))
+    + ", v.closed_by, "
+    + _MS.format("v.source_at")
+    + " AS source_at FROM visits v"
 )
 
 
@@ -77,7 +94,12 @@ class PostgresStorage(Storage):
         cls, url: str, *, timezone: str, search_path: str | None = None
     ) -> PostgresStorage:
         """A pool on ``url``; ``search_path`` puts the tables in another schema (tests)."""
-        settings = {"search_path": search_path} if search_path else None
+        # No JIT: the batch statements join an unnest() whose row estimate the planner
+        # cannot know, their estimated cost crosses jit_above_cost, and compiling then
+        # costs more (tens of ms per statement) than the index lookups it would speed up.
+        settings = {"jit": "off"}
+        if search_path:
+            settings["search_path"] = search_path
         try:
             pool = await asyncpg.create_pool(
                 url, min_size=1, max_size=POOL_MAX, timeout=10, server_settings=settings
@@ -149,39 +171,39 @@ class PostgresStorage(Storage):
         lo_day, hi_day = min(days), max(days)
         span = [lo_day + dt.timedelta(days=i) for i in range((hi_day - lo_day).days + 2)]
         await self.ensure_days(span)
+        # One event per identity: the first occurrence, as the unique key would keep it.
+        first: dict[tuple[str, str], ScanEvent] = {}
+        for e in events:
+            first.setdefault((e.app_id, e.event_id), e)
+        unique = list(first.values())
         async with self._pool.acquire() as conn, conn.transaction():
-            persons = sorted({e.person_id for e in events})
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k",
-                sorted({_lock_key(p) for p in persons}),
-            )
             new_ids = await conn.fetch(
                 "INSERT INTO scan_event_ids (app_id, event_id, scanned_at) "
                 f"SELECT a, e, {_ts('s')} FROM unnest($1::text[], $2::text[], $3::bigint[]) "
                 "AS t(a, e, s) ON CONFLICT DO NOTHING RETURNING app_id, event_id",
-                [e.app_id for e in events],
-                [e.event_id for e in events],
-                [e.scanned_at_ms for e in events],
+                [e.app_id for e in unique],
+                [e.event_id for e in unique],
+                [e.scanned_at_ms for e in unique],
             )
             fresh = {(r[0], r[1]) for r in new_ids}
-            new_events = [e for e in events if (e.app_id, e.event_id) in fresh]
-            # The same identity twice in one batch: the first occurrence is the event.
-            seen: set[tuple[str, str]] = set()
-            unique_new = []
-            for e in new_events:
-                if (e.app_id, e.event_id) not in seen:
-                    seen.add((e.app_id, e.event_id))
-                    unique_new.append(e)
-            if unique_new:
-                await self._insert_events(conn, unique_new)
-                earliest: dict[str, int] = {}
-                for e in unique_new:
+            new = [e for e in unique if (e.app_id, e.event_id) in fresh]
+            earliest: dict[str, int] = {}
+            if new:
+                await self._insert_events(conn, new)
+                for e in new:
                     p = e.person_id
                     earliest[p] = min(earliest.get(p, e.scanned_at_ms), e.scanned_at_ms)
+                # The persons are locked only now, after the inserts: under READ COMMITTED
+                # whoever takes a person's lock last sees every event committed before it
+                # plus its own, so its re-derivation is complete, and two flushers spend
+                # less of their transactions waiting for each other.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int[]) AS k ORDER BY k",
+                    PERSON_LOCKS,
+                    sorted({_lock_stripe(p) for p in earliest}),
+                )
                 await self._rederive(conn, earliest, rules)
-            else:
-                earliest = {}
-        return BatchResult(len(unique_new), len(events) - len(unique_new), len(earliest))
+        return BatchResult(len(new), len(events) - len(new), len(earliest))
 
     async def _insert_events(self, conn: asyncpg.Connection, events: list[ScanEvent]) -> None:
         await conn.execute(
@@ -196,18 +218,23 @@ class PostgresStorage(Storage):
     async def _rederive(
         self, conn: asyncpg.Connection, earliest: dict[str, int], rules: PairingRules
     ) -> None:
-        """Replace each person's visits from their quiet point on, in a few statements."""
+        """Make each person's visits from their quiet point on equal ``rederive``'s, in a
+        few statements for the whole batch, writing only the visits that changed."""
         pending = dict(earliest)
         lookback = first_lookback_ms(rules)
         quiet: dict[str, int] = {}
-        visits: list[Visit] = []
+        derived: list[Visit] = []
         while pending:
             persons = list(pending)
             sinces = [pending[p] - lookback for p in persons]
+            # One index range scan per person whatever the statistics say (a plain join
+            # was planned as a merge join over the whole person index): OFFSET 0 keeps
+            # the planner from flattening the LATERAL subquery back into such a join.
             rows = await conn.fetch(
-                f"{_EVENT_SELECT} JOIN unnest($1::text[], $2::bigint[]) AS d(p, since) "
-                f"ON e.person_id = d.p AND e.scanned_at >= {_ts('d.since')} "
-                "ORDER BY e.person_id, e.scanned_at",
+                f"SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, since) "
+                f"CROSS JOIN LATERAL ({_EVENT_SELECT} WHERE e.person_id = d.p "
+                f"AND e.scanned_at >= {_ts('d.since')} OFFSET 0) AS x "
+                "ORDER BY x.person_id, x.s",
                 persons,
                 sinces,
             )
@@ -221,21 +248,57 @@ class PostgresStorage(Storage):
                     still[p] = pending[p]
                 else:
                     quiet[p], person_visits = result
-                    visits += person_visits
+                    derived += person_visits
             pending, lookback = still, lookback * 2
-        await conn.execute(
-            "DELETE FROM visits v USING unnest($1::text[], $2::bigint[]) AS d(p, q) "
-            f"WHERE v.person_id = d.p AND v.source_at >= {_ts('d.q')}",
+        stored = await conn.fetch(
+            "SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, q) "
+            f"CROSS JOIN LATERAL ({_VISIT_ROW_SELECT} WHERE v.person_id = d.p "
+            f"AND v.source_at >= {_ts('d.q')} OFFSET 0) AS x",
             list(quiet),
             list(quiet.values()),
         )
-        if visits:
+        changes = visit_changes(
+            [(_RowAddress(r[0], r[1], r[2], r[7]), Visit(*r[2:])) for r in stored], derived
+        )
+        # A row is found through the person index (person, source time) and then picked by
+        # its ctid, in the partition it lives in: the persons are locked, so no other
+        # transaction moves it before the commit. (A join on ctid alone is planned as a
+        # scan of the whole partition.) Partition names come from the catalog, never from
+        # input.
+        deleted: dict[str, list[_RowAddress]] = defaultdict(list)
+        for address in changes.deleted:
+            deleted[address.partition].append(address)
+        for partition, addresses in deleted.items():
+            await conn.execute(
+                f"DELETE FROM {partition} AS v "
+                "USING unnest($1::text[], $2::bigint[], $3::tid[]) AS d(p, s, t) "
+                f"WHERE v.person_id = d.p AND v.source_at = {_ts('d.s')} AND v.ctid = d.t",
+                [a.person_id for a in addresses],
+                [a.source_at_ms for a in addresses],
+                [a.ctid for a in addresses],
+            )
+        updated: dict[str, list[tuple[_RowAddress, Visit]]] = defaultdict(list)
+        for address, visit in changes.updated:
+            updated[address.partition].append((address, visit))
+        for partition, rows_ in updated.items():
+            await conn.execute(
+                f"UPDATE {partition} AS v SET checkout_at = {_ts('d.o')}, closed_by = d.c "
+                "FROM unnest($1::text[], $2::bigint[], $3::tid[], $4::bigint[], $5::text[]) "
+                f"AS d(p, s, t, o, c) "
+                f"WHERE v.person_id = d.p AND v.source_at = {_ts('d.s')} AND v.ctid = d.t",
+                [a.person_id for a, _v in rows_],
+                [a.source_at_ms for a, _v in rows_],
+                [a.ctid for a, _v in rows_],
+                [v.checkout_at_ms for _a, v in rows_],
+                [v.closed_by for _a, v in rows_],
+            )
+        if changes.inserted:
             await conn.execute(
                 "INSERT INTO visits (person_id, venue_id, checkin_at, checkout_at, closed_by, "
                 f"source_at) SELECT p, v, {_ts('i')}, {_ts('o')}, c, {_ts('s')} FROM unnest("
                 "$1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[]) "
                 "AS t(p, v, i, o, c, s)",
-                *(list(column) for column in zip(*visits, strict=True)),
+                *(list(column) for column in zip(*changes.inserted, strict=True)),
             )
 
     # -- reading ---------------------------------------------------------------------------
@@ -369,10 +432,20 @@ class PostgresStorage(Storage):
         self._known_days.clear()
 
 
-def _lock_key(person_id: str) -> int:
-    """A stable signed 64-bit advisory lock key for a person (``hash()`` is salted)."""
+class _RowAddress(NamedTuple):
+    """Where a stored visit's row is: its partition and ctid, with the person and source
+    time that lead to it through the person index."""
+
+    partition: str
+    ctid: Any  # asyncpg's (block, offset) for tid
+    person_id: str
+    source_at_ms: int
+
+
+def _lock_stripe(person_id: str) -> int:
+    """A person's lock stripe, stable across processes (``hash()`` is salted)."""
     digest = hashlib.blake2b(person_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return int.from_bytes(digest, "big") % PERSON_LOCK_STRIPES
 
 
 def _now_ms() -> int:

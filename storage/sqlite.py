@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -27,6 +27,7 @@ from .base import (
     hash_admin_token,
     new_admin_token,
     rederive,
+    visit_changes,
 )
 from .models import PairingRules, ScanEvent, Visit
 
@@ -36,6 +37,11 @@ _EVENT_COLUMNS: Final = (
     "app_id, event_id, kind, venue_id, person_id, scanned_at, received_at, device_id"
 )
 _VISIT_COLUMNS: Final = "person_id, venue_id, checkin_at, checkout_at, closed_by, source_at"
+_EVENT_COLUMNS_OF_S: Final = ", ".join(f"s.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
+_VISIT_COLUMNS_OF_V: Final = ", ".join(f"v.{c.strip()}" for c in _VISIT_COLUMNS.split(","))
+# Rows per lookup statement, at two bound values a row: under the 999 variables that
+# SQLite before 3.32 allows a statement.
+CHUNK_ROWS: Final = 400
 
 
 class SqliteStorage(Storage):
@@ -54,6 +60,7 @@ class SqliteStorage(Storage):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._db.execute("PRAGMA cache_size=-65536")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -107,41 +114,27 @@ class SqliteStorage(Storage):
         self, db: sqlite3.Connection, events: Sequence[ScanEvent], rules: PairingRules
     ) -> BatchResult:
         stored_at = _now_ms()
-        earliest_new: dict[str, int] = {}
-        inserted = 0
-        insert = db.cursor()
+        # One event per identity: the first occurrence, as the unique key would keep it.
+        first: dict[tuple[str, str], ScanEvent] = {}
         for e in events:
-            insert.execute(
-                f"INSERT OR IGNORE INTO scan_events ({_EVENT_COLUMNS}, stored_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*e, stored_at),
-            )
-            if insert.rowcount == 1:
-                inserted += 1
-                p = e.person_id
-                earliest_new[p] = min(earliest_new.get(p, e.scanned_at_ms), e.scanned_at_ms)
-        for person_id, lo in earliest_new.items():
-            self._rederive_person(db, person_id, lo, rules)
-        return BatchResult(inserted, len(events) - inserted, len(earliest_new))
-
-    def _rederive_person(
-        self, db: sqlite3.Connection, person_id: str, lo: int, rules: PairingRules
-    ) -> None:
-        lookback = first_lookback_ms(rules)
-        while True:
-            since = lo - lookback
-            rows = db.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM scan_events WHERE person_id = ? "
-                "AND scanned_at >= ? ORDER BY scanned_at",
-                (person_id, since),
-            ).fetchall()
-            result = rederive([ScanEvent(*r) for r in rows], lo, since, rules)
-            if result is not None:
-                break
-            lookback *= 2
-        q, visits = result
-        db.execute("DELETE FROM visits WHERE person_id = ? AND source_at >= ?", (person_id, q))
-        db.executemany(f"INSERT INTO visits ({_VISIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", visits)
+            first.setdefault((e.app_id, e.event_id), e)
+        # Under BEGIN IMMEDIATE no other connection writes, so what is stored now stays so
+        # until the commit: one lookup per chunk tells new identities from stored ones, and
+        # the new ones go in with one executemany instead of a statement per event.
+        stored = _stored_identities(db, list(first))
+        new = [e for identity, e in first.items() if identity not in stored]
+        db.executemany(
+            f"INSERT INTO scan_events ({_EVENT_COLUMNS}, stored_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*e, stored_at) for e in new],
+        )
+        earliest_new: dict[str, int] = {}
+        for e in new:
+            p = e.person_id
+            earliest_new[p] = min(earliest_new.get(p, e.scanned_at_ms), e.scanned_at_ms)
+        if earliest_new:
+            _rederive(db, earliest_new, rules)
+        return BatchResult(len(new), len(events) - len(new), len(earliest_new))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -237,6 +230,99 @@ class SqliteStorage(Storage):
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+
+
+def _rederive(db: sqlite3.Connection, earliest: dict[str, int], rules: PairingRules) -> None:
+    """Make each person's visits from their quiet point on equal ``rederive``'s.
+
+    A few statements per chunk of persons rather than a few per person, and only the
+    visits that changed are written: most re-derived visits are the same as the stored
+    ones, and every row rewritten dirties pages of four B-trees (the table and three
+    indexes) that the commit must write to the WAL; a visit whose end moved is updated in
+    place, which touches the table's page only.
+    """
+    pending = dict(earliest)
+    lookback = first_lookback_ms(rules)
+    quiet: dict[str, int] = {}
+    derived: list[Visit] = []
+    while pending:
+        sinces = {p: lo - lookback for p, lo in pending.items()}
+        by_person = _events_since(db, sinces)
+        still: dict[str, int] = {}
+        for p, since in sinces.items():
+            result = rederive(by_person[p], pending[p], since, rules)
+            if result is None:
+                still[p] = pending[p]
+            else:
+                quiet[p], person_visits = result
+                derived += person_visits
+        pending, lookback = still, lookback * 2
+    changes = visit_changes(_visits_since(db, quiet), derived)
+    db.executemany("DELETE FROM visits WHERE rowid = ?", [(rowid,) for rowid in changes.deleted])
+    db.executemany(
+        "UPDATE visits SET checkout_at = ?, closed_by = ? WHERE rowid = ?",
+        [(v.checkout_at_ms, v.closed_by, rowid) for rowid, v in changes.updated],
+    )
+    db.executemany(
+        f"INSERT INTO visits ({_VISIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", changes.inserted
+    )
+
+
+def _stored_identities(
+    db: sqlite3.Connection, identities: Sequence[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Which of ``identities`` are already stored."""
+    found: set[tuple[str, str]] = set()
+    for chunk in _chunks(identities):
+        rows = db.execute(
+            f"WITH d(a, e) AS (VALUES {_placeholders(len(chunk), 2)}) "
+            "SELECT s.app_id, s.event_id FROM d CROSS JOIN scan_events s "
+            "ON s.app_id = d.a AND s.event_id = d.e",
+            [v for identity in chunk for v in identity],
+        )
+        found.update(rows)
+    return found
+
+
+def _events_since(db: sqlite3.Connection, sinces: dict[str, int]) -> dict[str, list[ScanEvent]]:
+    """Each person's stored events scanned at or after their own ``since``, by scan time."""
+    by_person: dict[str, list[ScanEvent]] = {p: [] for p in sinces}
+    for chunk in _chunks(list(sinces.items())):
+        # CROSS JOIN keeps the persons as the outer loop: one index range per person.
+        rows = db.execute(
+            f"WITH d(p, since) AS (VALUES {_placeholders(len(chunk), 2)}) "
+            f"SELECT {_EVENT_COLUMNS_OF_S} FROM d CROSS JOIN scan_events s "
+            "ON s.person_id = d.p AND s.scanned_at >= d.since "
+            "ORDER BY s.person_id, s.scanned_at",
+            [v for item in chunk for v in item],
+        )
+        for row in rows:
+            by_person[row[4]].append(ScanEvent(*row))
+    return by_person
+
+
+def _visits_since(db: sqlite3.Connection, quiet: dict[str, int]) -> list[tuple[int, Visit]]:
+    """(rowid, visit) of each person's stored visits produced at or after their quiet point."""
+    out: list[tuple[int, Visit]] = []
+    for chunk in _chunks(list(quiet.items())):
+        rows = db.execute(
+            f"WITH d(p, q) AS (VALUES {_placeholders(len(chunk), 2)}) "
+            f"SELECT v.rowid, {_VISIT_COLUMNS_OF_V} FROM d CROSS JOIN visits v "
+            "ON v.person_id = d.p AND v.source_at >= d.q",
+            [v for item in chunk for v in item],
+        )
+        out += [(row[0], Visit(*row[1:])) for row in rows]
+    return out
+
+
+def _chunks(items: Sequence[T], size: int = CHUNK_ROWS) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _placeholders(rows: int, columns: int) -> str:
+    one = "(" + ", ".join("?" * columns) + ")"
+    return ", ".join([one] * rows)
 
 
 def _now_ms() -> int:
