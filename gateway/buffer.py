@@ -14,7 +14,6 @@ about the memory of one hash field per event and no per-event key or expiry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 SEEN_BUCKETS_CHECKED: Final = 3
 MIN_BUCKET_MS: Final = 1000
-COMMIT_WINDOW_S: Final = 0.001
 MAX_CONNECTIONS: Final = 32  # per process; group commit needs one at a time
 POOL_WAIT_S: Final = 2.0
 # With this many requests, or events, queued a group goes without waiting for the window:
@@ -101,10 +99,10 @@ class RedisBuffer:
     """Appends accepted events to the sharded streams, de-duplicated by identity.
 
     Group commit: the writes of concurrent requests are merged into one script call per
-    shard, sent as one pipelined write. A group goes out when ``GROUP_TARGET`` requests
-    wait or ``COMMIT_WINDOW_S`` after the first; while it is in flight the next one
-    gathers. Under load many requests share each round trip, which is what lets
-    single-event requests approach the framework's own rate.
+    shard, sent as one pipelined write. While ``MAX_IN_FLIGHT`` groups are at Redis the
+    next one gathers (it goes early once ``GROUP_TARGET`` requests or
+    ``GROUP_EVENTS_TARGET`` events wait); when Redis is idle a write goes at once. Under
+    load many requests share each round trip, and a lone request never waits for company.
     """
 
     def __init__(self, client: aioredis.Redis, shards: int, retry_memory_s: float) -> None:
@@ -142,13 +140,12 @@ class RedisBuffer:
     async def _commit_queued(self) -> None:
         in_flight = self._in_flight
         while self._queue:
-            if not self._group_full.is_set():
-                # Let concurrent requests catch up: this short wait is the group commit.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._group_full.wait(), COMMIT_WINDOW_S)
-            # At most MAX_IN_FLIGHT groups at Redis: one is sent while the last is
-            # answered, so the gateway and Redis work at the same time.
-            while len(in_flight) >= MAX_IN_FLIGHT:
+            # Requests that arrived in this turn of the event loop join first.
+            await asyncio.sleep(0)
+            # The group commit: while MAX_IN_FLIGHT groups are at Redis, what arrives
+            # queues and goes together in the next group. When Redis is idle a write goes
+            # at once, so a lone request never waits for company.
+            while len(in_flight) >= MAX_IN_FLIGHT and not self._group_full.is_set():
                 await asyncio.wait(set(in_flight), return_when="FIRST_COMPLETED")
             self._group_full.clear()
             group, self._queue, self._queued_events = self._queue, [], 0
