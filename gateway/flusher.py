@@ -4,7 +4,8 @@ One consumer group per shard stream; many flusher processes may read at once (ea
 goes to one of them). A batch closes at ``flush_batch`` entries or ``flush_max_age`` after
 its first entry. It is written to storage in one transaction (events plus re-derived
 visits); only after the commit are its entries acknowledged and deleted from the stream,
-so the stream length is the unflushed backlog. A flusher that dies leaves its entries
+so the stream length is the unflushed backlog. The next batch is read while one is being
+stored, but batches are stored one at a time, in order. A flusher that dies leaves its entries
 pending; after ``flush_claim_idle`` another one claims them (XAUTOCLAIM) and stores them
 again, which storage's unique key turns into exactly-once rows. An entry that cannot be
 decoded goes to the shard's dead-letter stream and never blocks its shard.
@@ -35,9 +36,9 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_BLOCK_MS: Final = 1000  # wake at least this often to notice a stop request
-# While a batch is being stored, read ahead in short blocks: an empty read returns soon
-# after the store is done, so a quiet stream does not hold up the next step.
-READ_AHEAD_BLOCK_MS: Final = 50
+# While a batch is being stored, poll for the next one this often until a first entry
+# comes; the poll stops the moment the store is done.
+READ_AHEAD_POLL_S: Final = 0.01
 CLAIM_EVERY_S: Final = 5.0
 PURGE_EVERY_S: Final = 24 * 3600.0
 BACKLOG_EVERY_S: Final = 1.0
@@ -170,8 +171,9 @@ class Flusher:
     ) -> list[Entry]:
         """Read until the batch is full or ``flush_max_age`` after its first entry.
 
-        With ``until`` (the batch being stored), an empty read gives up once that is done,
-        so the caller is not kept waiting for entries that are not coming.
+        With ``until`` (the batch being stored) it reads ahead: until a first entry comes
+        it polls without blocking, and gives up as soon as ``until`` is done, so the caller
+        never waits on Redis for entries that are not coming.
         """
         size = self.settings.flush_batch
         max_age_s = self.settings.flush_max_age_s
@@ -179,8 +181,9 @@ class Flusher:
         entries: list[Entry] = []
         deadline: float | None = None
         while len(entries) < size and not (stop is not None and stop.is_set()):
+            block_ms: int | None
             if deadline is None:
-                block_ms = MAX_BLOCK_MS if until is None else READ_AHEAD_BLOCK_MS
+                block_ms = MAX_BLOCK_MS if until is None else None  # None: do not block
             else:
                 block_ms = int((deadline - time.monotonic()) * 1000)
                 if block_ms <= 0:
@@ -207,8 +210,10 @@ class Flusher:
                 entries.extend(Entry(shard, eid, fields) for eid, fields in messages)
             if entries and deadline is None:
                 deadline = time.monotonic() + max_age_s
-            if not entries and deadline is None and (until is None or until.done()):
-                break  # nothing within a block: let the caller do its periodic work
+            if not entries:
+                if until is None or until.done():
+                    break  # nothing within a block: let the caller do its periodic work
+                await asyncio.wait({until}, timeout=READ_AHEAD_POLL_S)
         return entries
 
     async def claim_abandoned(self) -> list[Entry]:

@@ -59,14 +59,21 @@ def new_admin_token() -> str:
 
 
 def rederive(
-    events: Sequence[ScanEvent], lo_ms: int, since_ms: int, rules: PairingRules
+    events: Sequence[ScanEvent],
+    lo_ms: int,
+    since_ms: int,
+    rules: PairingRules,
+    horizon_ms: int | None = None,
 ) -> tuple[int, list[Visit]] | None:
     """A person's visits from their quiet point before ``lo_ms``: (quiet point, visits).
 
     ``events`` are all the person's stored events scanned at or after ``since_ms``, sorted
     by scan time. None when no quiet point lies in that range: load from further back.
+    ``horizon_ms`` is ``rules.horizon_ms``, for callers that re-derive many persons.
     """
-    q = quiet_point([e.scanned_at_ms for e in events], lo_ms, rules.horizon_ms, since_ms)
+    if horizon_ms is None:
+        horizon_ms = rules.horizon_ms
+    q = quiet_point([e.scanned_at_ms for e in events], lo_ms, horizon_ms, since_ms)
     if q is None:
         return None
     return q, derive_visits([e for e in events if e.scanned_at_ms >= q], rules)
@@ -88,6 +95,8 @@ def visit_changes(stored: Sequence[tuple[K, Visit]], derived: Sequence[Visit]) -
     check-out or the next check-in: the usual change) is updated where it is rather than
     deleted and inserted: its indexed columns do not change, so no index is touched.
     """
+    if not stored:  # the usual case for a person's first scans of the day
+        return VisitChanges([], [], list(derived))
     wanted = Counter(derived)
     leftover: dict[tuple[str, str, int, int], list[K]] = {}
     for key, visit in stored:

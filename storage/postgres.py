@@ -222,6 +222,7 @@ class PostgresStorage(Storage):
         few statements for the whole batch, writing only the visits that changed."""
         pending = dict(earliest)
         lookback = first_lookback_ms(rules)
+        horizon_ms = rules.horizon_ms
         quiet: dict[str, int] = {}
         derived: list[Visit] = []
         while pending:
@@ -240,10 +241,10 @@ class PostgresStorage(Storage):
             )
             by_person: dict[str, list[ScanEvent]] = defaultdict(list)
             for r in rows:
-                by_person[r[4]].append(ScanEvent(*r))
+                by_person[r[4]].append(ScanEvent._make(r))
             still: dict[str, int] = {}
             for p, since in zip(persons, sinces, strict=True):
-                result = rederive(by_person[p], pending[p], since, rules)
+                result = rederive(by_person[p], pending[p], since, rules, horizon_ms)
                 if result is None:
                     still[p] = pending[p]
                 else:
@@ -258,7 +259,7 @@ class PostgresStorage(Storage):
             list(quiet.values()),
         )
         changes = visit_changes(
-            [(_RowAddress(r[0], r[1], r[2], r[7]), Visit(*r[2:])) for r in stored], derived
+            [(_RowAddress(r[0], r[1], r[2], r[7]), Visit._make(r[2:])) for r in stored], derived
         )
         # A row is found through the person index (person, source time) and then picked by
         # its ctid, in the partition it lives in: the persons are locked, so no other
