@@ -46,6 +46,18 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
+def stream_backlog_gauge(registry: CollectorRegistry) -> Gauge:
+    """Entries not yet flushed, per shard: set by the gateway's poll and by the flusher
+    (the most recent value of any process wins under multiprocess mode)."""
+    return Gauge(
+        "scangate_stream_backlog",
+        "Entries in a shard's stream not yet flushed.",
+        ["shard"],
+        registry=registry,
+        multiprocess_mode="mostrecent",
+    )
+
+
 class Metrics:
     """The gateway's metrics; labelled children are cached so the hot path only adds."""
 
@@ -71,13 +83,7 @@ class Metrics:
             ["app", "kind", "outcome", "reason"],
             registry=r,
         )
-        self.stream_backlog = Gauge(
-            "scangate_stream_backlog",
-            "Entries in a shard's stream not yet flushed.",
-            ["shard"],
-            registry=r,
-            multiprocess_mode="mostrecent",
-        )
+        self.stream_backlog = stream_backlog_gauge(r)
         self.backpressure_rejections = Counter(
             "scangate_backpressure_rejections_total",
             "Scan requests answered 503 because the backlog is over its high-water mark.",
@@ -177,10 +183,4 @@ class FlusherMetrics:
             "Failed attempts to store, acknowledge or purge.",
             registry=r,
         )
-        self.stream_backlog = Gauge(
-            "scangate_stream_backlog",
-            "Entries in a shard's stream not yet flushed.",
-            ["shard"],
-            registry=r,
-            multiprocess_mode="mostrecent",
-        )
+        self.stream_backlog = stream_backlog_gauge(r)
