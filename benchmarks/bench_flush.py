@@ -58,12 +58,14 @@ import redis.asyncio as aioredis
 from prometheus_client import Histogram
 from results import cpu_model, write_section
 
+import gateway.flusher
 from gateway.buffer import RedisBuffer, connect_redis
 from gateway.embedded import RedisProcess, valkey_binary
 from gateway.events import encode_event
 from gateway.flusher import Flusher, pairing_rules
 from gateway.keyspace import EVENT_FIELD, seen_field, shard_of, stream_key
 from gateway.metrics import FlusherMetrics
+from gateway.server import calm_collector
 from gateway.settings import Settings
 from storage import ScanEvent, Storage, Visit, derive_visits
 from storage.postgres import PostgresStorage
@@ -251,8 +253,19 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
         registry=metrics.registry,
     )
     metrics.scan_to_storage = recorder
+    # The flusher observes a batch's latencies at once (gateway.metrics.observe_many):
+    # record them on the way.
+    observe_many = gateway.flusher.observe_many
+
+    def record_many(histogram: Histogram, values: Sequence[float]) -> None:
+        if histogram is recorder:
+            recorder.values.extend(values)
+        observe_many(histogram, values)
+
+    gateway.flusher.observe_many = record_many  # type: ignore[assignment]
     flusher = Flusher(client, storage, settings, metrics, consumer=spec["consumer"])
     await flusher.ensure_groups()
+    calm_collector()  # as the flusher process of scangate serve / scangate flush does
     print("ready", flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)
     cpu_started = time.process_time()

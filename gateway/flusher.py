@@ -30,7 +30,7 @@ from storage.models import PairingRules
 
 from .events import decode_event
 from .keyspace import CONSUMER_GROUP, EVENT_FIELD, dead_letter_key, stream_key
-from .metrics import FlusherMetrics
+from .metrics import FlusherMetrics, observe_many
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -279,8 +279,10 @@ class Flusher:
         m.flush_batch_size.observe(len(batch))
         m.flushed_events.inc(result.inserted)
         m.storage_duplicates.inc(result.duplicates)
-        for e in events:
-            m.scan_to_storage.observe(max(0.0, (committed_ms - e.received_at_ms) / 1000))
+        observe_many(
+            m.scan_to_storage,
+            [max(0.0, (committed_ms - e.received_at_ms) / 1000) for e in events],
+        )
 
     async def _acknowledge(self, batch: Sequence[Entry], dead: list[tuple[Entry, str]]) -> None:
         by_shard: dict[int, list[bytes]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections import Counter as Tally
+from collections.abc import Sequence
 from typing import Final
 
 from prometheus_client import (
@@ -143,6 +144,23 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe`` for each value, with one increment per bucket instead of two
+    per value: a flushed batch observes 10,000 latencies, and under ``serve`` each
+    increment is a locked write to a memory-mapped file (1.6 us against 0.6 us in a single
+    process). It reads the bucket bounds and values, which prometheus_client keeps private
+    (a test compares it with ``observe``); for a histogram without labels, or one child.
+    """
+    bounds: Sequence[float] = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(sum(values))
+
+
 class FlusherMetrics:
     """The flusher's metrics (its own process; merged into /metrics under serve)."""
 
@@ -152,7 +170,7 @@ class FlusherMetrics:
         self.flush_batch_size = Histogram(
             "scangate_flush_batch_size",
             "Entries per flushed batch.",
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000),
             registry=r,
         )
         self.flush_duration = Histogram(

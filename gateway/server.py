@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE_S: Final = 20.0
 WORKER_START_TIMEOUT_S: Final = 60.0
 RESTART_BACKOFF_S: Final = 1.0
-FLUSHER_SLOT: Final = -1
 GC_GEN0_THRESHOLD: Final = 20_000
 
 
@@ -42,7 +41,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
-    flusher: bool = True
+    flushers: int = 1
     shutdown_deadline_s: float = SHUTDOWN_DEADLINE_S
 
 
@@ -84,10 +83,12 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     ready: Any = ctx.Queue()
     workers: dict[int, BaseProcess] = {}
 
-    # Slots 0..N-1 are gateway workers; slot -1 is the flusher.
+    # Slots 0..N-1 are gateway workers; slots -1..-M are the flushers.
     def start_worker(slot: int) -> None:
-        if slot == FLUSHER_SLOT:
-            proc = ctx.Process(target=run_flusher, args=(settings,), name="scangate-flusher")
+        if slot < 0:
+            proc = ctx.Process(
+                target=run_flusher, args=(settings,), name=f"scangate-flusher-{-slot}"
+            )
         else:
             proc = ctx.Process(
                 target=run_worker, args=(settings, options, ready), name=f"scangate-worker-{slot}"
@@ -101,8 +102,8 @@ def serve(settings: Settings, options: ServeOptions) -> int:
         if not _await_ready(ready, options.workers, lambda: stop_requested):
             log.error("workers did not start; stopping")
             return 1
-        if options.flusher:
-            start_worker(FLUSHER_SLOT)
+        for slot in range(1, options.flushers + 1):
+            start_worker(-slot)
         log.info(
             "scangate listening on http://%s:%d (%d worker%s)",
             options.host,
@@ -194,11 +195,7 @@ async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -
         loop.add_signal_handler(sig, stop.set)
 
     app = create_app(settings, workers=options.workers)
-    # Everything made so far lives as long as the process: keep the collector off it, and
-    # collect the young generation less often (a request allocates hundreds of objects).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+    calm_collector()
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=options.shutdown_deadline_s, handle_signals=False
     )
@@ -209,6 +206,15 @@ async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -
     await stop.wait()
     # Stop accepting, let requests in flight finish (bounded by shutdown_timeout), close.
     await runner.cleanup()
+
+
+def calm_collector() -> None:
+    """Everything made so far lives as long as the process: keep the collector off it, and
+    collect the young generation less often (a request allocates hundreds of objects, a
+    flushed batch hundreds of thousands)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
 
 # -- flusher process -------------------------------------------------------------------------
@@ -243,6 +249,7 @@ async def _flush_until_stopped(settings: Settings, metrics_port: int | None) -> 
         start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
     storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
     client = connect_redis(settings.redis_url)
+    calm_collector()
     try:
         await Flusher(client, storage, settings, metrics).run(stop)
     finally:

@@ -46,7 +46,7 @@ class Settings:
     backlog_high_water: int = 1_000_000
     rate_limit: int = 0  # events per second per app; 0 is off
     retention_s: float = 21 * 86400
-    flush_batch: int = 2000
+    flush_batch: int = 10_000
     flush_max_age_s: float = 0.2
     flush_claim_idle_s: float = 30  # a pending entry idle this long is claimed by another flusher
     timezone: str = "Asia/Ho_Chi_Minh"

@@ -114,6 +114,8 @@ def test_data_dir_comes_from_the_environment_too(tmp_path: Path) -> None:
         ["codes", "issue", "--app", "vhd", "--person", "P1", "--ttl", "soon"],
         ["codes", "render", "NOT A CODE", "-o", "x.png"],
         ["codes", "verify", "--app", "nope", "X"],
+        ["serve", "--flushers", "99"],
+        ["serve", "--flushers", "-1"],
         [],
     ],
 )
@@ -148,3 +150,12 @@ def test_every_command_has_help(tmp_path: Path) -> None:
     ):
         result = run(tmp_path, *args)
         assert result.returncode == 0 and "usage: scangate" in result.stdout, args
+
+
+def test_serve_runs_two_flushers_on_postgresql_and_one_on_sqlite(tmp_path: Path) -> None:
+    from gateway.cli import default_flushers
+    from gateway.settings import Settings
+
+    assert default_flushers(Settings(data_dir=tmp_path)) == 1
+    postgres = Settings(data_dir=tmp_path, storage_url="postgresql://db.invalid/scangate")
+    assert default_flushers(postgres) == 2
