@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from storage.models import VENUE_KINDS
+
 _DURATION: Final = re.compile(r"(\d+)(ms|s|m|h|d)")
 _UNIT_S: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -52,10 +54,33 @@ class Settings:
     timezone: str = "Asia/Ho_Chi_Minh"
     sms: SmsSender = "log"
     sms_url: str | None = None
+    # The http sender's body: {to} and {text} are replaced by JSON string contents.
+    sms_template: str = '{"to": "{to}", "text": "{text}"}'
+    sms_timeout_s: float = 5
+    otp_address_limit: int = 20  # OTP sends per client address per 15 minutes
+    session_ttl_s: float = 30 * 60  # a verified phone's session
+    person_code_ttl_s: float = 30 * 86400  # a personal code's validity
+    # Maximum stay per venue kind, over max_stay_s: "hospital=24h,lodging=24h".
+    kind_max_stay: str = (
+        "hospital=24h,lodging=24h,residential=24h,transport=12h,office=12h,school=12h"
+    )
 
     @property
     def keyring_path(self) -> Path:
         return self.data_dir / "keyring.json"
+
+    @property
+    def kind_max_stay_s(self) -> dict[str, float]:
+        """``kind_max_stay`` parsed: venue kind -> maximum stay in seconds."""
+        stays: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in self.kind_max_stay.split(","))):
+            kind, sep, duration = item.partition("=")
+            if not sep or kind.strip() not in VENUE_KINDS:
+                raise ValueError(
+                    f"{item!r}: write kind=duration, kind one of {', '.join(VENUE_KINDS)}"
+                )
+            stays[kind.strip()] = parse_duration_s(duration)
+        return stays
 
     @property
     def resolved_storage_url(self) -> str:
@@ -90,6 +115,12 @@ class Settings:
             raise SettingsError("SCANGATE_SMS: use log or http")
         if self.sms == "http" and not self.sms_url:
             raise SettingsError("SCANGATE_SMS=http needs SCANGATE_SMS_URL")
+        if "{to}" not in self.sms_template or "{text}" not in self.sms_template:
+            raise SettingsError("SCANGATE_SMS_TEMPLATE must contain {to} and {text}")
+        try:
+            _ = self.kind_max_stay_s
+        except ValueError as exc:
+            raise SettingsError(f"SCANGATE_KIND_MAX_STAY: {exc}") from None
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -99,7 +130,7 @@ class Settings:
 def _convert(name: str, raw: str) -> object:
     if name.endswith("_s"):
         return parse_duration_s(raw)
-    if name in ("shards", "backlog_high_water", "rate_limit", "flush_batch"):
+    if name in ("shards", "backlog_high_water", "rate_limit", "flush_batch", "otp_address_limit"):
         if not raw.strip().isdecimal():
             raise ValueError(f"{raw!r} is not a whole number")
         return int(raw)

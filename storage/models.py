@@ -14,6 +14,21 @@ ClosedBy = Literal["checkout", "next_checkin", "auto", "orphan"]
 CLOSED_BY: Final[tuple[ClosedBy, ...]] = ("checkout", "next_checkin", "auto", "orphan")
 
 
+# What a venue is; each kind may have its own maximum stay (SCANGATE_KIND_MAX_STAY).
+VENUE_KINDS: Final = (
+    "office",
+    "hospital",
+    "school",
+    "market",
+    "shop",
+    "restaurant",
+    "lodging",
+    "transport",
+    "residential",
+    "other",
+)
+
+
 class ScanEvent(NamedTuple):
     """An accepted scan. ``app_id`` and ``received_at_ms`` come from the server, never the body.
 
