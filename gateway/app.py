@@ -8,12 +8,12 @@ after Redis has taken every accepted event.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -21,57 +21,50 @@ from aiohttp import web
 
 from signing import FileKeyringStore, Keyring, Sealer, load_master_key
 from signing.codes import ID_PATTERN
-from storage import Storage, TraceQuery, connect_storage
+from storage import TraceQuery, connect_storage
 from storage.tracing import rows_to_json
 
+from . import declarations, venues
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
+from .context import (
+    GATEWAY,
+    JSON,
+    JSON_HEADERS,
+    MAX_BODY_BYTES,
+    Gateway,
+    authenticate,
+    load_personal_data,
+    read_json,
+)
 from .errors import (
     HTTP_STATUS_CODES,
     ApiError,
     BacklogFull,
     InvalidRequest,
-    MalformedJson,
     PayloadTooLarge,
     RateLimited,
     Unauthorized,
     Unavailable,
-    UnsupportedMediaType,
 )
 from .events import EventRules, Rejection, ScanEvent, check_event, encode_event
 from .keyspace import seen_field, shard_of
 from .metrics import CONTENT_TYPE, Metrics
+from .otp import OtpService
 from .ratelimit import TokenBuckets
 from .settings import Settings, parse_duration_s
+from .sms import make_sms_sender
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_EVENTS: Final = 500
 KEYRING_REFRESH_S: Final = 2.0
+REVOCATIONS_REFRESH_S: Final = 2.0
+SHUTDOWN_BACKGROUND_S: Final = 10.0
 BACKLOG_POLL_S: Final = 0.5
 METRICS_PUBLISH_S: Final = 1.0
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
 RETRY_AFTER_BACKLOG_S: Final = 5
-JSON: Final = "application/json"
-# Set as a plain header: aiohttp's content_type setter parses and rebuilds it each time.
-JSON_HEADERS: Final = {"Content-Type": JSON}
-
-
-@dataclass
-class Gateway:
-    """What the handlers share: one per application."""
-
-    settings: Settings
-    keyring: Keyring
-    metrics: Metrics
-    rules: EventRules
-    rate_limits: TokenBuckets | None
-    buffer: RedisBuffer | None = None
-    storage: Storage | None = None
-
-
-GATEWAY: Final = web.AppKey("gateway", Gateway)
 
 
 def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
@@ -80,11 +73,12 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     ``workers`` is how many processes share the port: a per-app rate limit is split
     between them, since each process counts only what it sees.
     """
-    master = load_master_key(settings.master_key, settings.data_dir)
-    keyring = Keyring(FileKeyringStore(settings.keyring_path), Sealer(master))
+    sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
+    keyring = Keyring(FileKeyringStore(settings.keyring_path), sealer)
     gateway = Gateway(
         settings=settings,
         keyring=keyring,
+        sealer=sealer,
         metrics=Metrics(),
         rules=EventRules(
             clock_skew_ms=int(settings.clock_skew_s * 1000),
@@ -101,9 +95,12 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     app.cleanup_ctx.append(_keyring_refresher)
     app.cleanup_ctx.append(_redis_buffer)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_registration)
     app.cleanup_ctx.append(_metrics_publisher)
     app.router.add_post("/v1/scans", post_scans, name="scans")
     app.router.add_get("/v1/trace/{person_id}", get_trace, name="trace")
+    venues.add_routes(app)
+    declarations.add_routes(app)
     app.router.add_get("/healthz", get_healthz, name="healthz")
     app.router.add_get("/readyz", get_readyz, name="readyz")
     app.router.add_get("/metrics", get_metrics, name="metrics")
@@ -171,6 +168,32 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     await gateway.storage.close()
 
 
+async def _registration(app: web.Application) -> AsyncIterator[None]:
+    """The data key (from storage), OTP state (in Redis), the SMS sender, and the set of
+    revoked venues, re-read every few seconds so a revocation made anywhere (the CLI,
+    another process) reaches this one's hot path."""
+    gateway = app[GATEWAY]
+    settings = gateway.settings
+    storage = gateway.need_storage()
+    assert gateway.buffer is not None
+    personal = gateway.personal = await load_personal_data(storage, gateway.sealer)
+    gateway.otp = OtpService(
+        gateway.buffer.client, personal.otp_key, personal.session_key, settings.otp_address_limit
+    )
+    gateway.sms = make_sms_sender(settings)
+    gateway.revoked_venues = await storage.revoked_venue_ids()
+
+    async def refresh_revocations() -> None:
+        gateway.revoked_venues = await storage.revoked_venue_ids()
+
+    task = Periodic("revocations-refresh", refresh_revocations, REVOCATIONS_REFRESH_S)
+    yield
+    await task.stop()
+    if gateway.background:
+        await asyncio.wait(gateway.background, timeout=SHUTDOWN_BACKGROUND_S)
+    await gateway.sms.close()
+
+
 # -- middleware ------------------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -184,7 +207,7 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = error_response(exc.status, exc.code, exc.detail, exc.retry_after_s)
+        response = error_response(exc.status, exc.code, exc.detail, exc.retry_after_s, exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -200,45 +223,22 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
 
 
 def error_response(
-    status: int, code: str, detail: str, retry_after_s: int | None = None
+    status: int,
+    code: str,
+    detail: str,
+    retry_after_s: int | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> web.Response:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return web.Response(
         status=status,
-        body=orjson.dumps({"error": code, "detail": detail}),
+        body=orjson.dumps({"error": code, "detail": detail, **(extra or {})}),
         content_type=JSON,
         headers=headers,
     )
 
 
 # -- handlers --------------------------------------------------------------------------------
-
-
-def authenticate(request: web.Request, keyring: Keyring) -> str:
-    """The app id of the request's bearer token."""
-    header = request.headers.get("Authorization")
-    if header is None:
-        raise Unauthorized("missing Authorization: Bearer <app token>")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token or len(token) > 256:
-        raise Unauthorized("use Authorization: Bearer <app token>")
-    app_id = keyring.app_for_token(token.strip())
-    if app_id is None:
-        raise Unauthorized("unknown token")
-    return app_id
-
-
-async def read_json(request: web.Request) -> Any:
-    """The body as JSON: 415 unless JSON, 413 over the limit, 400 when it does not parse."""
-    if request.content_type != JSON:
-        raise UnsupportedMediaType("send Content-Type: application/json")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
-    body = await request.read()
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedJson(f"the body is not valid JSON: {exc.msg}") from None
 
 
 async def post_scans(request: web.Request) -> web.Response:
@@ -271,11 +271,12 @@ async def post_scans(request: web.Request) -> web.Response:
     now_ms = int(time.time() * 1000)
     verifier = gateway.keyring.verifier(app_id)
     shards = gateway.settings.shards
+    revoked = gateway.revoked_venues
     # Each event's verdict, with its shard when it goes to Redis (-1 when rejected).
     checked: list[tuple[ScanEvent | Rejection, int]] = []
     by_shard: dict[int, list[tuple[bytes, bytes]]] = {}
     for raw in raw_events:
-        verdict = check_event(raw, app_id, verifier, gateway.rules, now_ms)
+        verdict = check_event(raw, app_id, verifier, gateway.rules, now_ms, revoked)
         if isinstance(verdict, ScanEvent):
             shard = shard_of(app_id, verdict.event_id, shards)
             by_shard.setdefault(shard, []).append(
@@ -375,8 +376,17 @@ async def get_trace(request: web.Request) -> web.Response:
         query = trace_query(person_id, request.query, now_ms=int(time.time() * 1000))
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    rows = await storage.trace(query, actor=f"admin:{admin}")
-    return web.Response(body=orjson.dumps(rows_to_json(rows)), content_type=JSON)
+    reveal = request.query.get("reveal", "0")
+    if reveal not in ("0", "1"):
+        raise InvalidRequest("reveal: 0 or 1")
+    actor = f"admin:{admin}"
+    rows = await storage.trace(query, actor=actor)
+    revealed = None
+    if reveal == "1":
+        revealed = await declarations.reveal_contacts(
+            storage, gateway.need_personal(), [r.person_id for r in rows], actor, person_id
+        )
+    return web.Response(body=orjson.dumps(rows_to_json(rows, revealed)), content_type=JSON)
 
 
 def trace_query(person_id: str, params: Mapping[str, str], now_ms: int) -> TraceQuery:

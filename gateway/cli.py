@@ -32,6 +32,7 @@ from signing import (
 )
 from signing.codes import ID_PATTERN
 from storage import Storage, StorageError, connect_storage
+from storage.models import VENUE_KINDS
 from storage.times import format_time_ms
 
 from .settings import Settings, SettingsError, parse_duration_s
@@ -80,7 +81,7 @@ def _entity_id(text: str) -> str:
 
 
 def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
-    new = _open_keyring(settings).add_app(args.app_id, args.prefix)
+    new = _open_keyring(settings).add_app(args.app_id, args.prefix, args.name)
     _emit({"app_id": new.app_id, "prefix": new.prefix, "kid": new.kid, "token": new.token})
     return 0
 
@@ -249,10 +250,106 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         rows = await storage.trace(query, actor=actor)
+        revealed = None
+        if args.reveal:
+            from .declarations import reveal_contacts
+
+            personal = await _personal_data(storage, settings)
+            revealed = await reveal_contacts(
+                storage, personal, [r.person_id for r in rows], actor, args.person_id
+            )
         if args.format == "csv":
-            sys.stdout.write(rows_to_csv(rows))
+            sys.stdout.write(rows_to_csv(rows, revealed))
         else:
-            _emit(rows_to_json(rows))
+            _emit(rows_to_json(rows, revealed))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+async def _personal_data(storage: Storage, settings: Settings) -> Any:
+    from .context import load_personal_data
+
+    sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
+    return await load_personal_data(storage, sealer)
+
+
+def cmd_venues_add(args: argparse.Namespace, settings: Settings) -> int:
+    from .errors import ApiError
+    from .people import parse_venue
+    from .venues import register_venue
+
+    keyring = _open_keyring(settings)
+    doc = {
+        "name": args.name,
+        "phone": args.phone,
+        "address": args.address,
+        "province": args.province,
+        "kind": args.kind,
+    }
+    try:
+        form = parse_venue(doc)
+    except ApiError as exc:
+        raise UsageError(exc.detail) from None
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        _emit(await register_venue(storage, keyring, personal, args.app, form))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        venue = await storage.venue(args.venue_id)
+        if venue is None:
+            raise UsageError(f"no registered venue {args.venue_id}")
+        changed = await storage.revoke_venue(args.venue_id, int(time.time() * 1000))
+        await storage.audit(f"cli:{getpass.getuser()}", "venue_revoked", args.venue_id)
+        _emit({"venue_id": args.venue_id, "revoked": True, "already": not changed})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_staff_token(args: argparse.Namespace, settings: Settings) -> int:
+    from .venues import new_staff_token
+
+    async def work(storage: Storage) -> int:
+        venue = await storage.venue(args.venue_id)
+        if venue is None:
+            raise UsageError(f"no registered venue {args.venue_id}")
+        _emit(await new_staff_token(storage, venue))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_revoke_staff_token(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        if not await storage.revoke_staff_token(args.token_id, int(time.time() * 1000)):
+            raise UsageError(f"no live staff token {args.token_id}")
+        _emit({"token_id": args.token_id, "revoked": True})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_poster(args: argparse.Namespace, settings: Settings) -> int:
+    from .venues import poster
+
+    suffix = args.output.suffix.lower().lstrip(".")
+    if suffix not in ("svg", "png", "pdf"):
+        raise UsageError(f"{args.output.name}: the output must end in .svg, .png or .pdf")
+    keyring = _open_keyring(settings)
+
+    async def work(storage: Storage) -> int:
+        venue = await storage.venue(args.venue_id)
+        if venue is None or (args.app is not None and venue.app_id != args.app):
+            raise UsageError(f"no venue {args.venue_id} registered by app {args.app}")
+        args.output.write_bytes(poster(keyring, venue, suffix))
+        _emit({"venue_id": venue.venue_id, "file": str(args.output)})
         return 0
 
     return _run_storage(settings, work)
@@ -397,12 +494,72 @@ def build_parser() -> argparse.ArgumentParser:
         help="2 adds the contacts of each contact (default 1)",
     )
     p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument(
+        "--reveal",
+        action="store_true",
+        help="add each contact's full_name and phone (decrypted; the reveal is audit-logged)",
+    )
     leaf(
         groups,
         "purge",
         cmd_purge,
         "delete events and visits older than SCANGATE_RETENTION (the flusher does it daily)",
     )
+    venues = groups.add_parser(
+        "venues",
+        help="venues: register, revoke, door-staff tokens, posters",
+        description="Venues: register, revoke, door-staff tokens, posters.",
+    )
+    venues_sub = venues.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    venues_sub.required = True
+    p = leaf(
+        venues_sub,
+        "add",
+        cmd_venues_add,
+        "register a venue for an app; prints {venue_id, code}",
+    )
+    p.add_argument("--app", required=True, metavar="APP_ID", help="the app that issues its code")
+    p.add_argument("--name", required=True, help="the venue's name, as on its poster")
+    p.add_argument("--phone", required=True, help="a Vietnamese mobile number (kept encrypted)")
+    p.add_argument("--address", required=True)
+    p.add_argument("--province", required=True)
+    p.add_argument(
+        "--kind",
+        default="other",
+        choices=VENUE_KINDS,
+        help="what the venue is; some kinds have a longer maximum stay (default other)",
+    )
+    p = leaf(
+        venues_sub,
+        "revoke",
+        cmd_venues_revoke,
+        "refuse the venue's code from now on (gateways pick it up within 2 s)",
+    )
+    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p = leaf(
+        venues_sub,
+        "staff-token",
+        cmd_venues_staff_token,
+        "a token for manual check-ins at this venue only; prints {token, token_id, venue_id}",
+    )
+    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p = leaf(
+        venues_sub,
+        "revoke-staff-token",
+        cmd_venues_revoke_staff_token,
+        "revoke a door-staff token by its token_id",
+    )
+    p.add_argument("token_id", metavar="TOKEN_ID", type=_entity_id)
+    p = leaf(
+        venues_sub,
+        "poster",
+        cmd_venues_poster,
+        "write the venue's printable A4 poster (.svg, .png or .pdf)",
+    )
+    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p.add_argument("--app", metavar="APP_ID", help="check the venue belongs to this app")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+
     admins = groups.add_parser(
         "admins",
         help="health officials' admin tokens",
@@ -436,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix",
         metavar="PFX",
         help="code prefix, 1 to 16 of A-Z0-9 (default: APP_ID upper-cased)",
+    )
+    p.add_argument(
+        "--name",
+        metavar="NAME",
+        help='the name people see on posters, e.g. "Vietnam Health Declaration"',
     )
     p = leaf(
         apps_sub,

@@ -15,10 +15,17 @@ class ApiError(Exception):
     status: int = 400
     code: str = "invalid_request"
 
-    def __init__(self, detail: str, *, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after_s: int | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after_s = retry_after_s
+        self.extra = extra or {}  # more members of the error body ("field", "tries_left")
 
 
 class MalformedJson(ApiError):
@@ -29,8 +36,50 @@ class InvalidRequest(ApiError):
     code = "invalid_request"
 
 
+class InvalidField(ApiError):
+    """One field of the body is wrong; the body names it."""
+
+    code = "invalid_field"
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}", extra={"field": field})
+        self.field = field
+
+
+class InvalidPhone(ApiError):
+    code = "invalid_phone"
+
+
 class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class AlreadyDeclared(ApiError):
+    status, code = 409, "already_declared"
+
+
+class AmbiguousPerson(ApiError):
+    status, code = 409, "ambiguous_person"
+
+
+class OtpInvalid(ApiError):
+    status, code = 401, "otp_invalid"
+
+
+class OtpLocked(ApiError):
+    status, code = 429, "otp_locked"
 
 
 class PayloadTooLarge(ApiError):

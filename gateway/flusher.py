@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ READ_AHEAD_POLL_S: Final = 0.01
 CLAIM_EVERY_S: Final = 5.0
 PURGE_EVERY_S: Final = 24 * 3600.0
 BACKLOG_EVERY_S: Final = 1.0
+VENUE_KINDS_EVERY_S: Final = 30.0
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -85,6 +87,7 @@ class Flusher:
         self._last_claim = 0.0
         self._last_purge = 0.0
         self._last_backlog = 0.0
+        self._last_venue_kinds = 0.0
         # Entries read while the previous batch was being stored: the next batch.
         self._read_ahead: list[Entry] = []
 
@@ -126,6 +129,9 @@ class Flusher:
         await self.ensure_groups()
         now = time.monotonic()
         handled = 0
+        if now - self._last_venue_kinds >= VENUE_KINDS_EVERY_S:  # before the first batch too
+            self._last_venue_kinds = now
+            await self.refresh_venue_stays()
         if now - self._last_claim >= CLAIM_EVERY_S:
             self._last_claim = now
             claimed = await self.claim_abandoned()
@@ -308,6 +314,20 @@ class Flusher:
             pipe.xlen(key)
         for shard, n in enumerate(await pipe.execute()):
             self.metrics.stream_backlog.labels(str(shard)).set(n)
+
+    async def refresh_venue_stays(self) -> None:
+        """Registered venues of a kind with its own maximum stay (a hospital, a hotel) pair
+        with that stay. A venue registered later changes only the visits re-derived after
+        that, like any change of the pairing settings."""
+        stays_ms = {k: int(s * 1000) for k, s in self.settings.kind_max_stay_s.items()}
+        try:
+            kinds = await self.storage.venue_kinds()
+        except Exception:
+            log.exception("flusher: reading venue kinds failed; keeping the previous stays")
+            return
+        by_venue = {v: stays_ms[k] for v, k in kinds.items() if k in stays_ms}
+        if by_venue != self.rules.venue_max_stay_ms:
+            self.rules = dataclasses.replace(self.rules, venue_max_stay_ms=by_venue)
 
     async def purge(self) -> None:
         cutoff_ms = int((time.time() - self.settings.retention_s) * 1000)

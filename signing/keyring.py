@@ -210,6 +210,13 @@ class Keyring:
         except KeyError:
             raise UnknownApp(app_id) from None
 
+    def app_name(self, app_id: str) -> str:
+        """The app's name for people (posters, messages)."""
+        app = self._doc["apps"].get(app_id)
+        if app is None:
+            raise UnknownApp(app_id)
+        return str(app.get("name", app_id))
+
     def app_for_token(self, token: str) -> str | None:
         """The app a token belongs to, or None. Looked up by hash: no text comparison."""
         return self._apps_by_token_hash.get(hash_token(token))
@@ -252,7 +259,10 @@ class Keyring:
             self._store.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         self.refresh(force=True)
 
-    def add_app(self, app_id: str, prefix: str | None = None) -> NewApp:
+    def add_app(self, app_id: str, prefix: str | None = None, name: str | None = None) -> NewApp:
+        """Register an app; ``name`` is what people see (on posters), default the app id."""
+        if name is not None and not 1 <= len(name.strip()) <= 40:
+            raise KeyringError("app name: 1 to 40 characters")
         if not APP_ID_PATTERN.fullmatch(app_id):
             raise KeyringError(f"app id {app_id!r}: use 2 to 16 characters of a-z0-9")
         prefix = app_id.upper() if prefix is None else prefix
@@ -268,6 +278,7 @@ class Keyring:
                 raise KeyringError(f"prefix {prefix!r} is already used by app {taken[prefix]!r}")
             apps[app_id] = {
                 "prefix": prefix,
+                "name": (name or app_id).strip(),
                 "created_at": int(time.time()),
                 "active_kid": 1,
                 "next_kid": 2,

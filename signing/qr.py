@@ -35,3 +35,19 @@ def render_to_file(code: str, path: Path, scale: int = 8) -> None:
         raise ValueError(f"{path.name}: the output must end in .svg or .png")
     fmt: ImageFormat = "svg" if suffix == "svg" else "png"
     path.write_bytes(render(code, fmt, scale=scale))
+
+
+def render_print(code: str, fmt: ImageFormat, width_mm: float, dpi: int = 300) -> bytes:
+    """The code as an image that prints ``width_mm`` wide, quiet zone included: an SVG in
+    millimetres, or a PNG whose DPI metadata makes it that wide."""
+    qr = make_qr(code)
+    modules = qr.symbol_size(scale=1, border=4)[0]
+    out = io.BytesIO()
+    if fmt == "svg":
+        qr.save(out, kind="svg", scale=width_mm / modules, unit="mm", border=4)
+    else:
+        # Whole pixels per module (a sharp image); the DPI carries the exact print size.
+        scale = max(1, round(width_mm / 25.4 * dpi / modules))
+        exact_dpi = round(modules * scale / (width_mm / 25.4))
+        qr.save(out, kind="png", scale=scale, border=4, dpi=exact_dpi)
+    return out.getvalue()

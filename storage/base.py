@@ -19,6 +19,7 @@ from typing import Final, Generic, NamedTuple, TypeVar
 
 from .models import ContactRow, PairingRules, ScanEvent, Visit
 from .pairing import derive_visits, quiet_point
+from .registry import Registry
 from .tracing import TraceQuery, candidate_windows, contacts_of, depth2_persons
 
 K = TypeVar("K")
@@ -127,7 +128,7 @@ def first_lookback_ms(rules: PairingRules) -> int:
     return FIRST_LOOKBACK_FACTOR * rules.horizon_ms
 
 
-class Storage(abc.ABC):
+class Storage(Registry, abc.ABC):
     """What the flusher, tracing, retention and the admin commands need from a backend."""
 
     kind: str

@@ -15,6 +15,76 @@ from typing import Final
 
 Migration = tuple[int, tuple[str, ...]]
 
+
+def _registry(blob: str, big: str, serial_pk: str) -> tuple[str, ...]:
+    """Migration 2 for either backend: the registration side (venues, door staff, people,
+    declarations, the data key). Times are epoch milliseconds in both backends here: these
+    tables are small, are read by id, and are never partitioned by time. Personal fields are
+    ciphertexts (``*_enc``) and blind indexes (``*_index``); see ``signing.personal``."""
+    return (
+        f"""CREATE TABLE data_keys (
+            key_id integer PRIMARY KEY,
+            sealed {blob} NOT NULL,
+            created_at {big} NOT NULL
+        )""",
+        f"""CREATE TABLE venues (
+            venue_id text PRIMARY KEY,
+            app_id text NOT NULL,
+            name text NOT NULL,
+            phone_enc {blob} NOT NULL,
+            address text NOT NULL,
+            province text NOT NULL,
+            kind text NOT NULL,
+            created_at {big} NOT NULL,
+            revoked_at {big}
+        )""",
+        "CREATE INDEX venues_revoked ON venues (revoked_at) WHERE revoked_at IS NOT NULL",
+        f"""CREATE TABLE staff_tokens (
+            token_id text PRIMARY KEY,
+            token_sha256 text NOT NULL UNIQUE,
+            venue_id text NOT NULL REFERENCES venues (venue_id),
+            app_id text NOT NULL,
+            created_at {big} NOT NULL,
+            revoked_at {big}
+        )""",
+        f"""CREATE TABLE persons (
+            person_id text PRIMARY KEY,
+            national_id_index text UNIQUE,
+            old_id_index text UNIQUE,
+            national_id_enc {blob},
+            full_name_enc {blob} NOT NULL,
+            name_index text NOT NULL,
+            birth_year integer,
+            gender text,
+            phone_enc {blob},
+            address_enc {blob},
+            province text,
+            insurance_enc {blob},
+            code_app_id text,
+            code_issued_s {big},
+            code_expires_s {big},
+            created_at {big} NOT NULL,
+            updated_at {big} NOT NULL
+        )""",
+        # Which phones may act for a person: the phone that declared (its OTP session),
+        # and the person's own phone. A look-up by phone at the door goes through here.
+        """CREATE TABLE person_phones (
+            phone_index text NOT NULL,
+            person_id text NOT NULL REFERENCES persons (person_id),
+            PRIMARY KEY (phone_index, person_id)
+        )""",
+        f"""CREATE TABLE declarations (
+            id {serial_pk},
+            person_id text NOT NULL REFERENCES persons (person_id),
+            app_id text NOT NULL,
+            declared_at {big} NOT NULL,
+            declared_by_index text NOT NULL,
+            answers_enc {blob} NOT NULL
+        )""",
+        "CREATE INDEX declarations_person ON declarations (person_id, declared_at)",
+    )
+
+
 SQLITE: Final[tuple[Migration, ...]] = (
     (
         1,
@@ -60,7 +130,9 @@ SQLITE: Final[tuple[Migration, ...]] = (
             )""",
         ),
     ),
+    (2, _registry("BLOB", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")),
 )
+
 
 POSTGRES: Final[tuple[Migration, ...]] = (
     (
@@ -111,6 +183,7 @@ POSTGRES: Final[tuple[Migration, ...]] = (
             )""",
         ),
     ),
+    (2, _registry("bytea", "bigint", "bigserial PRIMARY KEY")),
 )
 
 # The tables partitioned by day on PostgreSQL, with their partition column.

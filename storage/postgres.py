@@ -302,6 +302,15 @@ class PostgresStorage(Storage):
                 *(list(column) for column in zip(*changes.inserted, strict=True)),
             )
 
+    # -- the registry's primitives ----------------------------------------------------------
+
+    async def _registry_fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in await self._pool.fetch(sql, *args)]
+
+    async def _registry_execute(self, sql: str, *args: Any) -> int:
+        status = await self._pool.execute(sql, *args)
+        return int(status.split()[-1])  # "UPDATE 1", "INSERT 0 1"
+
     # -- reading ---------------------------------------------------------------------------
 
     async def person_visits(self, person_id: str, start_ms: int, end_ms: int) -> list[Visit]:
@@ -428,6 +437,7 @@ class PostgresStorage(Storage):
         async with self._pool.acquire() as conn:
             await conn.execute(
                 "DROP TABLE IF EXISTS scan_events, visits, scan_event_ids, admins, audit_log, "
+                "declarations, person_phones, persons, staff_tokens, venues, data_keys, "
                 "schema_migrations CASCADE"
             )
         self._known_days.clear()

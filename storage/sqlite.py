@@ -30,6 +30,7 @@ from .base import (
     visit_changes,
 )
 from .models import PairingRules, ScanEvent, Visit
+from .registry import sqlite_params
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS: Final = 30_000
@@ -138,6 +139,18 @@ class SqliteStorage(Storage):
         if earliest_new:
             _rederive(db, earliest_new, rules)
         return BatchResult(len(new), len(events) - len(new), len(earliest_new))
+
+    # -- the registry's primitives ----------------------------------------------------------
+
+    async def _registry_fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        statement = sqlite_params(sql)
+        if statement.lstrip().upper().startswith("SELECT"):
+            return await self._run(lambda db: db.execute(statement, args).fetchall())
+        return await self._write(lambda db: db.execute(statement, args).fetchall())
+
+    async def _registry_execute(self, sql: str, *args: Any) -> int:
+        statement = sqlite_params(sql)
+        return await self._write(lambda db: db.execute(statement, args).rowcount)
 
     # -- reading ---------------------------------------------------------------------------
 

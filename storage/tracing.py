@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -166,10 +166,17 @@ def depth2_persons(rows: Sequence[ContactRow]) -> list[str]:
     return sorted({row.person_id for row in rows if row.depth == 1})
 
 
-def rows_to_json(rows: Sequence[ContactRow]) -> list[dict[str, object]]:
+# A contact's details, decrypted for a reveal: (full name, phone), None where unknown.
+Revealed = Mapping[str, tuple[str | None, str | None]]
+
+
+def rows_to_json(
+    rows: Sequence[ContactRow], revealed: Revealed | None = None
+) -> list[dict[str, object]]:
     """Rows as JSON objects, times in RFC 3339 UTC with milliseconds.
 
-    ``overlap_minutes`` is a number; ``via`` is present only on depth-2 rows.
+    ``overlap_minutes`` is a number; ``via`` is present only on depth-2 rows. With
+    ``revealed`` each row also has ``full_name`` and ``phone`` (null when unknown).
     """
     out: list[dict[str, object]] = []
     for row in rows:
@@ -183,6 +190,8 @@ def rows_to_json(rows: Sequence[ContactRow]) -> list[dict[str, object]]:
         }
         if row.via is not None:
             item["via"] = row.via
+        if revealed is not None:
+            item["full_name"], item["phone"] = revealed.get(row.person_id, (None, None))
         out.append(item)
     return out
 
@@ -196,7 +205,7 @@ def neutralise_cell(text: str) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-def rows_to_csv(rows: Sequence[ContactRow]) -> str:
+def rows_to_csv(rows: Sequence[ContactRow], revealed: Revealed | None = None) -> str:
     """Rows as CSV text: a header of :data:`CSV_COLUMNS`, then one line per row.
 
     Times are RFC 3339 UTC with milliseconds, minutes have two decimals, ``via`` is empty at
@@ -206,9 +215,9 @@ def rows_to_csv(rows: Sequence[ContactRow]) -> str:
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(CSV_COLUMNS + (("full_name", "phone") if revealed is not None else ()))
     for row in rows:
-        cells = (
+        cells: tuple[str, ...] = (
             row.person_id,
             row.venue_id,
             format_time_ms(row.overlap_start_ms),
@@ -217,5 +226,8 @@ def rows_to_csv(rows: Sequence[ContactRow]) -> str:
             str(row.depth),
             row.via or "",
         )
+        if revealed is not None:
+            name, phone = revealed.get(row.person_id, (None, None))
+            cells += (name or "", phone or "")
         writer.writerow([neutralise_cell(cell) for cell in cells])
     return buffer.getvalue()

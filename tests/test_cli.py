@@ -159,3 +159,60 @@ def test_serve_runs_two_flushers_on_postgresql_and_one_on_sqlite(tmp_path: Path)
     assert default_flushers(Settings(data_dir=tmp_path)) == 1
     postgres = Settings(data_dir=tmp_path, storage_url="postgresql://db.invalid/scangate")
     assert default_flushers(postgres) == 2
+
+
+def test_venues_add_poster_staff_token_and_revoke(tmp_path: Path) -> None:
+    ok_json(run(tmp_path, "apps", "add", "vhd", "--name", "Vietnam Health Declaration"))
+    venue = ok_json(
+        run(
+            tmp_path,
+            "venues",
+            "add",
+            "--app",
+            "vhd",
+            "--name",
+            "Chợ Bến Thành",
+            "--phone",
+            "0912345678",
+            "--address",
+            "Lê Lợi, Quận 1",
+            "--province",
+            "Hồ Chí Minh",
+            "--kind",
+            "market",
+        )
+    )
+    assert isinstance(venue, dict) and set(venue) == {"venue_id", "code"}
+    verified = json.loads(run(tmp_path, "codes", "verify", "--app", "vhd", venue["code"]).stdout)
+    assert (verified["type"], verified["id"]) == ("venue", venue["venue_id"])
+
+    out = tmp_path / "poster.pdf"
+    made = ok_json(
+        run(tmp_path, "venues", "poster", venue["venue_id"], "--app", "vhd", "-o", str(out))
+    )
+    assert made == {"venue_id": venue["venue_id"], "file": str(out)}
+    assert out.read_bytes().startswith(b"%PDF")
+
+    staff = ok_json(run(tmp_path, "venues", "staff-token", venue["venue_id"]))
+    assert isinstance(staff, dict) and staff["token"].startswith("sgs_")
+    revoked = ok_json(run(tmp_path, "venues", "revoke-staff-token", staff["token_id"]))
+    assert revoked == {"token_id": staff["token_id"], "revoked": True}
+    again = run(tmp_path, "venues", "revoke-staff-token", staff["token_id"])
+    assert again.returncode == 2 and "no live staff token" in again.stderr
+
+    assert ok_json(run(tmp_path, "venues", "revoke", venue["venue_id"])) == {
+        "venue_id": venue["venue_id"],
+        "revoked": True,
+        "already": False,
+    }
+    for bad in (
+        ["venues", "add", "--app", "vhd", "--name", "X", "--phone", "123", "--address", "A",
+         "--province", "P"],
+        ["venues", "add", "--app", "nope", "--name", "X", "--phone", "0912345678",
+         "--address", "A", "--province", "P"],
+        ["venues", "revoke", "VNOSUCH"],
+        ["venues", "poster", venue["venue_id"], "-o", str(tmp_path / "p.gif")],
+    ):  # fmt: skip
+        result = run(tmp_path, *bad)
+        assert result.returncode == 2, bad
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

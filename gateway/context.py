@@ -1,0 +1,110 @@
+"""What the request handlers share: the per-application ``Gateway`` and the helpers that
+authenticate a request and read its JSON body."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from signing import Keyring, Sealer
+from signing.personal import PersonalData, new_data_key, open_data_key, seal_data_key
+from storage import Storage
+
+from .buffer import RedisBuffer
+from .errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from .events import EventRules
+from .metrics import Metrics
+from .otp import OtpService
+from .ratelimit import TokenBuckets
+from .settings import Settings
+from .sms import SmsSender
+
+MAX_BODY_BYTES: Final = 1024 * 1024
+JSON: Final = "application/json"
+# Set as a plain header: aiohttp's content_type setter parses and rebuilds it each time.
+JSON_HEADERS: Final = {"Content-Type": JSON}
+
+
+@dataclass
+class Gateway:
+    """What the handlers share: one per application."""
+
+    settings: Settings
+    keyring: Keyring
+    sealer: Sealer
+    metrics: Metrics
+    rules: EventRules
+    rate_limits: TokenBuckets | None
+    buffer: RedisBuffer | None = None
+    storage: Storage | None = None
+    # Open once storage is: the data key lives there.
+    personal: PersonalData | None = None
+    otp: OtpService | None = None
+    sms: SmsSender | None = None
+    # Registered venues whose codes are refused (refreshed from storage every 2 s).
+    revoked_venues: frozenset[str] = frozenset()
+    # Work started by a request that outlives it (an SMS being sent): kept referenced
+    # until done, and awaited on shutdown.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def need_storage(self) -> Storage:
+        assert self.storage is not None, "storage opens with the application"
+        return self.storage
+
+    def need_personal(self) -> PersonalData:
+        assert self.personal is not None, "the data key loads with storage"
+        return self.personal
+
+
+GATEWAY: Final = web.AppKey("gateway", Gateway)
+
+
+def authenticate(request: web.Request, keyring: Keyring) -> str:
+    """The app id of the request's bearer token."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("missing Authorization: Bearer <app token>")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token or len(token) > 256:
+        raise Unauthorized("use Authorization: Bearer <app token>")
+    app_id = keyring.app_for_token(token.strip())
+    if app_id is None:
+        raise Unauthorized("unknown token")
+    return app_id
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON: 415 unless JSON, 413 over the limit, 400 when it does not parse."""
+    if request.content_type != JSON:
+        raise UnsupportedMediaType("send Content-Type: application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+    body = await request.read()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJson(f"the body is not valid JSON: {exc.msg}") from None
+
+
+def json_response(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), headers=JSON_HEADERS)
+
+
+async def load_personal_data(storage: Storage, sealer: Sealer) -> PersonalData:
+    """The data key from storage, made (and sealed under the master key) on first use."""
+    sealed = await storage.sealed_data_key()
+    if sealed is None:
+        offered = seal_data_key(sealer, new_data_key())
+        sealed = await storage.offer_sealed_data_key(offered, int(time.time() * 1000))
+    return PersonalData(open_data_key(sealer, sealed))
