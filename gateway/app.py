@@ -11,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
 
+import asyncpg
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from signing import FileKeyringStore, Keyring, Sealer, load_master_key
 from signing.codes import ID_PATTERN
 from storage import TraceQuery, connect_storage
 from storage.tracing import rows_to_json
 
-from . import declarations, venues
+from . import declarations, openapi, venues
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
 from .context import (
@@ -64,7 +67,34 @@ SHUTDOWN_BACKGROUND_S: Final = 10.0
 BACKLOG_POLL_S: Final = 0.5
 METRICS_PUBLISH_S: Final = 1.0
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
+MAX_TRACE_WINDOW_MS: Final = 24 * 3_600_000
+# What storage raises when its server is gone or busy, rather than for a bad request.
+STORAGE_UNAVAILABLE: Final = (
+    OSError,
+    TimeoutError,
+    sqlite3.OperationalError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.CannotConnectNowError,
+)
 RETRY_AFTER_BACKLOG_S: Final = 5
+
+
+class _NoRequestBytesInLogs(logging.Filter):
+    """aiohttp logs a request it cannot parse with the parser's message, which quotes the
+    raw bytes (a body can hold names and phone numbers). Keep the fact, drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            name = type(record.exc_info[1]).__name__
+            record.msg, record.args = f"malformed HTTP request ({name}); bytes not logged", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_NO_REQUEST_BYTES = _NoRequestBytesInLogs()
 
 
 def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
@@ -73,6 +103,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     ``workers`` is how many processes share the port: a per-app rate limit is split
     between them, since each process counts only what it sees.
     """
+    logging.getLogger("aiohttp.server").addFilter(_NO_REQUEST_BYTES)  # once: same object
     sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
     keyring = Keyring(FileKeyringStore(settings.keyring_path), sealer)
     gateway = Gateway(
@@ -100,6 +131,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     app.router.add_post("/v1/scans", post_scans, name="scans")
     app.router.add_get("/v1/trace/{person_id}", get_trace, name="trace")
     venues.add_routes(app)
+    openapi.add_routes(app)
     declarations.add_routes(app)
     app.router.add_get("/healthz", get_healthz, name="healthz")
     app.router.add_get("/readyz", get_readyz, name="readyz")
@@ -130,7 +162,12 @@ async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
     if settings.redis_url is None:
         raise RuntimeError("create_app needs settings.redis_url (serve starts the server)")
     client = connect_redis(settings.redis_url)
-    buffer = gateway.buffer = RedisBuffer(client, settings.shards, settings.retry_memory_s)
+    buffer = gateway.buffer = RedisBuffer(
+        client,
+        settings.shards,
+        settings.retry_memory_s,
+        fsync_always=settings.redis_fsync == "always",
+    )
 
     async def poll_backlog() -> None:
         try:
@@ -208,6 +245,7 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.detail, exc.retry_after_s, exc.extra)
+        response.headers.update(exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -216,6 +254,18 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
         if exc.status == 413:
             detail = f"the body is over {MAX_BODY_BYTES} bytes"
         response = error_response(exc.status, code, detail)
+        if "Allow" in exc.headers:  # a 405 says which methods the route has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+    except STORAGE_UNAVAILABLE as exc:
+        # Storage went away mid-request (a restart, a lost connection): the same promise
+        # as for Redis, a 503 the client may retry.
+        log.warning("%s %s: storage unavailable (%s)", request.method, route, type(exc).__name__)
+        response = error_response(
+            503, "unavailable", "storage does not answer", RETRY_AFTER_UNAVAILABLE_S
+        )
+    except Exception:
+        log.exception("%s %s failed", request.method, route)
+        response = error_response(500, "internal_error", "the server failed; it is logged")
     request.app[GATEWAY].metrics.observe_request(
         route, response.status, time.perf_counter() - started
     )
@@ -402,6 +452,8 @@ def trace_query(person_id: str, params: Mapping[str, str], now_ms: int) -> Trace
         min_overlap_ms = int(parse_duration_s(params.get("min_overlap", "10m")) * 1000)
     except ValueError as exc:
         raise ValueError(f"margin/min_overlap: {exc}") from None
+    if not (0 <= margin_ms <= MAX_TRACE_WINDOW_MS and 0 <= min_overlap_ms <= MAX_TRACE_WINDOW_MS):
+        raise ValueError("margin/min_overlap: at most 24h each")
     return TraceQuery(
         now_ms=now_ms,
         person_id=person_id,

@@ -22,9 +22,9 @@ from typing import Any, Final, NamedTuple
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from .keyspace import EVENT_FIELD, seen_key, stream_key
+from .keyspace import CONSUMER_GROUP, EVENT_FIELD, seen_key, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,20 @@ POOL_WAIT_S: Final = 2.0
 GROUP_TARGET: Final = 48
 GROUP_EVENTS_TARGET: Final = 200
 MAX_IN_FLIGHT: Final = 2
+WAITAOF_TIMEOUT_MS: Final = 2000
 
-APPEND_SCRIPT: Final = b"""
+APPEND_SCRIPT: Final = (
+    b"""
 -- KEYS[1]: the shard's stream; KEYS[2]: the current seen-bucket; KEYS[3..]: older buckets.
 -- ARGV[1]: bucket lifetime (ms); ARGV[2]: the stream field; then (identity, value) pairs.
 -- Returns {stream length, then per event: 1 appended, 0 duplicate}.
+-- A new stream gets its consumer group at once: creating one later is refused once
+-- Redis is at maxmemory, and then no flusher could ever drain the stream.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], '"""
+    + CONSUMER_GROUP.encode()
+    + b"""', '0', 'MKSTREAM')
+end
 local out = {0}
 local added = false
 for i = 3, #ARGV, 2 do
@@ -63,6 +72,7 @@ if added then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
 out[1] = redis.call('XLEN', KEYS[1])
 return out
 """
+)
 APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT, usedforsecurity=False).hexdigest()
 
 
@@ -105,8 +115,20 @@ class RedisBuffer:
     load many requests share each round trip, and a lone request never waits for company.
     """
 
-    def __init__(self, client: aioredis.Redis, shards: int, retry_memory_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        shards: int,
+        retry_memory_s: float,
+        fsync_always: bool = False,
+    ) -> None:
         self.client = client
+        # With fsync_always a write is answered only once it is on the server's disk: the
+        # server fsyncs every write itself (appendfsync always), or the group's pipeline
+        # ends with WAITAOF 1 0 (Redis 7.2+, Valkey), which returns once the local
+        # append-only file holds it. Which of the two is found out at the first write.
+        self.fsync_always = fsync_always
+        self._fsync_mode: str | None = None  # "server" or "waitaof", once known
         self.shards = shards
         self.bucket_ms = max(MIN_BUCKET_MS, int(retry_memory_s * 1000) // 2)
         self._bucket_ttl_ms = str(self.bucket_ms * SEEN_BUCKETS_CHECKED).encode()
@@ -217,10 +239,12 @@ class RedisBuffer:
         (a restart empties the script cache) and rerun only the calls that missed it."""
         pending = dict(calls)
         done: dict[Any, list[int]] = {}
+        wait_aof = self.fsync_always and await self._needs_waitaof()
         for attempt in range(2):
             try:
-                replies = await self._send(list(pending.values()))
+                replies = await self._send(list(pending.values()), wait_aof)
             except RedisError as exc:
+                self._fsync_mode = None  # the server may come back configured otherwise
                 raise BufferUnavailable(_describe(exc)) from exc
             missing: dict[Any, list[Any]] = {}
             for (key, call), reply in zip(pending.items(), replies, strict=True):
@@ -239,23 +263,54 @@ class RedisBuffer:
             pending = missing
         return done
 
-    async def _send(self, calls: list[list[Any]]) -> list[Any]:
+    async def _needs_waitaof(self) -> bool:
+        """Whether a group must end with WAITAOF to be on disk when answered; raises
+        BufferUnavailable when the server can promise neither way."""
+        if self._fsync_mode is None:
+            try:
+                config: Any = await self.client.config_get("appendfsync")
+                fsync = config.get(b"appendfsync", config.get("appendfsync", b""))
+                if fsync in (b"always", "always"):
+                    self._fsync_mode = "server"
+                elif await self.client.execute_command(  # type: ignore[no-untyped-call]
+                    "COMMAND", "INFO", "WAITAOF"
+                ) != [None]:
+                    self._fsync_mode = "waitaof"
+            except RedisError as exc:
+                raise BufferUnavailable(_describe(exc)) from exc
+            if self._fsync_mode is None:
+                raise BufferUnavailable(
+                    "SCANGATE_REDIS_FSYNC=always, but the server neither fsyncs every write "
+                    "(appendfsync always) nor has WAITAOF (Redis 7.2+, Valkey)"
+                )
+            log.info("durable writes: %s", self._fsync_mode)
+        return self._fsync_mode == "waitaof"
+
+    async def _send(self, calls: list[list[Any]], wait_aof: bool = False) -> list[Any]:
         """EVALSHA each call, pipelined on one pooled connection: one write, then the
-        replies in order (an error reply is returned, not raised).
+        replies in order (an error reply is returned, not raised). With ``wait_aof`` the
+        pipeline ends with WAITAOF, and an unconfirmed fsync fails the whole group.
 
         redis-py's Pipeline does the same with more bookkeeping per execution (command
         stack, reset under a shield, retry wrapper) than a group commit can afford.
         """
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        commands: list[tuple[Any, ...]] = [("EVALSHA", *c) for c in calls]
+        if wait_aof:
+            commands.append(("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS))
         try:
-            await conn.send_packed_command(conn.pack_commands([("EVALSHA", *c) for c in calls]))
+            await conn.send_packed_command(conn.pack_commands(commands))
             replies: list[Any] = []
             for _ in calls:
                 try:
                     replies.append(await conn.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
+            if wait_aof:
+                local, _replicas = await conn.read_response()
+                if int(local) < 1:
+                    raise BufferUnavailable("Redis did not confirm the fsync in time")
             return replies
         except BaseException:
             # A half-read connection must not go back to the pool in that state.
@@ -285,6 +340,6 @@ class RedisBuffer:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).split("\n", 1)[0]
-    if text.startswith("OOM"):
+    if isinstance(exc, OutOfMemoryError) or text.startswith("OOM"):
         return "Redis is out of memory (maxmemory reached)"
     return f"Redis unavailable: {type(exc).__name__}"

@@ -90,7 +90,17 @@ async def read_json(request: web.Request) -> Any:
         raise UnsupportedMediaType("send Content-Type: application/json")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.RequestPayloadError:
+        # A body that does not decode as its Content-Encoding says (or is cut short). The
+        # rest of it will not decode either: end it here, so aiohttp does not try to read
+        # it after the answer (and log the decoder's error), and close the connection.
+        request.content.feed_eof()
+        raise MalformedJson(
+            "the body could not be read (check Content-Encoding)",
+            headers={"Connection": "close"},
+        ) from None
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -21,11 +21,13 @@ class ApiError(Exception):
         *,
         retry_after_s: int | None = None,
         extra: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after_s = retry_after_s
         self.extra = extra or {}  # more members of the error body ("field", "tries_left")
+        self.headers = headers or {}
 
 
 class MalformedJson(ApiError):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from storage import ScanEvent, Storage
 from storage.models import PairingRules
@@ -45,6 +45,7 @@ PURGE_EVERY_S: Final = 24 * 3600.0
 BACKLOG_EVERY_S: Final = 1.0
 VENUE_KINDS_EVERY_S: Final = 30.0
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+STORE_ATTEMPT_TIMEOUT_S: Final = 120.0
 
 
 class Entry(NamedTuple):
@@ -168,7 +169,10 @@ class Flusher:
                 # From id 0: entries accepted before any flusher ran are flushed too.
                 await self.client.xgroup_create(key, CONSUMER_GROUP, id="0", mkstream=True)
             except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
+                # BUSYGROUP: it exists. OOM: Redis at maxmemory refuses XGROUP CREATE even
+                # for a group that exists; the gateway makes the group with the stream, so
+                # carry on and drain (XREADGROUP, XACK and XDEL are still allowed).
+                if "BUSYGROUP" not in str(exc) and not isinstance(exc, OutOfMemoryError):
                     raise
         self._groups_ready = True
 
@@ -260,7 +264,9 @@ class Flusher:
         attempt = 0
         while True:
             try:
-                result = await self.storage.store_batch(events, self.rules)
+                # Bounded: a storage call that never returns must not stall the shards.
+                async with asyncio.timeout(STORE_ATTEMPT_TIMEOUT_S):
+                    result = await self.storage.store_batch(events, self.rules)
                 break
             except Exception as exc:
                 # Storage down or failing: keep the batch (its entries stay pending) and try

@@ -185,7 +185,7 @@ class OtpService:
 
     def session_phone(self, token: str, app_id: str, now_s: float) -> str | None:
         """The phone index of a valid, unexpired session of this app; None otherwise."""
-        if len(token) > 512:
+        if len(token) > 512 or not token.isascii():  # header bytes that are not ASCII
             return None
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != SESSION_PREFIX:

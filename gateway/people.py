@@ -21,12 +21,12 @@ from .errors import InvalidField, InvalidPhone
 
 _PHONE_SEPARATORS: Final = re.compile(r"[\s.\-()]")
 # Vietnamese mobile numbers: 03x, 05x, 07x, 08x, 09x and 8 more digits.
-_LOCAL_MOBILE: Final = re.compile(r"0([35789]\d{8})")
-_INTERNATIONAL_MOBILE: Final = re.compile(r"\+84([35789]\d{8})")
-_CCCD: Final = re.compile(r"\d{12}")  # citizen identity card (Căn cước công dân)
-_CMND: Final = re.compile(r"\d{9}")  # the older identity card (Chứng minh nhân dân)
+_LOCAL_MOBILE: Final = re.compile(r"0([35789][0-9]{8})")
+_INTERNATIONAL_MOBILE: Final = re.compile(r"\+84([35789][0-9]{8})")
+_CCCD: Final = re.compile(r"[0-9]{12}")  # citizen identity card (Căn cước công dân)
+_CMND: Final = re.compile(r"[0-9]{9}")  # the older identity card (Chứng minh nhân dân)
 _PASSPORT: Final = re.compile(r"(?=.*[A-Z])[A-Z0-9]{6,9}")
-_INSURANCE: Final = re.compile(r"[A-Z0-9]{10}|[A-Z]{2}\d{13}")
+_INSURANCE: Final = re.compile(r"[A-Z0-9]{10}|[A-Z]{2}[0-9]{13}")
 _ID_ALPHABET: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # no I, L, O, U: read aloud safely
 ANSWER_KEYS: Final = (
     "fever",
@@ -168,7 +168,8 @@ def parse_declaration(doc: object, today: dt.date) -> Declaration:
         raise InvalidField("answers", f"an object with {', '.join(ANSWER_KEYS)}")
     unknown = sorted(set(answers) - set(ANSWER_KEYS))
     if unknown:
-        raise InvalidField(f"answers.{unknown[0][:40]}", "not a question of the declaration")
+        # The unknown key is not echoed: a client may have put anything there.
+        raise InvalidField("answers", f"only these questions: {', '.join(ANSWER_KEYS)}")
     for key in ANSWER_KEYS:
         if not isinstance(answers.get(key), bool):
             raise InvalidField(f"answers.{key}", "true or false")

@@ -73,7 +73,11 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     embedded: RedisProcess | None = None
     if settings.redis_url is None:
         embedded = RedisProcess(
-            valkey_binary(), settings.data_dir / "valkey", unix_socket=True, appendonly=True
+            valkey_binary(),
+            settings.data_dir / "valkey",
+            unix_socket=True,
+            appendonly=True,
+            appendfsync=settings.redis_fsync,
         )
         embedded.start()
         log.info("embedded Valkey started (%s, append-only file on)", embedded.url)

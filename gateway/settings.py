@@ -13,10 +13,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from storage.models import VENUE_KINDS
 
-_DURATION: Final = re.compile(r"(\d+)(ms|s|m|h|d)")
+_DURATION: Final = re.compile(r"([0-9]+)(ms|s|m|h|d)")
+MAX_DURATION_DIGITS: Final = 9  # 999999999d is far beyond any setting; more would overflow
 _UNIT_S: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 SmsSender = Literal["log", "http"]
+RedisFsync = Literal["everysec", "always"]
 
 
 class SettingsError(ValueError):
@@ -26,7 +28,7 @@ class SettingsError(ValueError):
 def parse_duration_s(text: str) -> float:
     """``90s``, ``10m``, ``4h``, ``7d`` (or ``200ms``) in seconds."""
     m = _DURATION.fullmatch(text.strip())
-    if m is None:
+    if m is None or len(m.group(1)) > MAX_DURATION_DIGITS:
         raise ValueError(f"{text!r} is not a duration (write it like 90s, 10m, 4h or 7d)")
     return int(m.group(1)) * _UNIT_S[m.group(2)]
 
@@ -36,6 +38,8 @@ class Settings:
     data_dir: Path = Path("./scangate-data")
     redis_url: str | None = None  # None: start the embedded Valkey server
     redis_cluster: bool = False
+    # "always": answer 2xx only once Redis has the events on disk (see README, durability).
+    redis_fsync: RedisFsync = "everysec"
     storage_url: str | None = None  # None: SQLite in the data dir
     master_key: str | None = field(default=None, repr=False)  # base64; None: key file
     shards: int = 16
@@ -111,6 +115,8 @@ class Settings:
             raise SettingsError("SCANGATE_SHARDS: use 1 to 16384")
         if self.flush_batch < 1:
             raise SettingsError("SCANGATE_FLUSH_BATCH: use at least 1")
+        if self.redis_fsync not in ("everysec", "always"):
+            raise SettingsError("SCANGATE_REDIS_FSYNC: use everysec or always")
         if self.sms not in ("log", "http"):
             raise SettingsError("SCANGATE_SMS: use log or http")
         if self.sms == "http" and not self.sms_url:

@@ -43,6 +43,8 @@ from .models import PairingRules, ScanEvent, Visit
 MIGRATION_LOCK: Final = 0x5C4A_0001
 PARTITION_LOCK: Final = 0x5C4A_0002
 POOL_MAX: Final = 8
+COMMAND_TIMEOUT_S: Final = 60.0
+ACQUIRE_TIMEOUT_S: Final = 10.0
 # Persons are locked by stripe (the two-key advisory locks of class PERSON_LOCKS), not one
 # by one: a batch of 2,000 persons would otherwise take 2,000 locks, and a few flushers
 # exhaust PostgreSQL's shared lock table (max_locks_per_transaction x max_connections,
@@ -102,7 +104,13 @@ class PostgresStorage(Storage):
             settings["search_path"] = search_path
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=POOL_MAX, timeout=10, server_settings=settings
+                url,
+                min_size=1,
+                max_size=POOL_MAX,
+                timeout=10,
+                # No statement waits forever on a server that went away mid-answer.
+                command_timeout=COMMAND_TIMEOUT_S,
+                server_settings=settings,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -176,7 +184,24 @@ class PostgresStorage(Storage):
         for e in events:
             first.setdefault((e.app_id, e.event_id), e)
         unique = list(first.values())
-        async with self._pool.acquire() as conn, conn.transaction():
+        try:
+            return await self._store(unique, len(events), rules)
+        except (
+            OSError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            asyncpg.PostgresConnectionError,
+        ):
+            # The server went away under us (asyncpg can then keep a connection whose
+            # protocol state is confused, MagicStack/asyncpg#784): replace every pooled
+            # connection rather than trust one of them again.
+            await self._pool.expire_connections()
+            raise
+
+    async def _store(
+        self, unique: list[ScanEvent], received: int, rules: PairingRules
+    ) -> BatchResult:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
             new_ids = await conn.fetch(
                 "INSERT INTO scan_event_ids (app_id, event_id, scanned_at) "
                 f"SELECT a, e, {_ts('s')} FROM unnest($1::text[], $2::text[], $3::bigint[]) "
@@ -203,7 +228,7 @@ class PostgresStorage(Storage):
                     sorted({_lock_stripe(p) for p in earliest}),
                 )
                 await self._rederive(conn, earliest, rules)
-        return BatchResult(len(new), len(events) - len(new), len(earliest))
+        return BatchResult(len(new), received - len(new), len(earliest))
 
     async def _insert_events(self, conn: asyncpg.Connection, events: list[ScanEvent]) -> None:
         await conn.execute(

@@ -12,7 +12,8 @@ from typing import Final
 _UTC: Final = dt.UTC
 # RFC 3339 date-time: a "T" (or space) separator, optional fraction, and a mandatory offset.
 _RFC3339: Final = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"  # ASCII digits only
+    r"(?:\.[0-9]{1,9})?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 # Epoch ms accepted as input: 1970 to year 9999, so arithmetic never overflows a timestamp.
 MAX_EPOCH_MS: Final = 253_402_300_799_999
@@ -31,7 +32,7 @@ def parse_time_ms(value: object) -> int:
         if len(value) > 40 or not _RFC3339.fullmatch(value):
             raise ValueError("not RFC 3339 with an offset (e.g. 2026-11-25T10:04:05+07:00)")
         text = value.replace("z", "Z").replace("t", "T")
-        frac = re.search(r"\.(\d+)", text)
+        frac = re.search(r"\.([0-9]+)", text)
         if frac and len(frac.group(1)) > 6:  # fromisoformat takes at most microseconds
             text = text.replace(frac.group(0), "." + frac.group(1)[:6])
         try:
