@@ -37,6 +37,9 @@ POOL_WAIT_S: Final = 2.0
 GROUP_TARGET: Final = 48
 GROUP_EVENTS_TARGET: Final = 200
 MAX_IN_FLIGHT: Final = 2
+# WAITAOF holds a group until the server's next fsync (up to its cron tick, ~100 ms): let
+# more groups wait at once, or the fsync wait would cap throughput at 2 groups per tick.
+MAX_IN_FLIGHT_WAITAOF: Final = 16
 WAITAOF_TIMEOUT_MS: Final = 2000
 
 APPEND_SCRIPT: Final = (
@@ -167,7 +170,8 @@ class RedisBuffer:
             # The group commit: while MAX_IN_FLIGHT groups are at Redis, what arrives
             # queues and goes together in the next group. When Redis is idle a write goes
             # at once, so a lone request never waits for company.
-            while len(in_flight) >= MAX_IN_FLIGHT and not self._group_full.is_set():
+            limit = MAX_IN_FLIGHT_WAITAOF if self._fsync_mode == "waitaof" else MAX_IN_FLIGHT
+            while len(in_flight) >= limit and not self._group_full.is_set():
                 await asyncio.wait(set(in_flight), return_when="FIRST_COMPLETED")
             self._group_full.clear()
             group, self._queue, self._queued_events = self._queue, [], 0

@@ -73,8 +73,22 @@ class Ledger:
                 # Only events whose earlier request failed are ever posted twice.
                 self.duplicate_after_failure.add(event_id)
 
+    def summary(self, stored: int) -> str:
+        statuses = ", ".join(f"{s}: {n}" for s, n in sorted(self.statuses.items()))
+        failures = ", ".join(f"{k}: {n}" for k, n in sorted(self.failures.items())) or "none"
+        return (
+            f"accepted {len(self.accepted)}, rejected {len(self.rejected)}, duplicate after a "
+            f"failed request {len(self.duplicate_after_failure)}, stored {stored}; HTTP "
+            f"statuses {{{statuses}}}; failed requests {{{failures}}}"
+        )
+
     def check(self, stored: Sequence[str]) -> None:
         """The promise, against the event ids found in storage."""
+        # Shown with `pytest -s` (RELIABILITY.md quotes these lines).
+        print(
+            f"\nLEDGER {os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}: "
+            f"{self.summary(len(stored))}"
+        )
         counts = Counter(stored)
         twice = [e for e, n in counts.items() if n > 1]
         assert not twice, f"stored more than once: {twice[:5]}"
