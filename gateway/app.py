@@ -201,7 +201,13 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     gateway.storage = await connect_storage(
         settings.resolved_storage_url, timezone=settings.timezone
     )
+    if settings.trace_storage_url:
+        gateway.trace_storage = await connect_storage(
+            settings.trace_storage_url, timezone=settings.timezone, migrate=False
+        )
     yield
+    if gateway.trace_storage is not None:
+        await gateway.trace_storage.close()
     await gateway.storage.close()
 
 
@@ -430,7 +436,7 @@ async def get_trace(request: web.Request) -> web.Response:
     if reveal not in ("0", "1"):
         raise InvalidRequest("reveal: 0 or 1")
     actor = f"admin:{admin}"
-    rows = await storage.trace(query, actor=actor)
+    rows = await storage.trace(query, actor=actor, read_from=gateway.trace_storage)
     revealed = None
     if reveal == "1":
         revealed = await declarations.reveal_contacts(

@@ -249,7 +249,16 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     actor = f"cli:{getpass.getuser()}"
 
     async def work(storage: Storage) -> int:
-        rows = await storage.trace(query, actor=actor)
+        replica = None
+        if settings.trace_storage_url:
+            replica = await connect_storage(
+                settings.trace_storage_url, timezone=settings.timezone, migrate=False
+            )
+        try:
+            rows = await storage.trace(query, actor=actor, read_from=replica)
+        finally:
+            if replica is not None:
+                await replica.close()
         revealed = None
         if args.reveal:
             from .declarations import reveal_contacts

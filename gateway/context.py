@@ -43,6 +43,7 @@ class Gateway:
     rate_limits: TokenBuckets | None
     buffer: RedisBuffer | None = None
     storage: Storage | None = None
+    trace_storage: Storage | None = None  # SCANGATE_TRACE_STORAGE_URL, when set
     # Open once storage is: the data key lives there.
     personal: PersonalData | None = None
     otp: OtpService | None = None

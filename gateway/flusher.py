@@ -42,6 +42,8 @@ MAX_BLOCK_MS: Final = 1000  # wake at least this often to notice a stop request
 READ_AHEAD_POLL_S: Final = 0.01
 CLAIM_EVERY_S: Final = 5.0
 PURGE_EVERY_S: Final = 24 * 3600.0
+PREPARE_EVERY_S: Final = 3600.0
+DAYS_AHEAD: Final = 7  # partitions made this far ahead, hourly
 BACKLOG_EVERY_S: Final = 1.0
 VENUE_KINDS_EVERY_S: Final = 30.0
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -87,6 +89,7 @@ class Flusher:
         self._groups_ready = False
         self._last_claim = 0.0
         self._last_purge = 0.0
+        self._last_prepare = 0.0
         self._last_backlog = 0.0
         self._last_venue_kinds = 0.0
         # Entries read while the previous batch was being stored: the next batch.
@@ -156,6 +159,13 @@ class Flusher:
         if now - self._last_backlog >= BACKLOG_EVERY_S:
             self._last_backlog = now
             await self._report_backlog()
+        if now - self._last_prepare >= PREPARE_EVERY_S:
+            self._last_prepare = now
+            try:
+                await self.storage.prepare_days(DAYS_AHEAD)
+            except Exception:
+                self.metrics.flush_errors.inc()
+                log.exception("flusher: preparing the next days failed; trying again in an hour")
         if now - self._last_purge >= PURGE_EVERY_S:
             self._last_purge = now
             await self.purge()

@@ -41,6 +41,8 @@ class Settings:
     # "always": answer 2xx only once Redis has the events on disk (see README, durability).
     redis_fsync: RedisFsync = "everysec"
     storage_url: str | None = None  # None: SQLite in the data dir
+    # Tracing reads visits from here when set (a read-only replica); audit goes to storage.
+    trace_storage_url: str | None = None
     master_key: str | None = field(default=None, repr=False)  # base64; None: key file
     shards: int = 16
     retry_memory_s: float = 600

@@ -178,14 +178,22 @@ class Storage(Registry, abc.ABC):
     @abc.abstractmethod
     async def audit_entries(self) -> list[AuditEntry]: ...
 
+    async def prepare_days(self, days_ahead: int) -> None:
+        """Make what the next ``days_ahead`` days need before their first scan (PostgreSQL:
+        their partitions), so no batch at midnight waits on DDL. Nothing to do by default."""
+
     @abc.abstractmethod
     async def ping(self) -> bool: ...
 
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    async def trace(self, query: TraceQuery, actor: str) -> list[ContactRow]:
-        """Contacts of a person (DESIGN.md, "Contact tracing"), audit-logged."""
+    async def trace(
+        self, query: TraceQuery, actor: str, read_from: Storage | None = None
+    ) -> list[ContactRow]:
+        """Contacts of a person (DESIGN.md, "Contact tracing"), audit-logged here; the
+        visits are read from ``read_from`` when given (a read-only replica)."""
+        reader = read_from or self
         await self.audit(
             actor,
             "trace",
@@ -193,10 +201,10 @@ class Storage(Registry, abc.ABC):
             f"days={query.days} margin_ms={query.margin_ms} "
             f"min_overlap_ms={query.min_overlap_ms} depth={query.depth}",
         )
-        rows = await self._contacts(query, query.person_id, 1, None, frozenset({query.person_id}))
+        rows = await reader._contacts(query, query.person_id, 1, None, frozenset({query.person_id}))
         if query.depth == 2:
             for contact in depth2_persons(rows):
-                rows += await self._contacts(
+                rows += await reader._contacts(
                     query, contact, 2, contact, frozenset({query.person_id, contact})
                 )
         return rows
@@ -216,9 +224,11 @@ class Storage(Registry, abc.ABC):
         return contacts_of(case_visits, candidates, query, depth, via, exclude)
 
 
-async def connect_storage(url: str, *, timezone: str = "Asia/Ho_Chi_Minh") -> Storage:
+async def connect_storage(
+    url: str, *, timezone: str = "Asia/Ho_Chi_Minh", migrate: bool = True
+) -> Storage:
     """Open the storage a URL names (``sqlite:///path`` or ``postgresql://...``) and apply
-    pending migrations."""
+    pending migrations (not with ``migrate=False``: a read-only replica for tracing)."""
     storage: Storage
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStorage
@@ -233,6 +243,8 @@ async def connect_storage(url: str, *, timezone: str = "Asia/Ho_Chi_Minh") -> St
             "SCANGATE_STORAGE_URL must start with sqlite:/// or postgresql:// "
             f"(got {url.split(':', 1)[0]!r})"
         )
+    if not migrate:
+        return storage
     try:
         await storage.migrate()
     except BaseException:

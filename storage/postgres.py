@@ -134,10 +134,14 @@ class PostgresStorage(Storage):
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO schema_migrations VALUES ($1, now())", version)
                 applied.append(version)
-        # Today and the next two days exist before the first scan of the day arrives.
-        today = dt.datetime.now(self._tz).date()
-        await self.ensure_days([today + dt.timedelta(days=i) for i in range(3)])
+        # Today and the next days exist before their first scan arrives; the flusher
+        # keeps a week ahead from then on.
+        await self.prepare_days(2)
         return applied
+
+    async def prepare_days(self, days_ahead: int) -> None:
+        today = dt.datetime.now(self._tz).date()
+        await self.ensure_days([today + dt.timedelta(days=i) for i in range(days_ahead + 1)])
 
     def day_of(self, ms: int) -> dt.date:
         return dt.datetime.fromtimestamp(ms / 1000, self._tz).date()

@@ -197,3 +197,26 @@ async def test_admin_tokens_are_stored_hashed(storage: Storage) -> None:
     assert await storage.admin_for_token(token + "x") is None
     with pytest.raises(Exception, match="already exists"):
         await storage.add_admin("officer1")
+
+
+async def test_the_next_days_are_prepared_before_their_first_scan(storage: Storage) -> None:
+    await storage.prepare_days(7)  # SQLite: nothing to prepare, and no error
+    if storage.kind != "postgresql":
+        return
+    from storage.postgres import PostgresStorage
+
+    assert isinstance(storage, PostgresStorage)
+    async with storage._pool.acquire() as conn:
+        names = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'scan_events'::regclass"
+            )
+        }
+    today = dt.datetime.now(storage._tz).date()
+    wanted = {f"scan_events_p{today + dt.timedelta(days=i):%Y%m%d}" for i in range(8)}
+    assert wanted <= names, sorted(wanted - names)
+    # A batch a week from now goes straight in: its day exists.
+    week = [ev("checkin", "V1", "10:00", person="LATER", day=7)]
+    assert (await storage.store_batch(week, RULES)).inserted == 1

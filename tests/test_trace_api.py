@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import io
@@ -22,8 +23,11 @@ from storage import PairingRules, ScanEvent, connect_storage
 HOUR = 3_600_000
 
 
-def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    data_dir: Path, *args: str, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCANGATE_")}
+    env.update(extra_env or {})
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
         capture_output=True,
@@ -143,3 +147,40 @@ def test_migrate_and_purge_commands(tmp_path: Path) -> None:
     result = cli(tmp_path, "purge")
     assert result.returncode == 0
     assert json.loads(result.stdout)["events"] == 0
+
+
+async def test_tracing_reads_the_trace_storage_and_audits_in_the_primary(
+    tmp_path: Path, keyring: Any, master_key: bytes, redis_url: str
+) -> None:
+    # The "replica" holds the visits; the primary has none, and gets the audit entries.
+    replica_dir = tmp_path / "replica"
+    replica_dir.mkdir()
+    await plant(replica_dir)
+    replica_url = f"sqlite:///{replica_dir / 'scangate.db'}"
+    settings = Settings(
+        data_dir=tmp_path,
+        redis_url=redis_url,
+        master_key=base64.b64encode(master_key).decode(),
+        trace_storage_url=replica_url,
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    try:
+        storage = client.server.app[__import__("gateway.app").app.GATEWAY].storage
+        auth = {"Authorization": f"Bearer {await storage.add_admin('officer1')}"}
+        rows = await (await client.get("/v1/trace/CASE", headers=auth)).json()
+        assert [r["person_id"] for r in rows] == ["=CONTACT"]
+        assert await storage.all_visits() == []
+        assert [a.action for a in await storage.audit_entries()] == ["trace"]
+    finally:
+        await client.close()
+    replica = await connect_storage(replica_url)
+    try:
+        assert await replica.audit_entries() == []
+    finally:
+        await replica.close()
+    # The CLI reads from it too.
+    result = await asyncio.to_thread(
+        cli, tmp_path, "trace", "CASE", extra_env={"SCANGATE_TRACE_STORAGE_URL": replica_url}
+    )
+    assert [r["person_id"] for r in json.loads(result.stdout)] == ["=CONTACT"], result.stderr
