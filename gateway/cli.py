@@ -225,7 +225,7 @@ def cmd_flush(args: argparse.Namespace, settings: Settings) -> int:
 
     if settings.redis_url is None:
         raise UsageError("scangate flush needs SCANGATE_REDIS_URL (serve runs its own flusher)")
-    return run_flusher(settings, metrics_port=args.metrics_port)
+    return run_flusher(settings, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
 
 
 def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
@@ -473,7 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve this flusher's Prometheus metrics on 127.0.0.1:PORT",
+        help="serve this flusher's Prometheus metrics on HOST:PORT",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 in a container)",
     )
     p = leaf(
         groups,

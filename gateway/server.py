@@ -224,17 +224,21 @@ def calm_collector() -> None:
 # -- flusher process -------------------------------------------------------------------------
 
 
-def run_flusher(settings: Settings, metrics_port: int | None = None) -> int:
+def run_flusher(
+    settings: Settings, metrics_port: int | None = None, metrics_host: str = "127.0.0.1"
+) -> int:
     """A flusher process: flush until SIGTERM/SIGINT, finishing the batch in hand."""
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
     )
     import uvloop
 
-    return uvloop.run(_flush_until_stopped(settings, metrics_port))
+    return uvloop.run(_flush_until_stopped(settings, metrics_port, metrics_host))
 
 
-async def _flush_until_stopped(settings: Settings, metrics_port: int | None) -> int:
+async def _flush_until_stopped(
+    settings: Settings, metrics_port: int | None, metrics_host: str
+) -> int:
     from storage import connect_storage
 
     from .buffer import connect_redis
@@ -250,7 +254,7 @@ async def _flush_until_stopped(settings: Settings, metrics_port: int | None) -> 
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
     storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
     client = connect_redis(settings.redis_url)
     calm_collector()
