@@ -183,6 +183,11 @@ def run_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
         import uvloop
 
         uvloop.run(_serve_worker(settings, options, ready))
+    except OSError as exc:
+        # The port is taken, or the address cannot be bound: the supervisor says so on one
+        # line; a traceback would add nothing.
+        ready.put(("failed", f"{exc.strerror or exc}"))
+        raise SystemExit(1) from None
     except Exception as exc:
         ready.put(("failed", f"{type(exc).__name__}: {exc}"))
         raise

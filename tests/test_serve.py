@@ -56,8 +56,23 @@ def request(url: str, body: Any = None, token: str | None = None) -> tuple[int, 
         return exc.code, exc.read()
 
 
+class PortTaken(Exception):
+    """serve could not bind the port we picked."""
+
+
 class Served:
     def __init__(self, data_dir: Path, workers: int) -> None:
+        # A free port can be taken by another server between our probe and serve's bind
+        # (the suite starts many): try another port then, a few times.
+        for attempt in range(3):
+            try:
+                self._start(data_dir, workers)
+                return
+            except PortTaken:
+                if attempt == 2:
+                    raise
+
+    def _start(self, data_dir: Path, workers: int) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -85,7 +100,11 @@ class Served:
                     return
             except OSError:
                 pass
-            assert self.proc.poll() is None, self.proc.communicate()[0]
+            if self.proc.poll() is not None:
+                out = self.proc.communicate()[0]
+                if "address already in use" in out.lower():
+                    raise PortTaken(out)
+                raise AssertionError(out)
             time.sleep(0.2)
         raise AssertionError("serve did not become ready")
 
