@@ -170,10 +170,18 @@ async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
     )
 
     async def poll_backlog() -> None:
+        # The backlog, Redis's memory and readiness: Redis answering this poll stands for
+        # the ping /readyz would send. Storage opens after Redis, so early polls say 0.
+        metrics = gateway.metrics
         try:
-            gateway.metrics.set_backlog(await buffer.poll_lengths())
+            state = await buffer.poll()
         except BufferUnavailable:
-            gateway.metrics.redis_errors.inc()
+            metrics.redis_errors.inc()
+            metrics.set_ready(False)
+            return
+        metrics.set_backlog(state.lengths)
+        metrics.set_redis_memory(state.memory_used_bytes, state.maxmemory_bytes)
+        metrics.set_ready(gateway.storage is not None and await gateway.storage.ping())
 
     task = Periodic("backlog-poll", poll_backlog, BACKLOG_POLL_S)
     yield
@@ -404,10 +412,14 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 async def get_readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
+    down = None
     if gateway.buffer is None or not await gateway.buffer.ping():
-        raise Unavailable("Redis does not answer", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
-    if gateway.storage is None or not await gateway.storage.ping():
-        raise Unavailable("storage does not answer", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
+        down = "Redis"
+    elif gateway.storage is None or not await gateway.storage.ping():
+        down = "storage"
+    gateway.metrics.set_ready(down is None)
+    if down is not None:
+        raise Unavailable(f"{down} does not answer", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
     return web.Response(body=b'{"status":"ready","redis":"ok","storage":"ok"}', content_type=JSON)
 
 

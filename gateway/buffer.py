@@ -325,21 +325,37 @@ class RedisBuffer:
 
     async def poll_lengths(self) -> list[int]:
         """Every shard's stream length (entries not yet flushed), in one round trip."""
+        return (await self.poll()).lengths
+
+    async def poll(self) -> BufferState:
+        """Every shard's stream length and the server's memory, in one round trip."""
         try:
             pipe = self.client.pipeline(transaction=False)
             for shard in range(self.shards):
                 pipe.xlen(stream_key(shard))
-            lengths = [int(n) for n in await pipe.execute()]
+            pipe.info("memory")
+            *replies, memory = await pipe.execute()
         except RedisError as exc:
             raise BufferUnavailable(_describe(exc)) from exc
+        lengths = [int(n) for n in replies]
         self.lengths = lengths
-        return lengths
+        return BufferState(
+            lengths, int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+        )
 
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
         except RedisError:
             return False
+
+
+class BufferState(NamedTuple):
+    """What a poll of the buffer reads (``RedisBuffer.poll``)."""
+
+    lengths: list[int]  # entries not yet flushed, per shard
+    memory_used_bytes: int
+    maxmemory_bytes: int  # 0: no limit
 
 
 def _describe(exc: BaseException) -> str:

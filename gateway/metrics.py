@@ -93,6 +93,27 @@ class Metrics:
         self.redis_errors = Counter(
             "scangate_redis_errors_total", "Redis calls that failed.", registry=r
         )
+        # Set by the periodic poll (and by /readyz). Under serve the lowest value of the
+        # live workers: one worker that cannot reach Redis or storage makes it 0.
+        self.ready = Gauge(
+            "scangate_ready",
+            "1 when Redis and storage answer, else 0.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        # Every worker polls the same server: the most recent reading is the one to show.
+        self.redis_memory_used = Gauge(
+            "scangate_redis_memory_used_bytes",
+            "Memory Redis uses (INFO memory used_memory).",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.redis_maxmemory = Gauge(
+            "scangate_redis_maxmemory_bytes",
+            "Redis's maxmemory (INFO memory maxmemory); 0 means unlimited.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         # The hot path only adds to these plain counts; ``publish`` moves them into the
         # Prometheus values once a second and before every scrape. In multiprocess mode
         # each Prometheus increment is a locked write to a memory-mapped file, several per
@@ -134,6 +155,13 @@ class Metrics:
     def set_backlog(self, lengths: list[int]) -> None:
         for shard, n in enumerate(lengths):
             self.stream_backlog.labels(str(shard)).set(n)
+
+    def set_redis_memory(self, used_bytes: int, max_bytes: int) -> None:
+        self.redis_memory_used.set(used_bytes)
+        self.redis_maxmemory.set(max_bytes)
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready.set(1 if ready else 0)
 
     def exposition(self) -> bytes:
         self.publish()
