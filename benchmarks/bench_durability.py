@@ -35,6 +35,7 @@ from gateway.events import ScanEvent, encode_event
 from gateway.keyspace import seen_field, shard_of
 
 SHARDS = 16
+REPO = str(Path(__file__).resolve().parent.parent)
 EVENTS_PER_REQUEST = 10
 MODES = (
     ("everysec (default)", "everysec", False),
@@ -44,11 +45,22 @@ MODES = (
 
 
 async def measure(
-    url: str, fsync_always: bool, seconds: float, writers: int
+    url: str,
+    fsync_always: bool,
+    seconds: float,
+    writers: int,
+    cluster: bool = False,
+    wait_replicas: int = 0,
 ) -> tuple[float, float, float]:
     """(events/s, p50 ms, p99 ms) of appends over ``seconds``."""
-    client = connect_redis(url)
-    buffer = RedisBuffer(client, SHARDS, retry_memory_s=600, fsync_always=fsync_always)
+    client = connect_redis(url, cluster)
+    buffer = RedisBuffer(
+        client,
+        SHARDS,
+        retry_memory_s=600,
+        fsync_always=fsync_always,
+        wait_replicas=wait_replicas,
+    )
     latencies: list[float] = []
     counter = 0
     stop_at = time.monotonic() + seconds
@@ -110,6 +122,57 @@ async def run(seconds: float, writer_counts: list[int]) -> list[Row]:
     return rows
 
 
+async def run_cluster(seconds: float, writers: int, rounds: int = 3) -> list[Row]:
+    """SCANGATE_REDIS_WAIT_REPLICAS=0 against 1 on a local cluster of 3 masters and 3
+    replicas (Debian's redis-server), alternating, ``rounds`` times after a warm-up."""
+    sys.path.insert(0, REPO)
+    from tests.servers import LocalCluster  # the test suite's cluster, started the same way
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="sg-cluster-") as work:
+        cluster = LocalCluster(Path(work))
+        try:
+            # Warm-up (not reported): the first seconds on a new cluster run slow.
+            await measure(cluster.url, False, seconds, writers, cluster=True)
+            for _ in range(rounds):
+                for wait in (0, 1):
+                    label = f"cluster, WAIT {wait} replica" + ("s" if wait != 1 else "")
+                    rate, p50, p99 = await measure(
+                        cluster.url, False, seconds, writers, cluster=True, wait_replicas=wait
+                    )
+                    print(f"{label}: {rate:,.0f} events/s, p99 {p99:.2f} ms", flush=True)
+                    rows.append((label, writers, rate, p50, p99))
+        finally:
+            cluster.stop()
+    return rows
+
+
+def report_cluster(rows: list[Row], seconds: float) -> str:
+    lines = [
+        "## Redis Cluster: what SCANGATE_REDIS_WAIT_REPLICAS=1 costs (issue 8)",
+        "",
+        f"{dt.date.today().isoformat()} · a local cluster of 3 masters and 3 replicas "
+        "(redis-server 7.0, append-only everysec) on this 2-core machine, "
+        f"{rows[0][1]} concurrent writers of {EVENTS_PER_REQUEST} events through "
+        f"`RedisBuffer.append`, {seconds:.0f} s per row, rows alternating; the ratio compares "
+        "with the WAIT 0 row just before it.",
+        "",
+        "| mode | events/s | ratio to WAIT 0 | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    base = rows[0][2]
+    for label, _writers, rate, p50, p99 in rows:
+        if "WAIT 0" in label:
+            base = rate
+        lines.append(f"| {label} | {rate:,.0f} | {rate / base:.2f} | {p50:.2f} | {p99:.2f} |")
+    lines += [
+        "",
+        "Reproduce: `python benchmarks/bench_durability.py --cluster "
+        "--results benchmarks/RESULTS.md`",
+    ]
+    return "\n".join(lines)
+
+
 def report(rows: list[Row], seconds: float) -> str:
     base = {writers: rate for label, writers, rate, _p50, _p99 in rows if label == MODES[0][0]}
     lines = [
@@ -140,8 +203,20 @@ def main() -> int:
     parser.add_argument(
         "--writers", default="32,512", help="concurrent writers, comma-separated (default 32,512)"
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: WAIT 0 against WAIT 1 on a local Redis Cluster (needs redis-server)",
+    )
     parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md")
     args = parser.parse_args()
+    if args.cluster:
+        rows = asyncio.run(run_cluster(args.seconds, int(args.writers.split(",")[0])))
+        text = report_cluster(rows, args.seconds)
+        print(text)
+        if args.results:
+            write_section(args.results, "bench_cluster_wait", text)
+        return 0
     rows = asyncio.run(run(args.seconds, [int(w) for w in args.writers.split(",")]))
     text = report(rows, args.seconds)
     print(text)

@@ -161,12 +161,13 @@ async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
     settings = gateway.settings
     if settings.redis_url is None:
         raise RuntimeError("create_app needs settings.redis_url (serve starts the server)")
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_url, settings.redis_cluster)
     buffer = gateway.buffer = RedisBuffer(
         client,
         settings.shards,
         settings.retry_memory_s,
         fsync_always=settings.redis_fsync == "always",
+        wait_replicas=settings.redis_wait_replicas,
     )
 
     async def poll_backlog() -> None:

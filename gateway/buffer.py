@@ -14,12 +14,14 @@ about the memory of one hash field per event and no per-event key or expiry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
@@ -41,6 +43,7 @@ MAX_IN_FLIGHT: Final = 2
 # more groups wait at once, or the fsync wait would cap throughput at 2 groups per tick.
 MAX_IN_FLIGHT_WAITAOF: Final = 16
 WAITAOF_TIMEOUT_MS: Final = 2000
+WAIT_TIMEOUT_MS: Final = 2000
 
 APPEND_SCRIPT: Final = (
     b"""
@@ -83,9 +86,23 @@ class BufferUnavailable(Exception):
     """Redis did not take the write (down, loading, out of memory): answer 503."""
 
 
-def connect_redis(url: str) -> aioredis.Redis:
+def connect_redis(url: str, cluster: bool = False) -> aioredis.Redis:
     """A client that fails fast: a scan request waits on Redis for seconds at most, and a
-    write is never retried behind our back (the caller answers 503, the app retries)."""
+    write is never retried behind our back (the caller answers 503, the app retries).
+
+    With ``cluster`` the URL names any node of a Redis Cluster and the client is redis-py's
+    cluster client (typed as a plain client: callers use only what both offer, and the
+    buffer and flusher take the cluster's own path where the two differ).
+    """
+    if cluster:
+        client: Any = RedisCluster.from_url(
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            decode_responses=False,
+            max_connections=MAX_CONNECTIONS,
+        )
+        return client  # type: ignore[no-any-return]
     # A blocking pool: when every connection is busy a caller waits (bounded) for one
     # instead of failing at once, as the default pool does past its size.
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -124,8 +141,14 @@ class RedisBuffer:
         shards: int,
         retry_memory_s: float,
         fsync_always: bool = False,
+        wait_replicas: int = 0,
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
+        # With wait_replicas a write is answered only once that many replicas have it
+        # (WAIT after the group's scripts, on the same connection): a master that dies then
+        # loses nothing it answered for.
+        self.wait_replicas = wait_replicas
         # With fsync_always a write is answered only once it is on the server's disk: the
         # server fsyncs every write itself (appendfsync always), or the group's pipeline
         # ends with WAITAOF 1 0 (Redis 7.2+, Valkey), which returns once the local
@@ -246,7 +269,10 @@ class RedisBuffer:
         wait_aof = self.fsync_always and await self._needs_waitaof()
         for attempt in range(2):
             try:
-                replies = await self._send(list(pending.values()), wait_aof)
+                if self.cluster:
+                    replies = await self._send_cluster(list(pending.values()), wait_aof)
+                else:
+                    replies = await self._send(list(pending.values()), wait_aof)
             except RedisError as exc:
                 self._fsync_mode = None  # the server may come back configured otherwise
                 raise BufferUnavailable(_describe(exc)) from exc
@@ -261,6 +287,7 @@ class RedisBuffer:
             if not missing:
                 break
             try:
+                # On a cluster, SCRIPT LOAD goes to every primary.
                 await self.client.script_load(APPEND_SCRIPT)
             except RedisError as exc:
                 raise BufferUnavailable(_describe(exc)) from exc
@@ -290,6 +317,70 @@ class RedisBuffer:
             log.info("durable writes: %s", self._fsync_mode)
         return self._fsync_mode == "waitaof"
 
+    async def _send_cluster(self, calls: list[list[Any]], wait_aof: bool) -> list[Any]:
+        """``_send`` for a Redis Cluster: the calls grouped by the node that holds their
+        slot (each call's keys share one hash tag), every node's group pipelined on one of
+        its connections, the nodes concurrently. A node that answers MOVED or fails makes
+        the client re-read the cluster's layout before the next write."""
+        client: Any = self.client
+        await client.initialize()  # the slot map, read once (a no-op afterwards)
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, call in enumerate(calls):
+            node = client.get_node_from_key(call[2])  # EVALSHA sha numkeys key ...
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(calls)
+
+        async def on_node(node: Any, indexes: list[int]) -> None:
+            conn = node.acquire_connection()
+            try:
+                got = await self._pipelined(conn, [calls[i] for i in indexes], wait_aof)
+            except BaseException:
+                await conn.disconnect()
+                raise
+            finally:
+                node.release(conn)
+            for i, reply in zip(indexes, got, strict=True):
+                replies[i] = reply
+
+        try:
+            await asyncio.gather(*(on_node(n, idx) for n, idx in by_node.values()))
+        except (RedisError, OSError, BufferUnavailable):
+            await self._refresh_layout()
+            raise
+        if any(isinstance(r, ResponseError) and not isinstance(r, NoScriptError) for r in replies):
+            await self._refresh_layout()  # MOVED, ASK, CLUSTERDOWN: the layout changed
+        return replies
+
+    async def _refresh_layout(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
+
+    async def _pipelined(self, conn: Any, calls: list[list[Any]], wait_aof: bool) -> list[Any]:
+        """EVALSHA each call on ``conn`` in one write, then WAITAOF / WAIT when asked for."""
+        commands: list[tuple[Any, ...]] = [("EVALSHA", *c) for c in calls]
+        if wait_aof:
+            commands.append(("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS))
+        if self.wait_replicas:
+            commands.append(("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS))
+        await conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in calls:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        if wait_aof:
+            local, _replicas = await conn.read_response()
+            if int(local) < 1:
+                raise BufferUnavailable("Redis did not confirm the fsync in time")
+        if self.wait_replicas:
+            acked = int(await conn.read_response())
+            if acked < self.wait_replicas:
+                raise BufferUnavailable(
+                    f"only {acked} of {self.wait_replicas} replicas confirmed the write in time"
+                )
+        return replies
+
     async def _send(self, calls: list[list[Any]], wait_aof: bool = False) -> list[Any]:
         """EVALSHA each call, pipelined on one pooled connection: one write, then the
         replies in order (an error reply is returned, not raised). With ``wait_aof`` the
@@ -300,22 +391,8 @@ class RedisBuffer:
         """
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        commands: list[tuple[Any, ...]] = [("EVALSHA", *c) for c in calls]
-        if wait_aof:
-            commands.append(("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS))
         try:
-            await conn.send_packed_command(conn.pack_commands(commands))
-            replies: list[Any] = []
-            for _ in calls:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            if wait_aof:
-                local, _replicas = await conn.read_response()
-                if int(local) < 1:
-                    raise BufferUnavailable("Redis did not confirm the fsync in time")
-            return replies
+            return await self._pipelined(conn, calls, wait_aof)
         except BaseException:
             # A half-read connection must not go back to the pool in that state.
             await conn.disconnect()
@@ -333,8 +410,12 @@ class RedisBuffer:
             pipe = self.client.pipeline(transaction=False)
             for shard in range(self.shards):
                 pipe.xlen(stream_key(shard))
-            pipe.info("memory")
-            *replies, memory = await pipe.execute()
+            if self.cluster:
+                replies = await pipe.execute()
+                memory = await self._fullest_primary()
+            else:
+                pipe.info("memory")
+                *replies, memory = await pipe.execute()
         except RedisError as exc:
             raise BufferUnavailable(_describe(exc)) from exc
         lengths = [int(n) for n in replies]
@@ -342,6 +423,20 @@ class RedisBuffer:
         return BufferState(
             lengths, int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
         )
+
+    async def _fullest_primary(self) -> dict[str, Any]:
+        """INFO memory of the cluster's primary nearest its maxmemory: the one that will
+        refuse writes first."""
+        client: Any = self.client
+        per_node = await client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        infos = list(per_node.values()) if isinstance(per_node, dict) else [per_node]
+        infos = [i for i in infos if isinstance(i, dict) and "used_memory" in i] or [per_node]
+
+        def fullness(info: dict[str, Any]) -> float:
+            limit = int(info.get("maxmemory", 0))
+            return int(info.get("used_memory", 0)) / limit if limit else 0.0
+
+        return max(infos, key=fullness)
 
     async def ping(self) -> bool:
         try:

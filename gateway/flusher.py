@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from storage import ScanEvent, Storage
@@ -80,6 +81,7 @@ class Flusher:
         consumer: str | None = None,
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
         self.storage = storage
         self.settings = settings
         self.metrics = metrics
@@ -114,6 +116,10 @@ class Flusher:
                 log.warning("flusher: Redis unavailable (%s); retrying", type(exc).__name__)
                 self._groups_ready = False
                 await _sleep_unless(stop, 1.0)
+                if self.cluster:
+                    # A master may have failed over: read the cluster's layout afresh.
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
         # What was read ahead is pending on this consumer: store it now rather than leave it
         # to another flusher's claim, which waits flush_claim_idle first.
         batch, self._read_ahead = self._read_ahead, []
@@ -209,16 +215,10 @@ class Flusher:
                 if block_ms <= 0:
                     break
             try:
-                reply: Any = await self.client.xreadgroup(
-                    CONSUMER_GROUP,
-                    self.consumer,
-                    dict.fromkeys(self._streams, ">"),
-                    # COUNT is per stream: share what is left of the batch among them, so a
-                    # batch is at most flush_batch + shards - 1 entries (not shards times
-                    # flush_batch, which can hold more persons than storage can lock).
-                    count=-(-(size - len(entries)) // streams),
-                    block=block_ms,
-                )
+                # COUNT is per stream: share what is left of the batch among them, so a
+                # batch is at most flush_batch + shards - 1 entries (not shards times
+                # flush_batch, which can hold more persons than storage can lock).
+                reply = await self._read(-(-(size - len(entries)) // streams), block_ms)
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # the server lost its streams (restart, no AOF)
                     self._groups_ready = False
@@ -235,6 +235,27 @@ class Flusher:
                     break  # nothing within a block: let the caller do its periodic work
                 await asyncio.wait({until}, timeout=READ_AHEAD_POLL_S)
         return entries
+
+    async def _read(self, count: int, block_ms: int | None) -> Any:
+        """XREADGROUP of every shard's stream: one command, or on a Redis Cluster (where
+        one command cannot name keys of several slots) one per stream, concurrently."""
+        if not self.cluster:
+            return await self.client.xreadgroup(
+                CONSUMER_GROUP,
+                self.consumer,
+                dict.fromkeys(self._streams, ">"),
+                count=count,
+                block=block_ms,
+            )
+        replies = await asyncio.gather(
+            *(
+                self.client.xreadgroup(
+                    CONSUMER_GROUP, self.consumer, {key: ">"}, count=count, block=block_ms
+                )
+                for key in self._streams
+            )
+        )
+        return [stream for reply in replies for stream in (reply or [])]
 
     async def claim_abandoned(self) -> list[Entry]:
         """Take over entries another (dead or stuck) consumer has held too long."""

@@ -261,7 +261,7 @@ async def _flush_until_stopped(
 
         start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
     storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_url, settings.redis_cluster)
     calm_collector()
     try:
         await Flusher(client, storage, settings, metrics).run(stop)

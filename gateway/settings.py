@@ -38,6 +38,8 @@ class Settings:
     data_dir: Path = Path("./scangate-data")
     redis_url: str | None = None  # None: start the embedded Valkey server
     redis_cluster: bool = False
+    # Answer 2xx only once this many replicas confirm the write (WAIT): see README.
+    redis_wait_replicas: int = 0
     # "always": answer 2xx only once Redis has the events on disk (see README, durability).
     redis_fsync: RedisFsync = "everysec"
     storage_url: str | None = None  # None: SQLite in the data dir
@@ -117,6 +119,10 @@ class Settings:
             raise SettingsError("SCANGATE_SHARDS: use 1 to 16384")
         if self.flush_batch < 1:
             raise SettingsError("SCANGATE_FLUSH_BATCH: use at least 1")
+        if self.redis_cluster and not self.redis_url:
+            raise SettingsError("SCANGATE_REDIS_CLUSTER=true needs SCANGATE_REDIS_URL (any node)")
+        if self.redis_wait_replicas < 0:
+            raise SettingsError("SCANGATE_REDIS_WAIT_REPLICAS: use 0 or more")
         if self.redis_fsync not in ("everysec", "always"):
             raise SettingsError("SCANGATE_REDIS_FSYNC: use everysec or always")
         if self.sms not in ("log", "http"):
@@ -138,7 +144,14 @@ class Settings:
 def _convert(name: str, raw: str) -> object:
     if name.endswith("_s"):
         return parse_duration_s(raw)
-    if name in ("shards", "backlog_high_water", "rate_limit", "flush_batch", "otp_address_limit"):
+    if name in (
+        "shards",
+        "backlog_high_water",
+        "rate_limit",
+        "flush_batch",
+        "otp_address_limit",
+        "redis_wait_replicas",
+    ):
         if not raw.strip().isdecimal():
             raise ValueError(f"{raw!r} is not a whole number")
         return int(raw)

@@ -24,6 +24,7 @@ from storage.postgres import PostgresStorage
 
 from .servers import (
     SERVER_KINDS,
+    LocalCluster,
     PrivatePostgres,
     ServerKind,
     missing,
@@ -179,3 +180,13 @@ async def storage(
 ) -> AsyncIterator[Storage]:
     async with storage_opener() as opened:
         yield opened
+
+
+@pytest.fixture
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of this test's own: 3 masters, 3 replicas, stopped at teardown."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -203,3 +203,152 @@ def start_redis(kind: ServerKind, workdir: Path, **kwargs: Any) -> RedisProcess:
     process = RedisProcess(server_binary(kind), workdir, **kwargs)
     process.start()
     return process
+
+
+def _cluster_port() -> int:
+    """A free port under 55536 whose cluster bus port (10,000 above) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a cluster node")
+
+
+class LocalCluster:
+    """A Redis Cluster of 3 masters and 3 replicas on loopback ports (Debian's
+    redis-server, ``redis-cli --cluster create``), for tests that fail nodes over.
+
+    ``node_timeout_ms`` is short so a killed master's replica takes over in seconds.
+    """
+
+    def __init__(self, workdir: Path, node_timeout_ms: int = 2000) -> None:
+        binary = server_binary("redis")
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            missing("redis-cli not installed: apt-get install redis-tools")
+        self.cli = cli
+        self.nodes: list[RedisProcess] = []
+        for i in range(6):
+            node_dir = workdir / f"node{i}"
+            node_dir.mkdir()
+            self.nodes.append(
+                RedisProcess(
+                    binary,
+                    node_dir,
+                    port=_cluster_port(),
+                    appendonly=True,
+                    extra_args=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-node-timeout",
+                        str(node_timeout_ms),
+                    ],
+                )
+            )
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def info(self, node: RedisProcess, section: str) -> dict[str, str]:
+        out = subprocess.run(
+            [self.cli, "-p", str(node.port), "cluster", section],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return dict(line.split(":", 1) for line in out.split() if ":" in line)
+
+    def wait_ok(self, timeout_s: float = 30) -> None:
+        """Until every running node says cluster_state:ok and every replica has synced with
+        its master (a replica that never synced will not take over when its master dies)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if all(
+                    self.info(n, "info").get("cluster_state") == "ok"
+                    for n in self.nodes
+                    if n.running
+                ) and all(self.replica_synced(n) for n in self.nodes if n.running):
+                    return
+            except subprocess.SubprocessError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the cluster did not become ok")
+
+    def replica_synced(self, node: RedisProcess) -> bool:
+        """True for a master, and for a replica whose link to its master is up."""
+        out = subprocess.run(
+            [self.cli, "-p", str(node.port), "info", "replication"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        fields = dict(line.split(":", 1) for line in out.split() if ":" in line)
+        return fields.get("role") == "master" or fields.get("master_link_status") == "up"
+
+    def roles(self) -> dict[int, str]:
+        """Port -> "master" or "slave", as the running nodes say of themselves."""
+        roles = {}
+        for node in self.nodes:
+            if node.running and node.port is not None:
+                out = subprocess.run(
+                    [self.cli, "-p", str(node.port), "role"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                ).stdout.split()
+                roles[node.port] = out[0] if out else "?"
+        return roles
+
+    def failover(self, replica_port: int) -> None:
+        """CLUSTER FAILOVER on a replica: it and its master swap roles, coordinated."""
+        subprocess.run(
+            [self.cli, "-p", str(replica_port), "cluster", "failover"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+
+    def node(self, port: int) -> RedisProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -52,6 +52,7 @@ def test_environment_and_overrides() -> None:
             "SCANGATE_SHARDS": "4",
             "SCANGATE_DATA_DIR": "/x",
             "SCANGATE_REDIS_CLUSTER": "true",
+            "SCANGATE_REDIS_URL": "redis://node1:7000/0",
             "SCANGATE_FLUSH_MAX_AGE": "50ms",
         },
         data_dir=Path("/y"),
@@ -69,6 +70,8 @@ def test_environment_and_overrides() -> None:
     ("env", "message"),
     [
         ({"SCANGATE_SHARDS": "0"}, "SCANGATE_SHARDS"),
+        ({"SCANGATE_REDIS_CLUSTER": "true"}, "SCANGATE_REDIS_URL"),
+        ({"SCANGATE_REDIS_WAIT_REPLICAS": "many"}, "SCANGATE_REDIS_WAIT_REPLICAS"),
         ({"SCANGATE_MAX_STAY": "long"}, "SCANGATE_MAX_STAY"),
         ({"SCANGATE_TIMEZONE": "Mars/Olympus"}, "SCANGATE_TIMEZONE"),
         ({"SCANGATE_SMS": "http"}, "SCANGATE_SMS_URL"),
