@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from signing import FileKeyringStore, Keyring, Sealer, load_master_key
+from signing import Keyring, Sealer, load_master_key
 from signing.codes import ID_PATTERN
 from storage import TraceQuery, connect_storage
 from storage.tracing import rows_to_json
@@ -56,6 +56,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .otp import OtpService
 from .ratelimit import TokenBuckets
 from .settings import Settings, parse_duration_s
+from .shared_keyring import keyring_store
 from .sms import make_sms_sender
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     """
     logging.getLogger("aiohttp.server").addFilter(_NO_REQUEST_BYTES)  # once: same object
     sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
-    keyring = Keyring(FileKeyringStore(settings.keyring_path), sealer)
+    keyring = Keyring(keyring_store(settings), sealer)
     gateway = Gateway(
         settings=settings,
         keyring=keyring,
@@ -148,12 +149,20 @@ async def _keyring_refresher(app: web.Application) -> AsyncIterator[None]:
 
     async def refresh() -> None:
         # On an error the previous keyring keeps serving; Periodic logs it and retries.
-        if keyring.refresh():
-            log.info("keyring changed: reloaded")
+        # The store is read off the event loop (it may be a database), then applied on it.
+        store = keyring.store
+        if await asyncio.to_thread(store.version) == keyring.version:
+            return
+        raw, version = await asyncio.to_thread(store.read)
+        keyring.load(raw, version)
+        log.info("keyring changed: reloaded")
 
     task = Periodic("keyring-refresh", refresh, KEYRING_REFRESH_S)
     yield
     await task.stop()
+    close = getattr(keyring.store, "close", None)  # a database store holds a connection
+    if close is not None:
+        await asyncio.to_thread(close)
 
 
 async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:

@@ -22,7 +22,6 @@ from typing import Any, NoReturn
 import orjson
 
 from signing import (
-    FileKeyringStore,
     Keyring,
     Sealer,
     SigningError,
@@ -61,7 +60,9 @@ def _emit(value: Any) -> None:
 
 def _open_keyring(settings: Settings) -> Keyring:
     master = load_master_key(settings.master_key, settings.data_dir)
-    return Keyring(FileKeyringStore(settings.keyring_path), Sealer(master))
+    from .shared_keyring import keyring_store
+
+    return Keyring(keyring_store(settings), Sealer(master))
 
 
 def _duration(text: str) -> float:

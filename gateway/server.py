@@ -24,9 +24,10 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, Final
 
-from signing import FileKeyringStore, Keyring, Sealer, load_master_key
+from signing import Keyring, Sealer, load_master_key
 
 from .settings import Settings
+from .shared_keyring import keyring_store
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,13 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Open the keyring once here: a missing or wrong master key fails now, on one line,
     # not in every worker; and a generated key file is made once, not raced for.
-    Keyring(
-        FileKeyringStore(settings.keyring_path),
-        Sealer(load_master_key(settings.master_key, settings.data_dir)),
-    )
+    store = keyring_store(settings)
+    try:
+        Keyring(store, Sealer(load_master_key(settings.master_key, settings.data_dir)))
+    finally:
+        close = getattr(store, "close", None)  # a database store holds a connection
+        if close is not None:
+            close()
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir()

@@ -161,10 +161,24 @@ class Keyring:
         if not force and self._store.version() == self._version:
             return False
         raw, version = self._store.read()
+        self.load(raw, version)
+        return True
+
+    @property
+    def store(self) -> KeyringStore:
+        return self._store
+
+    @property
+    def version(self) -> str:
+        """The version tag of the document now loaded."""
+        return self._version
+
+    def load(self, raw: bytes | None, version: str) -> None:
+        """Apply a document read from the store (a server reads it off its event loop,
+        then applies it here, on the loop that verifies codes)."""
         doc = self._parse(raw)
         self._apply(doc)
         self._doc, self._version = doc, version
-        return True
 
     def _parse(self, raw: bytes | None) -> dict[str, Any]:
         if raw is None:

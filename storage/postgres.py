@@ -467,6 +467,7 @@ class PostgresStorage(Storage):
             await conn.execute(
                 "DROP TABLE IF EXISTS scan_events, visits, scan_event_ids, admins, audit_log, "
                 "declarations, person_phones, persons, staff_tokens, venues, data_keys, "
+                "keyring_document, "
                 "schema_migrations CASCADE"
             )
         self._known_days.clear()

@@ -1,0 +1,180 @@
+"""State shared through PostgreSQL: two gateway processes, each with a data dir of its own,
+see a key rotation, a retirement and a venue revocation made with the CLI on a third
+directory within 5 seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from .test_faults import free_port, wait_ready
+
+PROPAGATION_S = 5.0
+
+
+def env_for(storage_url: str, redis_url: str, master_key: bytes) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCANGATE_", "PROMETHEUS_"))}
+    env.update(
+        {
+            "SCANGATE_STORAGE_URL": storage_url,
+            "SCANGATE_REDIS_URL": redis_url,
+            "SCANGATE_MASTER_KEY": base64.b64encode(master_key).decode(),
+            "SCANGATE_SHARDS": "4",
+        }
+    )
+    return env
+
+
+def cli(data_dir: Path, env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def start_gateway(data_dir: Path, port: int, env: dict[str, str]) -> Any:
+    log = data_dir / "serve.log"
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), "serve",
+             "--port", str(port), "--no-flusher"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+async def verdict(url: str, token: str, venue: str, person: str) -> str:
+    event = {
+        "event_id": f"SH-{uuid.uuid4().hex[:12]}",
+        "kind": "checkin",
+        "venue_code": venue,
+        "person_code": person,
+        "scanned_at": int(time.time() * 1000),
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + "/v1/scans",
+            json={"events": [event]},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp,
+    ):
+        body = await resp.json()
+        assert resp.status == 200, body
+        result = body["results"][0]
+        return str(result.get("reason") or result["status"])
+
+
+async def within(seconds: float, check: Callable[[], Any]) -> float:
+    """How long until ``await check()`` is true; fails after ``seconds``."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < seconds, f"not within {seconds} s"
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def test_two_gateways_see_rotation_retirement_and_revocation_within_5_s(
+    tmp_path: Path, postgres_url: str, private_redis: Any, master_key: bytes
+) -> None:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    redis = private_redis("valkey", appendonly=False)
+    env = env_for(f"{postgres_url}?search_path={schema}", redis.url, master_key)
+    dirs = [tmp_path / name for name in ("cli", "a", "b")]
+    for d in dirs:
+        d.mkdir()
+    procs: list[Any] = []
+    try:
+        token = json.loads(cli(dirs[0], env, "apps", "add", "vhd"))["token"]
+        assert not (dirs[0] / "keyring.json").exists()  # kept in the database
+        urls = []
+        for d in dirs[1:]:
+            port = free_port()
+            proc = start_gateway(d, port, env)
+            procs.append(proc)
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(urls, procs, strict=True):
+            await wait_ready(url, proc)
+
+        venue_k1 = cli(dirs[0], env, "codes", "issue", "--app", "vhd", "--venue", "V1")
+        person_k1 = cli(dirs[0], env, "codes", "issue", "--app", "vhd", "--person", "P1")
+        for url in urls:
+            assert await verdict(url, token, venue_k1, person_k1) == "accepted"
+
+        # A rotation: codes of the new key verify on both.
+        assert json.loads(cli(dirs[0], env, "apps", "rotate", "vhd"))["kid"] == "K2"
+        person_k2 = cli(dirs[0], env, "codes", "issue", "--app", "vhd", "--person", "P2")
+        for url in urls:
+            await within(
+                PROPAGATION_S,
+                lambda url=url: _is(verdict(url, token, venue_k1, person_k2), "accepted"),
+            )
+
+        # A retirement: codes of the old key are refused on both.
+        cli(dirs[0], env, "apps", "retire", "vhd", "K1")
+        for url in urls:
+            await within(
+                PROPAGATION_S,
+                lambda url=url: _is(verdict(url, token, venue_k1, person_k2), "unknown_key"),
+            )
+
+        # A revocation of a registered venue, made with the CLI.
+        venue = json.loads(
+            cli(
+                dirs[0],
+                env,
+                "venues",
+                "add",
+                "--app",
+                "vhd",
+                "--name",
+                "Chợ",
+                "--phone",
+                "0912345678",
+                "--address",
+                "A",
+                "--province",
+                "P",
+            )
+        )
+        for url in urls:
+            assert await verdict(url, token, venue["code"], person_k2) == "accepted"
+        cli(dirs[0], env, "venues", "revoke", venue["venue_id"])
+        for url in urls:
+            await within(
+                PROPAGATION_S,
+                lambda url=url: _is(verdict(url, token, venue["code"], person_k2), "revoked"),
+            )
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()
+
+
+async def _is(answer: Any, expected: str) -> bool:
+    return bool(await answer == expected)
