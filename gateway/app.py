@@ -160,9 +160,7 @@ async def _keyring_refresher(app: web.Application) -> AsyncIterator[None]:
     task = Periodic("keyring-refresh", refresh, KEYRING_REFRESH_S)
     yield
     await task.stop()
-    close = getattr(keyring.store, "close", None)  # a database store holds a connection
-    if close is not None:
-        await asyncio.to_thread(close)
+    await asyncio.to_thread(keyring.store.close)
 
 
 async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:

@@ -66,9 +66,7 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     try:
         Keyring(store, Sealer(load_master_key(settings.master_key, settings.data_dir)))
     finally:
-        close = getattr(store, "close", None)  # a database store holds a connection
-        if close is not None:
-            close()
+        store.close()
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir()

@@ -59,6 +59,10 @@ class KeyringStore(Protocol):
         """Held around read-modify-write so concurrent changes serialise."""
         ...
 
+    def close(self) -> None:
+        """Let go of what the store holds (a database connection); nothing for a file."""
+        ...
+
 
 class FileKeyringStore:
     """The keyring as one JSON file, replaced atomically, mode 0600."""
@@ -90,6 +94,9 @@ class FileKeyringStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        pass
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

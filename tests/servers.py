@@ -54,6 +54,14 @@ def server_binary(kind: ServerKind) -> Path:
     return Path(found)
 
 
+def scangate_env(**variables: str) -> dict[str, str]:
+    """This process's environment without any SCANGATE_* or PROMETHEUS_* variable (the
+    caller's settings must not leak into a child), plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCANGATE_", "PROMETHEUS_"))}
+    env.update(variables)
+    return env
+
+
 def free_loopback_port() -> int:
     """A TCP port nothing listens on at 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -8,6 +8,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
+from gateway.keyspace import stream_key
 from signing import Keyring
 
 from .ledger import phase_s, until
@@ -17,22 +20,25 @@ from .test_faults import rig
 
 async def cluster_backlog(cluster: LocalCluster) -> int:
     """Stream lengths summed over the masters (``backlog`` asks one node: not enough)."""
-    import redis.asyncio.cluster as rc
-
-    client: Any = rc.RedisCluster.from_url(cluster.url)
+    client: Any = RedisCluster.from_url(cluster.url)
     try:
-        from gateway.keyspace import stream_key
-
         return sum([await client.xlen(stream_key(s)) for s in range(4)])
     finally:
         await client.aclose()
+
+
+def cluster_rig(
+    tmp_path: Path, keyring: Keyring, master_key: bytes, cluster: LocalCluster, **over: Any
+) -> Any:
+    """The fault suite's gateway and flusher, on the cluster."""
+    return rig(tmp_path, keyring, master_key, redis_url=cluster.url, redis_cluster=True, **over)
 
 
 async def test_scans_flow_through_a_cluster_exactly_once(
     tmp_path: Path, keyring: Keyring, master_key: bytes, redis_cluster: LocalCluster
 ) -> None:
     async with (
-        rig(tmp_path, keyring, master_key, redis_url=redis_cluster.url, redis_cluster=True) as r,
+        cluster_rig(tmp_path, keyring, master_key, redis_cluster) as r,
         r.load() as load,
     ):
         await asyncio.sleep(phase_s(2))
@@ -44,7 +50,7 @@ async def test_a_coordinated_failover_under_load_loses_nothing(
     tmp_path: Path, keyring: Keyring, master_key: bytes, redis_cluster: LocalCluster
 ) -> None:
     async with (
-        rig(tmp_path, keyring, master_key, redis_url=redis_cluster.url, redis_cluster=True) as r,
+        cluster_rig(tmp_path, keyring, master_key, redis_cluster) as r,
         r.load() as load,
     ):
         await asyncio.sleep(phase_s(1.5))
@@ -60,14 +66,7 @@ async def test_kill_9_a_master_with_wait_replicas_loses_nothing_accepted(
     tmp_path: Path, keyring: Keyring, master_key: bytes, redis_cluster: LocalCluster
 ) -> None:
     async with (
-        rig(
-            tmp_path,
-            keyring,
-            master_key,
-            redis_url=redis_cluster.url,
-            redis_cluster=True,
-            redis_wait_replicas=1,
-        ) as r,
+        cluster_rig(tmp_path, keyring, master_key, redis_cluster, redis_wait_replicas=1) as r,
         r.load() as load,
     ):
         await asyncio.sleep(phase_s(1.5))

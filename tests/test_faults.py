@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from signing import Keyring
 from storage import Storage, connect_storage
 
 from .ledger import Load, phase_s, until
+from .servers import free_loopback_port, scangate_env
 
 SHARDS = 4
 
@@ -304,17 +304,14 @@ async def test_kill_9_a_flusher_process_three_times_under_load(
 
 
 def start_flusher_process(settings: Settings) -> Any:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCANGATE_", "PROMETHEUS_"))}
-    env.update(
-        {
-            "SCANGATE_REDIS_URL": str(settings.redis_url),
-            "SCANGATE_STORAGE_URL": settings.resolved_storage_url,
-            "SCANGATE_MASTER_KEY": str(settings.master_key),
-            "SCANGATE_SHARDS": str(SHARDS),
-            "SCANGATE_FLUSH_BATCH": "20",  # small batches: nearly always mid-batch
-            "SCANGATE_FLUSH_MAX_AGE": "20ms",
-            "SCANGATE_FLUSH_CLAIM_IDLE": "1s",
-        }
+    env = scangate_env(
+        SCANGATE_REDIS_URL=str(settings.redis_url),
+        SCANGATE_STORAGE_URL=settings.resolved_storage_url,
+        SCANGATE_MASTER_KEY=str(settings.master_key),
+        SCANGATE_SHARDS=str(SHARDS),
+        SCANGATE_FLUSH_BATCH="20",  # small batches: nearly always mid-batch
+        SCANGATE_FLUSH_MAX_AGE="20ms",
+        SCANGATE_FLUSH_CLAIM_IDLE="1s",
     )
     log = settings.data_dir / f"flusher-{time.monotonic_ns()}.log"
     with log.open("wb") as stderr:
@@ -342,7 +339,7 @@ async def test_sigterm_to_serve_under_load_finishes_requests_in_flight(
         shards=SHARDS,
     )
     token = keyring.add_app("vhd").token
-    port = free_port()
+    port = free_loopback_port()
     proc = start_serve(settings, port)
     url = f"http://127.0.0.1:{port}"
     await wait_ready(url, proc)
@@ -364,23 +361,11 @@ async def test_sigterm_to_serve_under_load_finishes_requests_in_flight(
     assert load.answered() > 200
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def start_serve(settings: Settings, port: int) -> Any:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCANGATE_", "PROMETHEUS_"))}
-    env.update(
-        {
-            "SCANGATE_REDIS_URL": str(settings.redis_url),
-            "SCANGATE_MASTER_KEY": str(settings.master_key),
-            "SCANGATE_SHARDS": str(SHARDS),
-        }
+    env = scangate_env(
+        SCANGATE_REDIS_URL=str(settings.redis_url),
+        SCANGATE_MASTER_KEY=str(settings.master_key),
+        SCANGATE_SHARDS=str(SHARDS),
     )
     log = settings.data_dir / f"serve-{time.monotonic_ns()}.log"
     with log.open("wb") as out:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,22 +18,19 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from .test_faults import free_port, wait_ready
+from .servers import free_loopback_port, scangate_env
+from .test_faults import wait_ready
 
 PROPAGATION_S = 5.0
 
 
 def env_for(storage_url: str, redis_url: str, master_key: bytes) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCANGATE_", "PROMETHEUS_"))}
-    env.update(
-        {
-            "SCANGATE_STORAGE_URL": storage_url,
-            "SCANGATE_REDIS_URL": redis_url,
-            "SCANGATE_MASTER_KEY": base64.b64encode(master_key).decode(),
-            "SCANGATE_SHARDS": "4",
-        }
+    return scangate_env(
+        SCANGATE_STORAGE_URL=storage_url,
+        SCANGATE_REDIS_URL=redis_url,
+        SCANGATE_MASTER_KEY=base64.b64encode(master_key).decode(),
+        SCANGATE_SHARDS="4",
     )
-    return env
 
 
 def cli(data_dir: Path, env: dict[str, str], *args: str) -> str:
@@ -112,7 +108,7 @@ async def test_two_gateways_see_rotation_retirement_and_revocation_within_5_s(
         assert not (dirs[0] / "keyring.json").exists()  # kept in the database
         urls = []
         for d in dirs[1:]:
-            port = free_port()
+            port = free_loopback_port()
             proc = start_gateway(d, port, env)
             procs.append(proc)
             urls.append(f"http://127.0.0.1:{port}")
