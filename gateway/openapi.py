@@ -486,12 +486,12 @@ def _paths(max_events: int) -> dict[str, Schema]:
                     _query(
                         "margin",
                         {"type": "string", "pattern": r"^\s*[0-9]+(?:ms|s|m|h|d)\s*$"},
-                        "Widen each visit by this much (default 60m).",
+                        "Widen each visit by this much (default 60m, at most 24h).",
                     ),
                     _query(
                         "min_overlap",
                         {"type": "string", "pattern": r"^\s*[0-9]+(?:ms|s|m|h|d)\s*$"},
-                        "Shortest overlap that counts (default 10m).",
+                        "Shortest overlap that counts (default 10m, at most 24h).",
                     ),
                     _query(
                         "depth", {"enum": [1, 2], "default": 1}, "1, or 2 for contacts of contacts."
