@@ -25,9 +25,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from signing import Keyring, Sealer, load_master_key
 from signing.codes import ID_PATTERN
 from storage import TraceQuery, connect_storage
-from storage.tracing import rows_to_json
+from storage.tracing import rows_to_csv, rows_to_json
 
 from . import declarations, openapi, venues
+from . import web as web_pages
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
 from .context import (
@@ -132,6 +133,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     app.router.add_post("/v1/scans", post_scans, name="scans")
     app.router.add_get("/v1/trace/{person_id}", get_trace, name="trace")
     venues.add_routes(app)
+    web_pages.add_routes(app)
     openapi.add_routes(app)
     declarations.add_routes(app)
     app.router.add_get("/healthz", get_healthz, name="healthz")
@@ -455,6 +457,9 @@ async def get_trace(request: web.Request) -> web.Response:
     reveal = request.query.get("reveal", "0")
     if reveal not in ("0", "1"):
         raise InvalidRequest("reveal: 0 or 1")
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise InvalidRequest("format: json or csv")
     actor = f"admin:{admin}"
     rows = await storage.trace(query, actor=actor, read_from=gateway.trace_storage)
     revealed = None
@@ -462,7 +467,21 @@ async def get_trace(request: web.Request) -> web.Response:
         revealed = await declarations.reveal_contacts(
             storage, gateway.need_personal(), [r.person_id for r in rows], actor, person_id
         )
-    return web.Response(body=orjson.dumps(rows_to_json(rows, revealed)), content_type=JSON)
+    if fmt == "csv":
+        return web.Response(
+            text=rows_to_csv(rows, revealed),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="trace-{person_id}.csv"',
+                "Cache-Control": "no-store",
+            },
+        )
+    # no-store: with reveal=1 it holds names and phones; no cache may keep a copy.
+    return web.Response(
+        body=orjson.dumps(rows_to_json(rows, revealed)),
+        headers={"Content-Type": JSON, "Cache-Control": "no-store"},
+    )
 
 
 def trace_query(person_id: str, params: Mapping[str, str], now_ms: int) -> TraceQuery:

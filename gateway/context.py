@@ -69,10 +69,16 @@ class Gateway:
 
 
 GATEWAY: Final = web.AppKey("gateway", Gateway)
+# Set on a request by the web pages' endpoints (gateway.web.endpoints), which act as the
+# configured web app: such a request carries no app token, and this is its caller.
+ACTING_APP: Final = web.RequestKey("acting_app", str)
 
 
 def authenticate(request: web.Request, keyring: Keyring) -> str:
-    """The app id of the request's bearer token."""
+    """The app id of the request's bearer token (or of the web app, for the web pages)."""
+    acting: str | None = request.get(ACTING_APP)
+    if acting is not None:
+        return acting
     header = request.headers.get("Authorization")
     if header is None:
         raise Unauthorized("missing Authorization: Bearer <app token>")

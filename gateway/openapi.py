@@ -501,12 +501,25 @@ def _paths(max_events: int) -> dict[str, Schema]:
                         {"enum": [0, 1], "default": 0},
                         "1 adds full_name and phone to each row (audit-logged).",
                     ),
+                    _query(
+                        "format",
+                        {"enum": ["json", "csv"], "default": "json"},
+                        "csv: the same rows as a CSV file (as scangate trace --format csv).",
+                    ),
                 ],
                 "responses": {
-                    "200": _json(
-                        {"type": "array", "items": {"$ref": "#/components/schemas/Contact"}},
-                        "One row per pair of overlapping visits",
-                    ),
+                    "200": {
+                        "description": "One row per pair of overlapping visits",
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Contact"},
+                                }
+                            },
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
                     **_error(400, "a parameter breaks its rule", "invalid_request"),
                     **_unauthorized("no admin token, or an unknown one"),
                 },
@@ -604,6 +617,29 @@ def _paths(max_events: int) -> dict[str, Schema]:
                     **_error(400, "a poster is .svg, .png or .pdf", "invalid_request"),
                     **_unauthorized("no app token, or an unknown one"),
                     **NO_SUCH_VENUE,
+                },
+            }
+        },
+        "/v1/staff/venue": {
+            "get": {
+                "operationId": "getStaffVenue",
+                "summary": "The venue of a staff token, with a fresh code for manual check-ins",
+                "security": [{"staffToken": []}],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            {
+                                **venue_id_object,
+                                "name": {"type": "string"},
+                                "address": {"type": "string"},
+                                "province": {"type": "string"},
+                                "kind": {"enum": list(VENUE_KINDS)},
+                                "venue_code": {"$ref": "#/components/schemas/Code"},
+                            }
+                        ),
+                        "The venue",
+                    ),
+                    **_unauthorized("no staff token, or an unknown or revoked one"),
                 },
             }
         },

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from signing.keyring import APP_ID_PATTERN
 from storage.models import VENUE_KINDS
 
 _DURATION: Final = re.compile(r"([0-9]+)(ms|s|m|h|d)")
@@ -72,6 +73,8 @@ class Settings:
     kind_max_stay: str = (
         "hospital=24h,lodging=24h,residential=24h,transport=12h,office=12h,school=12h"
     )
+    # The app the web pages act as (/khai-bao, /dang-ky-diem): None turns those pages off.
+    web_app: str | None = None
 
     @property
     def keyring_path(self) -> Path:
@@ -125,6 +128,8 @@ class Settings:
             raise SettingsError("SCANGATE_REDIS_WAIT_REPLICAS: use 0 or more")
         if self.redis_fsync not in ("everysec", "always"):
             raise SettingsError("SCANGATE_REDIS_FSYNC: use everysec or always")
+        if self.web_app is not None and not APP_ID_PATTERN.fullmatch(self.web_app):
+            raise SettingsError("SCANGATE_WEB_APP: an app id, 2 to 16 of a-z0-9")
         if self.sms not in ("log", "http"):
             raise SettingsError("SCANGATE_SMS: use log or http")
         if self.sms == "http" and not self.sms_url:

@@ -174,6 +174,26 @@ async def staff_venue(request: web.Request) -> StaffTokenRecord | None:
     return record
 
 
+async def get_staff_venue(request: web.Request) -> web.Response:
+    """The venue of a staff token, with a code for it: what a door device needs to make
+    manual check-ins (``POST /v1/scans/manual`` wants the venue's code)."""
+    gateway = request.app[GATEWAY]
+    staff = await staff_venue(request)
+    if staff is None:
+        raise Unauthorized("a staff token is needed: Authorization: Bearer sgs_...")
+    venue = await owned_venue(gateway.need_storage(), staff.venue_id, staff.app_id)
+    return json_response(
+        {
+            "venue_id": venue.venue_id,
+            "name": venue.name,
+            "address": venue.address,
+            "province": venue.province,
+            "kind": venue.kind,
+            "venue_code": gateway.keyring.issue(venue.app_id, "venue", venue.venue_id),
+        }
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/venues", post_venue, name="venues")
     app.router.add_delete("/v1/venues/{venue_id}", delete_venue, name="venue")
@@ -182,3 +202,4 @@ def add_routes(app: web.Application) -> None:
         "/v1/venues/{venue_id}/staff-tokens/{token_id}", delete_staff_token, name="staff_token"
     )
     app.router.add_get("/v1/venues/{venue_id}/poster.{format}", get_poster, name="poster")
+    app.router.add_get("/v1/staff/venue", get_staff_venue, name="staff_venue")

@@ -75,6 +75,8 @@ class PersonalData:
         # kind of value never helps forge or find another.
         self.otp_key = _derive(data_key, "otp")
         self.session_key = _derive(data_key, "session")
+        # The web pages' CSRF tokens (gateway.web.security).
+        self.web_key = _derive(data_key, "web")
 
     def encrypt(self, value: str, field: str, owner: str) -> bytes:
         """``value`` sealed for ``field`` of the row ``owner`` (a person or venue id)."""
