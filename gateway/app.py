@@ -27,7 +27,7 @@ from signing.codes import ID_PATTERN
 from storage import TraceQuery, connect_storage
 from storage.tracing import rows_to_csv, rows_to_json
 
-from . import declarations, openapi, venues
+from . import cases, declarations, openapi, reports, venues
 from . import web as web_pages
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
@@ -38,6 +38,7 @@ from .context import (
     MAX_BODY_BYTES,
     Gateway,
     authenticate,
+    authenticate_admin,
     load_personal_data,
     read_json,
 )
@@ -48,12 +49,12 @@ from .errors import (
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
-    Unauthorized,
     Unavailable,
 )
 from .events import EventRules, Rejection, ScanEvent, check_event, encode_event
 from .keyspace import seen_field, shard_of
 from .metrics import CONTENT_TYPE, Metrics
+from .notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
 from .otp import OtpService
 from .ratelimit import TokenBuckets
 from .settings import Settings, parse_duration_s
@@ -129,6 +130,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     app.cleanup_ctx.append(_redis_buffer)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_registration)
+    app.cleanup_ctx.append(_notifier)
     app.cleanup_ctx.append(_metrics_publisher)
     app.router.add_post("/v1/scans", post_scans, name="scans")
     app.router.add_get("/v1/trace/{person_id}", get_trace, name="trace")
@@ -136,6 +138,8 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     web_pages.add_routes(app)
     openapi.add_routes(app)
     declarations.add_routes(app)
+    cases.add_routes(app)
+    reports.add_routes(app)
     app.router.add_get("/healthz", get_healthz, name="healthz")
     app.router.add_get("/readyz", get_readyz, name="readyz")
     app.router.add_get("/metrics", get_metrics, name="metrics")
@@ -253,6 +257,32 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     if gateway.background:
         await asyncio.wait(gateway.background, timeout=SHUTDOWN_BACKGROUND_S)
     await gateway.sms.close()
+
+
+async def _notifier(app: web.Application) -> AsyncIterator[None]:
+    """Deliver exposure notices from the outbox (gateway.notifier); every worker runs one,
+    the leases keep them from sending a notice twice at once."""
+    gateway = app[GATEWAY]
+    assert gateway.sms is not None
+    notifier = Notifier(
+        gateway.need_storage(),
+        gateway.keyring,
+        gateway.need_personal(),
+        gateway.sms,
+        gateway.settings,
+        gateway.metrics,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_until(stop, notifier, gateway.settings.notice_poll_s))
+    yield
+    stop.set()
+    # A delivery in flight finishes (at most its timeout); an unfinished one is retried by
+    # whichever worker claims it when its lease runs out.
+    try:
+        await asyncio.wait_for(task, DELIVERY_TIMEOUT_S + 1)
+    except TimeoutError:
+        log.warning("the notifier did not stop in time; its leases will run out")
+    await notifier.close()
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -436,17 +466,8 @@ async def get_readyz(request: web.Request) -> web.Response:
 async def get_trace(request: web.Request) -> web.Response:
     """Contacts of a person, for an admin token; every call is audit-logged."""
     gateway = request.app[GATEWAY]
-    storage = gateway.storage
-    assert storage is not None
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    admin = (
-        await storage.admin_for_token(token.strip())
-        if scheme.lower() == "bearer" and 0 < len(token) <= 256
-        else None
-    )
-    if admin is None:
-        raise Unauthorized("an admin token is needed: Authorization: Bearer <admin token>")
+    storage = gateway.need_storage()
+    admin = await authenticate_admin(request, storage)
     person_id = request.match_info["person_id"]
     if not ID_PATTERN.fullmatch(person_id):
         raise InvalidRequest("person_id: 1 to 16 characters of A-Z0-9")

@@ -365,6 +365,147 @@ def cmd_venues_poster(args: argparse.Namespace, settings: Settings) -> int:
     return _run_storage(settings, work)
 
 
+# -- cases, notices and reports --------------------------------------------------------------
+
+
+def cmd_apps_set_webhook(args: argparse.Namespace, settings: Settings) -> int:
+    secret = _open_keyring(settings).set_webhook(args.app_id, args.url)
+    _emit({"app_id": args.app_id, "url": args.url, "secret": secret})
+    return 0
+
+
+def cmd_cases_add(args: argparse.Namespace, settings: Settings) -> int:
+    from .cases import audit_preview, check_case_request, plan_case, record_case
+    from .errors import ApiError
+
+    now_ms = int(time.time() * 1000)
+    raw = args.confirmed_at
+    try:
+        person_id, confirmed_at_ms, note = check_case_request(
+            {
+                "person_id": args.person_id,
+                "confirmed_at": int(raw) if raw.isdecimal() else raw,
+                "note": args.note,
+            },
+            now_ms,
+            int(settings.clock_skew_s * 1000),
+            int(settings.retention_s * 1000),
+        )
+    except ApiError as exc:
+        raise UsageError(exc.detail) from None
+    keyring = _open_keyring(settings)
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(storage: Storage) -> int:
+        known = None if args.dry_run else await storage.case_confirmed(person_id, confirmed_at_ms)
+        if known is not None:  # the same case again: the one already recorded
+            _emit({"case_id": known.case_id, "contacts": known.contacts, "notices": known.notices})
+            return 0
+        personal = await _personal_data(storage, settings)
+        plan = await plan_case(storage, keyring, personal, person_id, confirmed_at_ms, note, actor)
+        if args.dry_run:
+            await audit_preview(storage, plan)
+            _emit(plan.preview())
+            return 0
+        await record_case(storage, plan)
+        _emit(
+            {"case_id": plan.case.case_id, "contacts": plan.contacts, "notices": len(plan.notices)}
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_cases_show(args: argparse.Namespace, settings: Settings) -> int:
+    from .cases import case_json
+
+    async def work(storage: Storage) -> int:
+        case = await storage.case(args.case_id)
+        if case is None:
+            raise UsageError(f"no case {args.case_id}")
+        personal = await _personal_data(storage, settings)
+        note = personal.decrypt(case.note_enc, "case.note", case.case_id) if case.note_enc else None
+        _emit(case_json(case, await storage.case_notices(case.case_id), note))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from storage.reports import rows_to_csv
+
+    from .report_chart import render_chart
+    from .reports import build_report, report_json, report_range
+
+    try:
+        first_day, last_day = report_range(args.first, args.last)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.format == "png" and args.output is None:
+        raise UsageError("--format png writes a file: give -o FILE.png")
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(storage: Storage) -> int:
+        rows = await build_report(storage, first_day, last_day, args.by, settings.timezone)
+        await storage.audit(actor, "report", args.by, f"from={first_day} to={last_day}")
+        if args.format == "png":
+            args.output.write_bytes(render_chart(rows, args.by, first_day, last_day))
+            _emit({"file": str(args.output), "rows": len(rows)})
+            return 0
+        if args.format == "csv":
+            text = rows_to_csv(rows)
+        else:
+            text = (
+                orjson.dumps(
+                    report_json(rows, first_day, last_day, args.by, settings.timezone)
+                ).decode()
+                + "\n"
+            )
+        if args.output is None:
+            sys.stdout.write(text)
+        else:
+            args.output.write_text(text, encoding="utf-8", newline="")
+            _emit({"file": str(args.output), "rows": len(rows)})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
+    """The outbox worker alone, until SIGTERM or SIGINT (serve's workers run one each)."""
+    import signal
+
+    from .background import Periodic
+    from .notifier import Notifier, run_until
+    from .sms import make_sms_sender
+
+    keyring = _open_keyring(settings)
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        sms = make_sms_sender(settings)
+        notifier = Notifier(storage, keyring, personal, sms, settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+
+        async def refresh_keyring() -> None:  # webhooks set with the CLI reach us in 2 s
+            await asyncio.to_thread(keyring.refresh)
+
+        refresher = Periodic("keyring-refresh", refresh_keyring, 2.0)
+        logging.getLogger(__name__).info("notifier %s delivering notices", notifier.owner)
+        try:
+            await run_until(stop, notifier, settings.notice_poll_s)
+        finally:
+            await refresher.stop()
+            await notifier.close()
+            await sms.close()
+        return 0
+
+    return _run_storage(settings, work)
+
+
 def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", args.name):
         raise UsageError("NAME: 1 to 64 characters of A-Za-z0-9_.@-")
@@ -383,12 +524,14 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         result = await storage.purge(cutoff_ms)
+        cases = await storage.purge_cases(cutoff_ms)
         _emit(
             {
                 "cutoff": format_time_ms(cutoff_ms),
                 "events": result.events,
                 "visits": result.visits,
                 "partitions_dropped": result.partitions_dropped,
+                "cases": cases,
             }
         )
         return 0
@@ -638,6 +781,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("app_id", metavar="APP_ID")
     leaf(apps_sub, "list", cmd_apps_list, "list apps as a JSON array (no secrets)")
+
+    p = leaf(
+        apps_sub,
+        "set-webhook",
+        cmd_apps_set_webhook,
+        "where the app's exposure notices are POSTed; prints {app_id, url, secret} "
+        "(the signing secret only now; setting it again makes a new one)",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p.add_argument("url", metavar="URL", help="https://... (http:// only to localhost)")
+
+    cases = groups.add_parser(
+        "cases",
+        help="confirmed cases: exposure notices to their contacts",
+        description="Record a confirmed case: its contacts (the trace over the 14 days "
+        "before confirmation) are notified through their apps' webhooks, or by SMS.",
+    )
+    cases_sub = cases.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    cases_sub.required = True
+    p = leaf(
+        cases_sub,
+        "add",
+        cmd_cases_add,
+        "record a case and queue its notices; prints {case_id, contacts, notices} (audit-logged)",
+    )
+    p.add_argument("person_id", metavar="PERSON_ID", type=_entity_id)
+    p.add_argument(
+        "--confirmed-at",
+        required=True,
+        metavar="TIME",
+        help="RFC 3339 with an offset (2026-11-25T09:30:00+07:00) or epoch milliseconds",
+    )
+    p.add_argument("--note", help="free text for officials (stored encrypted)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the contacts and the notices that would be sent; store and send nothing",
+    )
+    p = leaf(cases_sub, "show", cmd_cases_show, "a case and each notice's delivery state")
+    p.add_argument("case_id", metavar="CASE_ID", type=_entity_id)
+    p = leaf(
+        groups,
+        "report",
+        cmd_report,
+        "daily report per province, venue kind or venue: scans, check-ins, persons, visits, "
+        "median stay, peak occupancy (days in SCANGATE_TIMEZONE)",
+    )
+    p.add_argument("--from", dest="first", required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--to", dest="last", required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--by", choices=("province", "venue_kind", "venue"), default="province")
+    p.add_argument(
+        "--format",
+        choices=("json", "csv", "png"),
+        default="json",
+        help="png: a chart for a steering committee (needs -o)",
+    )
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
+    leaf(
+        groups,
+        "notify",
+        cmd_notify,
+        "deliver exposure notices from the outbox until SIGTERM (serve's workers do too)",
+    )
 
     codes = groups.add_parser(
         "codes",

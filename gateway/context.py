@@ -91,6 +91,19 @@ def authenticate(request: web.Request, keyring: Keyring) -> str:
     return app_id
 
 
+async def authenticate_admin(request: web.Request, storage: Storage) -> str:
+    """The admin name of the request's bearer token (``scangate admins add``)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    admin = (
+        await storage.admin_for_token(token.strip())
+        if scheme.lower() == "bearer" and 0 < len(token) <= 256
+        else None
+    )
+    if admin is None:
+        raise Unauthorized("an admin token is needed: Authorization: Bearer <admin token>")
+    return admin
+
+
 async def read_json(request: web.Request) -> Any:
     """The body as JSON: 415 unless JSON, 413 over the limit, 400 when it does not parse."""
     if request.content_type != JSON:

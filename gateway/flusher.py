@@ -370,14 +370,16 @@ class Flusher:
         cutoff_ms = int((time.time() - self.settings.retention_s) * 1000)
         try:
             result = await self.storage.purge(cutoff_ms)
+            cases = await self.storage.purge_cases(cutoff_ms)
         except Exception:
             self.metrics.flush_errors.inc()
             log.exception("flusher: retention purge failed; trying again tomorrow")
             return
         log.info(
-            "retention: deleted %d events, %d visits, dropped %d partitions",
+            "retention: deleted %d events, %d visits, %d cases, dropped %d partitions",
             result.events,
             result.visits,
+            cases,
             result.partitions_dropped,
         )
 

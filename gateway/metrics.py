@@ -114,6 +114,22 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        # Exposure notices (gateway.notifier) and the cases that make them.
+        self.notices = Counter(
+            "scangate_notices_total",
+            "Exposure notice delivery attempts by channel and outcome (delivered, retry, failed).",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.outbox_pending = Gauge(
+            "scangate_outbox_pending",
+            "Exposure notices not yet delivered (nor given up).",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.cases = Counter(
+            "scangate_cases_total", "Confirmed cases recorded (not dry runs).", registry=r
+        )
         # The hot path only adds to these plain counts; ``publish`` moves them into the
         # Prometheus values once a second and before every scrape. In multiprocess mode
         # each Prometheus increment is a locked write to a memory-mapped file, several per

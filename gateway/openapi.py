@@ -390,6 +390,7 @@ VENUE_ID: Final[Schema] = _path_param("venue_id", {"$ref": "#/components/schemas
 PERSON_ID: Final[Schema] = _path_param("person_id", {"$ref": "#/components/schemas/Id"})
 NO_SUCH_VENUE: Final = _error(404, "no such venue, or another app's", "not_found")
 APP: Final[list[dict[str, list[str]]]] = [{"appToken": []}]
+ADMIN: Final[list[dict[str, list[str]]]] = [{"adminToken": []}]
 APP_AND_SESSION: Final[list[dict[str, list[str]]]] = [{"appToken": [], "session": []}]
 PUBLIC: Final[list[dict[str, list[str]]]] = []
 
@@ -643,6 +644,168 @@ def _paths(max_events: int) -> dict[str, Schema]:
                 },
             }
         },
+        "/v1/venues/{venue_id}/occupancy": {
+            "get": {
+                "operationId": "getOccupancy",
+                "summary": "How many people are inside now (visits in progress)",
+                "security": APP,
+                "parameters": [VENUE_ID],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            {
+                                **venue_id_object,
+                                "inside": {"type": "integer", "minimum": 0},
+                                "at": TIMESTAMP,
+                            }
+                        ),
+                        "The count now",
+                    ),
+                    **_unauthorized("no app token, or an unknown one"),
+                    **_error(404, "another app's registered venue", "not_found"),
+                },
+            }
+        },
+        "/v1/cases": {
+            "post": {
+                "operationId": "postCase",
+                "summary": "Record a confirmed case; its contacts are notified (audit-logged)",
+                "description": "Contacts: the trace over the 14 days before confirmed_at. "
+                "Each is notified through every app with a webhook that posted their scans, "
+                "else by SMS when a phone is on record. dry_run=1 stores and sends nothing.",
+                "security": ADMIN,
+                "parameters": [
+                    _query(
+                        "dry_run",
+                        {"enum": [0, 1], "default": 0},
+                        "1: list the contacts and notices; create and send nothing.",
+                    )
+                ],
+                "requestBody": _json_body("CaseRequest"),
+                "responses": {
+                    "201": _json(
+                        _object(
+                            {
+                                "case_id": {"$ref": "#/components/schemas/Id"},
+                                "contacts": {"type": "integer", "minimum": 0},
+                                "notices": {"type": "integer", "minimum": 0},
+                            }
+                        ),
+                        "The case is recorded and its notices queued",
+                    ),
+                    "200": _json(
+                        {
+                            "oneOf": [
+                                _object(
+                                    {
+                                        "contacts": {"type": "integer", "minimum": 0},
+                                        "notices": {"type": "integer", "minimum": 0},
+                                        "unreachable": {"type": "integer", "minimum": 0},
+                                        "exposures": {
+                                            "type": "array",
+                                            "items": {"type": "object"},
+                                        },
+                                    }
+                                ),
+                                _object(
+                                    {
+                                        "case_id": {"$ref": "#/components/schemas/Id"},
+                                        "contacts": {"type": "integer", "minimum": 0},
+                                        "notices": {"type": "integer", "minimum": 0},
+                                    }
+                                ),
+                            ]
+                        },
+                        "The dry run's preview; or, for a case already recorded with this "
+                        "person and confirmed_at, that case (nothing is sent again)",
+                    ),
+                    **_body_errors("malformed_json", "invalid_request", "invalid_field"),
+                    **_unauthorized("no admin token, or an unknown one"),
+                },
+            }
+        },
+        "/v1/cases/{case_id}": {
+            "get": {
+                "operationId": "getCase",
+                "summary": "A case and each notice's delivery state",
+                "security": ADMIN,
+                "parameters": [_path_param("case_id", {"$ref": "#/components/schemas/Id"})],
+                "responses": {
+                    "200": _json({"type": "object"}, "The case"),
+                    **_unauthorized("no admin token, or an unknown one"),
+                    **_error(404, "no such case", "not_found"),
+                },
+            }
+        },
+        "/v1/risky-venues": {
+            "get": {
+                "operationId": "getRiskyVenues",
+                "summary": "Venue windows where cases were present, without person ids",
+                "description": "For matching on the device. Overlapping windows at a venue "
+                "are merged; times are epoch milliseconds.",
+                "security": APP,
+                "parameters": [
+                    _query(
+                        "since",
+                        {"type": "integer", "minimum": 0},
+                        "Windows ending at or after this (epoch ms; default 14 days ago).",
+                    )
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "array",
+                            "items": _object(
+                                {
+                                    **venue_id_object,
+                                    "from": {"type": "integer"},
+                                    "to": {"type": "integer"},
+                                    "level": {"enum": ["high", "low"]},
+                                }
+                            ),
+                        },
+                        "The windows",
+                    ),
+                    **_error(400, "since is not epoch milliseconds", "invalid_request"),
+                    **_unauthorized("no app token, or an unknown one"),
+                },
+            }
+        },
+        "/v1/reports/daily": {
+            "get": {
+                "operationId": "getDailyReport",
+                "summary": "Per day and group: scans, check-ins, persons, visits, median "
+                "stay, peak occupancy",
+                "description": "Days in SCANGATE_TIMEZONE, at most 92.",
+                "security": ADMIN,
+                "parameters": [
+                    _query("from", {"type": "string", "format": "date"}, "First day."),
+                    _query("to", {"type": "string", "format": "date"}, "Last day."),
+                    _query(
+                        "by",
+                        {"enum": ["province", "venue_kind", "venue"], "default": "province"},
+                        "How venues are grouped.",
+                    ),
+                    _query(
+                        "format",
+                        {"enum": ["json", "csv", "png"], "default": "json"},
+                        "png: a chart.",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The report",
+                        "content": {
+                            JSON: {"schema": {"type": "object"}},
+                            "text/csv": {"schema": {"type": "string"}},
+                            "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
+                    **_error(400, "a parameter breaks its rule", "invalid_request"),
+                    **_unauthorized("no admin token, or an unknown one"),
+                },
+            }
+        },
         "/v1/otp": {
             "post": {
                 "operationId": "postOtp",
@@ -872,6 +1035,20 @@ def openapi_document() -> dict[str, Any]:
                 "ManualVerdict": MANUAL_VERDICT,
                 "VenueForm": VENUE_FORM,
                 "Declaration": DECLARATION,
+                "CaseRequest": {
+                    "type": "object",
+                    "required": ["person_id", "confirmed_at"],
+                    "properties": {
+                        "person_id": {"$ref": "#/components/schemas/Id"},
+                        "confirmed_at": {
+                            "oneOf": [
+                                TIMESTAMP,
+                                {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS},
+                            ]
+                        },
+                        "note": {"type": "string", "maxLength": 500},
+                    },
+                },
                 "OtpRequest": {
                     "type": "object",
                     "required": ["phone"],

@@ -73,6 +73,16 @@ class Settings:
     kind_max_stay: str = (
         "hospital=24h,lodging=24h,residential=24h,transport=12h,office=12h,school=12h"
     )
+    # Exposure notices (gateway.notifier): how long a worker holds a notice it is
+    # delivering, how often workers look for due ones, the first retry delay (doubling up
+    # to 10 minutes) and how many tries before a notice is given up.
+    notice_lease_s: float = 60
+    notice_poll_s: float = 1
+    notice_retry_s: float = 5
+    notice_max_attempts: int = 30
+    # Webhooks may reach private, loopback and link-local addresses (development and tests
+    # only: otherwise a webhook URL could be aimed at services inside the network).
+    webhook_private: bool = False
     # The app the web pages act as (/khai-bao, /dang-ky-diem): None turns those pages off.
     web_app: str | None = None
 
@@ -128,6 +138,12 @@ class Settings:
             raise SettingsError("SCANGATE_REDIS_WAIT_REPLICAS: use 0 or more")
         if self.redis_fsync not in ("everysec", "always"):
             raise SettingsError("SCANGATE_REDIS_FSYNC: use everysec or always")
+        if self.notice_max_attempts < 1:
+            raise SettingsError("SCANGATE_NOTICE_MAX_ATTEMPTS: use at least 1")
+        if self.notice_lease_s < 1:
+            raise SettingsError("SCANGATE_NOTICE_LEASE: at least 1s (a delivery gets a third)")
+        if self.notice_poll_s <= 0 or self.notice_retry_s <= 0:
+            raise SettingsError("SCANGATE_NOTICE_POLL and SCANGATE_NOTICE_RETRY: over 0")
         if self.web_app is not None and not APP_ID_PATTERN.fullmatch(self.web_app):
             raise SettingsError("SCANGATE_WEB_APP: an app id, 2 to 16 of a-z0-9")
         if self.sms not in ("log", "http"):
@@ -156,11 +172,12 @@ def _convert(name: str, raw: str) -> object:
         "flush_batch",
         "otp_address_limit",
         "redis_wait_replicas",
+        "notice_max_attempts",
     ):
         if not raw.strip().isdecimal():
             raise ValueError(f"{raw!r} is not a whole number")
         return int(raw)
-    if name == "redis_cluster":
+    if name in ("redis_cluster", "webhook_private"):
         if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{raw!r} is not true or false")
         return raw.lower() in ("true", "1", "yes")

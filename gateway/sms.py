@@ -25,7 +25,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S: Final = 10.0
-_PLACEHOLDER: Final = re.compile(r"\{(to|text)\}")
+_PLACEHOLDER: Final = re.compile(r"\{(to|text|id)\}")
 _HEADERS: Final = {"Content-Type": "application/json"}
 
 
@@ -34,8 +34,9 @@ class SmsError(Exception):
 
 
 class SmsSender(Protocol):
-    async def send(self, to: str, text: str) -> None:
-        """Deliver ``text`` to the phone ``to``; raises SmsError when it cannot."""
+    async def send(self, to: str, text: str, ref: str = "") -> None:
+        """Deliver ``text`` to the phone ``to``; raises SmsError when it cannot. ``ref``
+        names the message (an exposure notice's id) for a provider that drops repeats."""
         ...
 
     async def close(self) -> None: ...
@@ -52,8 +53,9 @@ class LogSmsSender:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    async def send(self, to: str, text: str) -> None:
-        line = orjson.dumps({"to": to, "text": text}, option=orjson.OPT_APPEND_NEWLINE)
+    async def send(self, to: str, text: str, ref: str = "") -> None:
+        message = {"to": to, "text": text} | ({"id": ref} if ref else {})
+        line = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
         try:
             await asyncio.to_thread(self._append, line)
         except OSError as exc:
@@ -117,8 +119,8 @@ class HttpSmsSender:
         self._backoff_s = tuple(backoff_s) or (0.0,)
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, to: str, text: str) -> None:
-        body = _fill(self._template, to, text).encode()
+    async def send(self, to: str, text: str, ref: str = "") -> None:
+        body = _fill(self._template, to, text, ref).encode()
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._timeout_s)
@@ -166,10 +168,14 @@ def make_sms_sender(settings: Settings) -> SmsSender:
     raise ValueError(f"unknown SMS sender {settings.sms!r}: use log or http")
 
 
-def _fill(template: str, to: str, text: str) -> str:
-    """The template with ``{to}`` and ``{text}`` replaced by JSON string contents, in one
-    pass (a value that contains ``{text}`` is not filled in again)."""
-    values = {"to": _json_string_contents(to), "text": _json_string_contents(text)}
+def _fill(template: str, to: str, text: str, ref: str = "") -> str:
+    """The template with ``{to}``, ``{text}`` and ``{id}`` replaced by JSON string contents,
+    in one pass (a value that contains ``{text}`` is not filled in again)."""
+    values = {
+        "to": _json_string_contents(to),
+        "text": _json_string_contents(text),
+        "id": _json_string_contents(ref),
+    }
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 

@@ -25,6 +25,7 @@ from signing.personal import PersonalData
 from signing.poster import PosterFormat, render_poster
 from storage import Storage
 from storage.registry import StaffTokenRecord, VenueRecord
+from storage.times import format_time_ms
 
 from .context import GATEWAY, authenticate, json_response, read_json
 from .errors import InvalidRequest, NotFound, Unauthorized
@@ -174,6 +175,22 @@ async def staff_venue(request: web.Request) -> StaffTokenRecord | None:
     return record
 
 
+async def get_occupancy(request: web.Request) -> web.Response:
+    """How many people are inside a venue now: the visits in progress (checked in, not yet
+    out, within the maximum stay). For the app that registered the venue only: a count of
+    people at a place is not for everyone to poll."""
+    gateway = request.app[GATEWAY]
+    app_id = authenticate(request, gateway.keyring)
+    storage = gateway.need_storage()
+    venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
+    now_ms = _now_ms()
+    visits = await storage.venue_visits(venue.venue_id, now_ms, now_ms)
+    inside = {v.person_id for v in visits if v.checkin_at_ms <= now_ms < v.checkout_at_ms}
+    return json_response(
+        {"venue_id": venue.venue_id, "inside": len(inside), "at": format_time_ms(now_ms)}
+    )
+
+
 async def get_staff_venue(request: web.Request) -> web.Response:
     """The venue of a staff token, with a code for it: what a door device needs to make
     manual check-ins (``POST /v1/scans/manual`` wants the venue's code)."""
@@ -203,3 +220,4 @@ def add_routes(app: web.Application) -> None:
     )
     app.router.add_get("/v1/venues/{venue_id}/poster.{format}", get_poster, name="poster")
     app.router.add_get("/v1/staff/venue", get_staff_venue, name="staff_venue")
+    app.router.add_get("/v1/venues/{venue_id}/occupancy", get_occupancy, name="occupancy")

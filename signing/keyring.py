@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ PREFIX_PATTERN: Final = re.compile(r"[A-Z0-9]{1,16}")
 KEY_BYTES: Final = 32
 TOKEN_BYTES: Final = 32
 TOKEN_PREFIX: Final = "sga_"  # noqa: S105 - a label, not a secret
+WEBHOOK_SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - a label, not a secret
 DOCUMENT_FORMAT: Final = 1
 KEYRING_FILE: Final = "keyring.json"
 
@@ -115,6 +117,12 @@ class NewApp:
     prefix: str
     kid: str
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    url: str
+    secret: bytes  # the HMAC-SHA256 key of the X-Scangate-Signature header
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +351,30 @@ class Keyring:
             )
         return token
 
+    def set_webhook(self, app_id: str, url: str) -> str:
+        """Where the app's exposure notices are POSTed, with a new signing secret (returned
+        once; kept sealed). ``https://`` only, but for a loopback host in development."""
+        check_webhook_url(url)
+        secret = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+        with self._change() as doc:
+            _app(doc, app_id)["webhook"] = {
+                "url": url,
+                "secret": base64.b64encode(
+                    self._sealer.seal(secret.encode(), _webhook_purpose(app_id))
+                ).decode("ascii"),
+                "set_at": int(time.time()),
+            }
+        return secret
+
+    def webhook(self, app_id: str) -> Webhook | None:
+        """The app's webhook and its secret, or None when it has none (or is unknown)."""
+        app = self._doc["apps"].get(app_id)
+        if app is None or "webhook" not in app:
+            return None
+        hook = app["webhook"]
+        secret = self._sealer.open(base64.b64decode(hook["secret"]), _webhook_purpose(app_id))
+        return Webhook(url=hook["url"], secret=secret)
+
     def _seal_new_key(self, app_id: str, kid: int) -> str:
         key = secrets.token_bytes(KEY_BYTES)
         return base64.b64encode(self._sealer.seal(key, _key_purpose(app_id, kid))).decode("ascii")
@@ -354,6 +386,20 @@ def _app(doc: dict[str, Any], app_id: str) -> dict[str, Any]:
     except KeyError:
         raise UnknownApp(app_id) from None
     return app
+
+
+def check_webhook_url(url: str) -> None:
+    """KeyringError unless ``url`` is https, or http to a loopback host (development)."""
+    parts = urllib.parse.urlsplit(url)
+    if len(url) > 500 or not parts.hostname or parts.username or parts.password:
+        raise KeyringError("webhook: an absolute URL without credentials, at most 500 chars")
+    loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise KeyringError("webhook: use https:// (http:// only to localhost, for development)")
+
+
+def _webhook_purpose(app_id: str) -> bytes:
+    return f"scangate-webhook\x00{app_id}".encode("ascii")
 
 
 def _key_purpose(app_id: str, kid: int) -> bytes:

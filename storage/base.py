@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Final, Generic, NamedTuple, TypeVar
 
 from .models import ContactRow, PairingRules, ScanEvent, Visit
+from .outbox import Outbox
 from .pairing import derive_visits, quiet_point
-from .registry import Registry
 from .tracing import TraceQuery, candidate_windows, contacts_of, depth2_persons
 
 K = TypeVar("K")
@@ -128,7 +128,7 @@ def first_lookback_ms(rules: PairingRules) -> int:
     return FIRST_LOOKBACK_FACTOR * rules.horizon_ms
 
 
-class Storage(Registry, abc.ABC):
+class Storage(Outbox, abc.ABC):
     """What the flusher, tracing, retention and the admin commands need from a backend."""
 
     kind: str
@@ -149,6 +149,16 @@ class Storage(Registry, abc.ABC):
     @abc.abstractmethod
     async def venue_visits(self, venue_id: str, start_ms: int, end_ms: int) -> list[Visit]:
         """Everyone's visits at a venue overlapping [start, end]."""
+
+    @abc.abstractmethod
+    async def scan_counts(self, start_ms: int, end_ms: int) -> list[tuple[str, str, str, int]]:
+        """(venue_id, person_id, kind, n): the stored scan events scanned in [start, end),
+        counted by venue, person and kind (what daily reports aggregate)."""
+
+    @abc.abstractmethod
+    async def visits_between(self, start_ms: int, end_ms: int) -> list[Visit]:
+        """Every visit in progress at some instant of [start, end): ``checkin_at < end`` and
+        ``checkout_at > start``."""
 
     @abc.abstractmethod
     async def all_visits(self) -> list[Visit]:
@@ -187,6 +197,10 @@ class Storage(Registry, abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
+        """The apps that posted this person's scans between the two times (inclusive)."""
 
     async def trace(
         self, query: TraceQuery, actor: str, read_from: Storage | None = None

@@ -85,6 +85,58 @@ def _registry(blob: str, big: str, serial_pk: str) -> tuple[str, ...]:
     )
 
 
+def _cases(blob: str, big: str) -> tuple[str, ...]:
+    """Migration 3 for either backend: confirmed cases, the venue windows they make risky
+    (no person id there), and the outbox of exposure notices. Times are epoch
+    milliseconds in both backends, as in the registry: small tables, read by key."""
+    return (
+        f"""CREATE TABLE cases (
+            case_id text PRIMARY KEY,
+            person_id text NOT NULL,
+            confirmed_at {big} NOT NULL,
+            note_enc {blob},
+            created_at {big} NOT NULL,
+            created_by text NOT NULL,
+            contacts integer NOT NULL,
+            notices integer NOT NULL,
+            UNIQUE (person_id, confirmed_at)
+        )""",
+        "CREATE INDEX cases_created ON cases (created_at)",
+        f"""CREATE TABLE case_windows (
+            case_id text NOT NULL REFERENCES cases (case_id),
+            venue_id text NOT NULL,
+            from_at {big} NOT NULL,
+            to_at {big} NOT NULL,
+            level text NOT NULL CHECK (level IN ('high', 'low'))
+        )""",
+        "CREATE INDEX case_windows_to ON case_windows (to_at)",
+        # One row per notice to send: the outbox. The unique key is what "never twice"
+        # means: (case, contact, venue, exposure start, channel and app).
+        f"""CREATE TABLE notices (
+            notice_id text PRIMARY KEY,
+            case_id text NOT NULL REFERENCES cases (case_id),
+            person_id text NOT NULL,
+            venue_id text NOT NULL,
+            exposure_start {big} NOT NULL,
+            exposure_end {big} NOT NULL,
+            overlap_minutes double precision NOT NULL,
+            channel text NOT NULL CHECK (channel IN ('webhook', 'sms')),
+            app_id text NOT NULL,
+            state text NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts integer NOT NULL,
+            next_attempt_at {big} NOT NULL,
+            lease_owner text,
+            lease_until {big},
+            last_error text,
+            delivered_at {big},
+            created_at {big} NOT NULL,
+            UNIQUE (case_id, person_id, venue_id, exposure_start, channel, app_id)
+        )""",
+        "CREATE INDEX notices_due ON notices (state, next_attempt_at)",
+        "CREATE INDEX notices_case ON notices (case_id)",
+    )
+
+
 SQLITE: Final[tuple[Migration, ...]] = (
     (
         1,
@@ -131,6 +183,7 @@ SQLITE: Final[tuple[Migration, ...]] = (
         ),
     ),
     (2, _registry("BLOB", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")),
+    (3, _cases("BLOB", "INTEGER")),
 )
 
 
@@ -184,6 +237,7 @@ POSTGRES: Final[tuple[Migration, ...]] = (
         ),
     ),
     (2, _registry("bytea", "bigint", "bigserial PRIMARY KEY")),
+    (3, _cases("bytea", "bigint")),
 )
 
 # The tables partitioned by day on PostgreSQL, with their partition column.

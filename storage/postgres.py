@@ -85,6 +85,7 @@ def _ts(param: str) -> str:
 
 class PostgresStorage(Storage):
     kind = "postgresql"
+    _claim_lock = " FOR UPDATE SKIP LOCKED"  # see Outbox.claim_notices
 
     def __init__(self, pool: asyncpg.Pool, timezone: str) -> None:
         self._pool = pool
@@ -340,6 +341,24 @@ class PostgresStorage(Storage):
         status = await self._pool.execute(sql, *args)
         return int(status.split()[-1])  # "UPDATE 1", "INSERT 0 1"
 
+    async def _registry_transaction(
+        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            for sql, rows in statements:
+                if rows:
+                    await conn.executemany(sql, rows)
+
+    async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
+        rows = await self._pool.fetch(
+            "SELECT DISTINCT app_id FROM scan_events WHERE person_id = $1 "
+            f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} ORDER BY app_id",
+            person_id,
+            start_ms,
+            end_ms,
+        )
+        return [str(r[0]) for r in rows]
+
     # -- reading ---------------------------------------------------------------------------
 
     async def person_visits(self, person_id: str, start_ms: int, end_ms: int) -> list[Visit]:
@@ -356,6 +375,22 @@ class PostgresStorage(Storage):
             venue_id,
             start_ms,
             end_ms,
+        )
+
+    async def scan_counts(self, start_ms: int, end_ms: int) -> list[tuple[str, str, str, int]]:
+        # The bounds are on scanned_at itself, so only the range's day partitions are read.
+        rows = await self._pool.fetch(
+            "SELECT venue_id, person_id, kind, count(*) FROM scan_events "
+            f"WHERE scanned_at >= {_ts('$1')} AND scanned_at < {_ts('$2')} "
+            "GROUP BY venue_id, person_id, kind",
+            start_ms,
+            end_ms,
+        )
+        return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    async def visits_between(self, start_ms: int, end_ms: int) -> list[Visit]:
+        return await self._visits(
+            f"checkin_at < {_ts('$2')} AND checkout_at > {_ts('$1')}", start_ms, end_ms
         )
 
     async def all_visits(self) -> list[Visit]:

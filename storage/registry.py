@@ -87,6 +87,12 @@ class Registry(abc.ABC):
     async def _registry_execute(self, sql: str, *args: Any) -> int:
         """Run one writing statement; the number of rows it changed."""
 
+    @abc.abstractmethod
+    async def _registry_transaction(
+        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
+        """Run each statement once per row of its parameters, all in one transaction."""
+
     # -- the data key ----------------------------------------------------------------------
 
     async def sealed_data_key(self) -> bytes | None:
@@ -143,6 +149,11 @@ class Registry(abc.ABC):
         """Registered venue id -> kind (the flusher's maximum stay per kind)."""
         rows = await self._registry_fetch("SELECT venue_id, kind FROM venues")
         return {r[0]: r[1] for r in rows}
+
+    async def venue_places(self) -> dict[str, tuple[str, str]]:
+        """Registered venue id -> (province, kind): how reports group venues."""
+        rows = await self._registry_fetch("SELECT venue_id, province, kind FROM venues")
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     # -- door staff ------------------------------------------------------------------------
 

@@ -152,6 +152,26 @@ class SqliteStorage(Storage):
         statement = sqlite_params(sql)
         return await self._write(lambda db: db.execute(statement, args).rowcount)
 
+    async def _registry_transaction(
+        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            for sql, rows in statements:
+                if rows:
+                    db.executemany(sqlite_params(sql), rows)
+
+        await self._write(run)
+
+    async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT DISTINCT app_id FROM scan_events "
+                "WHERE person_id = ? AND scanned_at >= ? AND scanned_at <= ? ORDER BY app_id",
+                (person_id, start_ms, end_ms),
+            ).fetchall()
+        )
+        return [str(r[0]) for r in rows]
+
     # -- reading ---------------------------------------------------------------------------
 
     async def person_visits(self, person_id: str, start_ms: int, end_ms: int) -> list[Visit]:
@@ -163,6 +183,19 @@ class SqliteStorage(Storage):
         return await self._visits(
             "venue_id = ? AND checkin_at <= ? AND checkout_at >= ?", (venue_id, end_ms, start_ms)
         )
+
+    async def scan_counts(self, start_ms: int, end_ms: int) -> list[tuple[str, str, str, int]]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT venue_id, person_id, kind, count(*) FROM scan_events "
+                "WHERE scanned_at >= ? AND scanned_at < ? GROUP BY venue_id, person_id, kind",
+                (start_ms, end_ms),
+            ).fetchall()
+        )
+        return [(str(v), str(p), str(k), int(n)) for v, p, k, n in rows]
+
+    async def visits_between(self, start_ms: int, end_ms: int) -> list[Visit]:
+        return await self._visits("checkin_at < ? AND checkout_at > ?", (end_ms, start_ms))
 
     async def all_visits(self) -> list[Visit]:
         return await self._visits("1 = 1", ())
