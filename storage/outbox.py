@@ -175,6 +175,15 @@ class Outbox(Registry, abc.ABC):
         On PostgreSQL the inner SELECT skips rows another claimer has locked, and the outer
         WHERE repeats its conditions, so a row is taken by one claimer only; SQLite runs
         one writer at a time."""
+        # Most rounds find nothing due: find that out with a read, so an idle outbox never
+        # takes a write lock (on SQLite, one shared with the flusher) every poll.
+        due = await self._registry_fetch(
+            "SELECT 1 FROM notices WHERE state = 'pending' AND next_attempt_at <= $1 "
+            "AND (lease_until IS NULL OR lease_until < $1) LIMIT 1",
+            now_ms,
+        )
+        if not due:
+            return []
         rows = await self._registry_fetch(
             "UPDATE notices SET lease_owner = $1, lease_until = $2, attempts = attempts + 1 "
             "WHERE notice_id IN ("
