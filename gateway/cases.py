@@ -110,9 +110,14 @@ async def plan_case(
     )
     notices: list[NoticeRecord] = []
     unreachable: list[str] = []
+    # Which apps have a webhook, asked once per app (the keyring opens a sealed secret).
+    has_webhook: dict[str, bool] = {}
     for contact in sorted({row.person_id for row in rows}):
         apps = await reader.apps_of_person(contact, query.window_start_ms, confirmed_at_ms)
-        hooked = [app for app in apps if keyring.webhook(app) is not None]
+        for app in apps:
+            if app not in has_webhook:
+                has_webhook[app] = keyring.webhook(app) is not None
+        hooked = [app for app in apps if has_webhook[app]]
         if hooked:
             targets = [("webhook", app) for app in hooked]
         else:

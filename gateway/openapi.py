@@ -23,6 +23,7 @@ from signing.codes import ID_PATTERN, MAX_CODE_CHARS, PREFIX_PATTERN
 from storage.models import VENUE_KINDS
 from storage.times import MAX_EPOCH_MS
 
+from .cases import MAX_NOTE_CHARS
 from .context import JSON, MAX_BODY_BYTES
 from .declarations import CODE_IMAGE_TYPES
 from .events import EVENT_ID_PATTERN, EVENT_REASONS, KINDS, MAX_DEVICE_ID_CHARS
@@ -1046,7 +1047,7 @@ def openapi_document() -> dict[str, Any]:
                                 {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS},
                             ]
                         },
-                        "note": {"type": "string", "maxLength": 500},
+                        "note": {"type": "string", "maxLength": MAX_NOTE_CHARS},
                     },
                 },
                 "OtpRequest": {

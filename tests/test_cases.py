@@ -187,6 +187,19 @@ async def case_desk(
     return desk, start, await admin(desk)
 
 
+async def post_case(
+    desk: Desk, auth: dict[str, str], start: int, query: str = ""
+) -> tuple[int, Any]:
+    """POST /v1/cases for CASE, confirmed three hours after ``start``: (status, body)."""
+    status, body, _ = await desk.call(
+        "POST",
+        f"/v1/cases{query}",
+        {"person_id": "CASE", "confirmed_at": start + 3 * HOUR},
+        headers=auth,
+    )
+    return status, body
+
+
 async def test_a_case_notifies_exactly_its_contacts_by_their_apps_or_by_sms(
     make_desk: DeskFactory, keyring: Keyring, receiver: Receiver
 ) -> None:
@@ -252,17 +265,8 @@ async def test_a_case_notifies_exactly_its_contacts_by_their_apps_or_by_sms(
 async def test_a_dry_run_lists_the_contacts_and_stores_and_sends_nothing(
     make_desk: DeskFactory, keyring: Keyring, receiver: Receiver
 ) -> None:
-    keyring.set_webhook("vhd", receiver.url)
-    desk: Desk = await make_desk(**FAST)
-    start = int(time.time() * 1000) - 5 * HOUR
-    await plant_visits(desk.storage, start)
-    auth = await admin(desk)
-    status, preview, _ = await desk.call(
-        "POST",
-        "/v1/cases?dry_run=1",
-        {"person_id": "CASE", "confirmed_at": start + 3 * HOUR},
-        headers=auth,
-    )
+    desk, start, auth = await case_desk(make_desk, keyring, receiver)
+    status, preview = await post_case(desk, auth, start, "?dry_run=1")
     assert status == 200, preview
     assert (preview["contacts"], preview["notices"], preview["unreachable"]) == (3, 2, 1)
     listed = {
@@ -281,15 +285,9 @@ async def test_a_dry_run_lists_the_contacts_and_stores_and_sends_nothing(
 async def test_a_receiver_that_fails_for_a_while_gets_every_notice_once(
     make_desk: DeskFactory, keyring: Keyring, receiver: Receiver
 ) -> None:
-    receiver.secret = keyring.set_webhook("vhd", receiver.url).encode()
-    desk: Desk = await make_desk(**FAST)
+    desk, start, auth = await case_desk(make_desk, keyring, receiver)
     receiver.fail_first = 5
-    start = int(time.time() * 1000) - 5 * HOUR
-    await plant_visits(desk.storage, start)
-    auth = await admin(desk)
-    status, made, _ = await desk.call(
-        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": start + 3 * HOUR}, headers=auth
-    )
+    status, made = await post_case(desk, auth, start)
     assert status == 201
     case = await all_settled(desk, made["case_id"], auth)
     ids = {n["notice_id"] for n in case["notices"]}
@@ -304,15 +302,9 @@ async def test_a_receiver_that_fails_for_a_while_gets_every_notice_once(
 async def test_notices_to_an_app_that_never_answers_are_given_up_and_said_so(
     make_desk: DeskFactory, keyring: Keyring, receiver: Receiver
 ) -> None:
-    receiver.secret = keyring.set_webhook("vhd", receiver.url).encode()
-    desk: Desk = await make_desk(**FAST, notice_max_attempts=3)
+    desk, start, auth = await case_desk(make_desk, keyring, receiver, notice_max_attempts=3)
     receiver.fail_first = 1_000
-    start = int(time.time() * 1000) - 5 * HOUR
-    await plant_visits(desk.storage, start)
-    auth = await admin(desk)
-    _, made, _ = await desk.call(
-        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": start + 3 * HOUR}, headers=auth
-    )
+    _, made = await post_case(desk, auth, start)
     case = await all_settled(desk, made["case_id"], auth)
     assert {(n["state"], n["attempts"], n["last_error"]) for n in case["notices"]} == {
         ("failed", 3, "webhook answered 503")
@@ -451,9 +443,7 @@ async def test_risky_venues_carry_no_person_id(make_desk: DeskFactory, keyring: 
     start = int(time.time() * 1000) - 5 * HOUR
     await plant_visits(desk.storage, start)
     auth = await admin(desk)
-    _, made, _ = await desk.call(
-        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": start + 3 * HOUR}, headers=auth
-    )
+    _, made = await post_case(desk, auth, start)
     status, body, _ = await desk.call("GET", f"/v1/risky-venues?since={start - 24 * HOUR}")
     assert status == 200
     assert body == [
@@ -629,14 +619,10 @@ async def test_a_webhook_to_a_private_address_is_refused(
 ) -> None:
     """Without SCANGATE_WEBHOOK_PRIVATE a webhook may not reach into the network: the
     receiver on 127.0.0.1 is never called."""
-    keyring.set_webhook("vhd", receiver.url)
-    desk: Desk = await make_desk(notice_poll_s=0.05, notice_retry_s=0.1, notice_max_attempts=2)
-    start = int(time.time() * 1000) - 5 * HOUR
-    await plant_visits(desk.storage, start)
-    auth = await admin(desk)
-    _, made, _ = await desk.call(
-        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": start + 3 * HOUR}, headers=auth
+    desk, start, auth = await case_desk(
+        make_desk, keyring, receiver, webhook_private=False, notice_max_attempts=2
     )
+    _, made = await post_case(desk, auth, start)
     case = await all_settled(desk, made["case_id"], auth)
     assert {(n["state"], n["last_error"]) for n in case["notices"]} == {
         ("failed", "the webhook's address is not public")
@@ -659,9 +645,7 @@ async def test_an_sms_that_cannot_be_sent_is_retried_then_given_up(
     phone_desk: Desk = await make_desk(notice_poll_s=3600)
     person = await plant_phone_contact(phone_desk, start)
     auth = await admin(desk)
-    _, made, _ = await desk.call(
-        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": start + 3 * HOUR}, headers=auth
-    )
+    _, made = await post_case(desk, auth, start)
     assert made["notices"] == 1  # C by SMS; A and B have no webhook here, and no phone
     case = await all_settled(desk, made["case_id"], auth)
     ((notice,),) = [case["notices"]]

@@ -42,6 +42,7 @@ from gateway.app import create_app
 from gateway.context import GATEWAY, Gateway
 from gateway.events import decode_event
 from gateway.keyspace import stream_key
+from gateway.people import ANSWER_KEYS
 from signing import Keyring
 from signing.codes import format_code, parse_code
 from storage.models import ScanEvent
@@ -1835,18 +1836,7 @@ def declaration(**over: Any) -> dict[str, Any]:
         "phone": PHONE,
         "address": "12 Lê Lợi, Quận 1",
         "province": "Hồ Chí Minh",
-        "answers": dict.fromkeys(
-            (
-                "fever",
-                "cough",
-                "shortness_of_breath",
-                "sore_throat",
-                "loss_of_taste_or_smell",
-                "contact_with_case",
-                "visited_outbreak_area",
-            ),
-            False,
-        ),
+        "answers": dict.fromkeys(ANSWER_KEYS, False),
     }
     doc.update(over)
     return doc

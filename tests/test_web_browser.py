@@ -28,7 +28,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,16 +365,51 @@ def verify_phone(tab: Tab, site: Site, phone: str) -> None:
     page.locator("#otp").wait_for(state="hidden")
 
 
-def fill_declaration(page: Any, name: str, national_id: str, *, fever: bool = False) -> None:
-    page.get_by_label("Họ và tên").fill(name)
-    page.get_by_label("Số CCCD / CMND / hộ chiếu").fill(national_id)
-    page.get_by_label("Năm sinh").fill("1990")
-    page.locator("#gender-female").check()
-    page.get_by_label("Địa chỉ").fill("12 Lê Lợi, Phường Bến Nghé")
-    page.get_by_label("Tỉnh / thành phố").select_option("Hồ Chí Minh")
-    for key in ANSWER_KEYS:
+# The declaration form's labels, as a person reads them, in each language.
+FORM_LABELS = {
+    "vi": {
+        "full_name": "Họ và tên",
+        "national_id": "Số CCCD / CMND / hộ chiếu",
+        "birth_year": "Năm sinh",
+        "address": "Địa chỉ",
+        "province": "Tỉnh / thành phố",
+        "truthful": "Tôi cam kết những thông tin trên là đúng sự thật.",
+    },
+    "en": {
+        "full_name": "Full name",
+        "national_id": "Citizen ID / ID card / passport number",
+        "birth_year": "Year of birth",
+        "address": "Address",
+        "province": "Province / city",
+        "truthful": "I declare that the information above is true.",
+    },
+}
+
+
+def fill_declaration(
+    page: Any,
+    name: str,
+    national_id: str,
+    *,
+    lang: str = "vi",
+    birth_year: str = "1990",
+    gender: str = "female",
+    address: str = "12 Lê Lợi, Phường Bến Nghé",
+    province: str = "Hồ Chí Minh",
+    answered: Sequence[str] = ANSWER_KEYS,
+    fever: bool = False,
+) -> None:
+    """Fill the form by its labels; the questions in ``answered`` (No, or Yes to fever)."""
+    label = FORM_LABELS[lang]
+    page.get_by_label(label["full_name"]).fill(name)
+    page.get_by_label(label["national_id"]).fill(national_id)
+    page.get_by_label(label["birth_year"]).fill(birth_year)
+    page.locator(f"#gender-{gender}").check()
+    page.get_by_label(label["address"]).fill(address)
+    page.get_by_label(label["province"]).select_option(province)
+    for key in answered:
         page.locator(f"#{key}-{'yes' if key == 'fever' and fever else 'no'}").check()
-    page.get_by_label("Tôi cam kết những thông tin trên là đúng sự thật.").check()
+    page.get_by_label(label["truthful"]).check()
 
 
 def decode_qr(png: bytes) -> str:
@@ -575,19 +610,21 @@ def test_a_citizen_declares_for_a_relative_and_keeps_both_codes(
     page = tab.page
     page.goto("/khai-bao?lang=en")
     verify_phone(tab, site, PHONE_2)
-    page.get_by_label("Full name").fill("Lê Văn Tám")
-    page.get_by_label("Citizen ID / ID card / passport number").fill("001234567")
-    page.get_by_label("Year of birth").fill("1950")
-    page.locator("#gender-male").check()
-    page.get_by_label("Address").fill("3 Tràng Tiền")
-    page.get_by_label("Province / city").select_option("Hà Nội")
-    for key in ("fever", "cough", "shortness_of_breath", "sore_throat"):
-        page.locator(f"#{key}-no").check()
-    page.get_by_label("I declare that the information above is true.").check()
+    fill_declaration(
+        page,
+        "Lê Văn Tám",
+        "001234567",
+        birth_year="1950",
+        gender="male",
+        answered=ANSWER_KEYS[:4],
+        lang="en",
+        address="3 Tràng Tiền",
+        province="Hà Nội",
+    )
     # Questions left unanswered: the API names the first, and the page points at it.
     page.get_by_role("button", name="Send the declaration").click()
     see(page.locator("#declaration-message"), "Answer the question about taste and smell.")
-    for key in ("loss_of_taste_or_smell", "contact_with_case", "visited_outbreak_area"):
+    for key in ANSWER_KEYS[4:]:
         page.locator(f"#{key}-no").check()
     page.get_by_role("button", name="Send the declaration").click()
     page.locator("#result .code-card").wait_for()
@@ -595,15 +632,15 @@ def test_a_citizen_declares_for_a_relative_and_keeps_both_codes(
     page.get_by_role("button", name="Declare for someone else").click()
     page.locator("#whom-relative").check()
     page.get_by_label("Relationship to you").select_option("parent")
-    page.get_by_label("Full name").fill("Lê Thị Hoa")
-    page.get_by_label("Citizen ID / ID card / passport number").fill("001234568")
-    page.get_by_label("Year of birth").fill("1930")
-    page.locator("#gender-female").check()
-    page.get_by_label("Address").fill("3 Tràng Tiền")
-    page.get_by_label("Province / city").select_option("Hà Nội")
-    for key in ANSWER_KEYS:
-        page.locator(f"#{key}-no").check()
-    page.get_by_label("I declare that the information above is true.").check()
+    fill_declaration(
+        page,
+        "Lê Thị Hoa",
+        "001234568",
+        birth_year="1930",
+        lang="en",
+        address="3 Tràng Tiền",
+        province="Hà Nội",
+    )
     page.get_by_role("button", name="Send the declaration").click()
     see(page.locator("#result .code-card .code-name"), "Lê Thị Hoa")
     names = page.locator("#saved .code-name").all_inner_texts()
