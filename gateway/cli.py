@@ -574,10 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         parents=[common],
         help="run the HTTP gateway (embedded Valkey unless SCANGATE_REDIS_URL is set)",
-        description="Run the HTTP gateway: POST /v1/scans, /healthz, /readyz, /metrics. "
-        "With SCANGATE_REDIS_URL unset it starts a Valkey server under the data dir "
-        "(append-only file on) and stops it on exit. SIGTERM stops accepting, finishes "
-        "requests in flight and exits 0.",
+        description="Run the HTTP gateway: the /v1 API (see /openapi.json), the web pages "
+        "(/, /khai-bao, ...), /healthz, /readyz, /metrics; each worker also delivers "
+        "exposure notices. With SCANGATE_REDIS_URL unset it starts a Valkey server under "
+        "the data dir (append-only file on) and stops it on exit. SIGTERM stops accepting, "
+        "finishes requests in flight and exits 0.",
     )
     p.set_defaults(handler=cmd_serve)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -662,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         groups,
         "purge",
         cmd_purge,
-        "delete events and visits older than SCANGATE_RETENTION (the flusher does it daily)",
+        "delete events, visits and cases older than SCANGATE_RETENTION (the flusher does it daily)",
     )
     venues = groups.add_parser(
         "venues",
@@ -828,8 +829,10 @@ def build_parser() -> argparse.ArgumentParser:
         "daily report per province, venue kind or venue: scans, check-ins, persons, visits, "
         "median stay, peak occupancy (days in SCANGATE_TIMEZONE)",
     )
-    p.add_argument("--from", dest="first", required=True, metavar="YYYY-MM-DD")
-    p.add_argument("--to", dest="last", required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--from", dest="first", required=True, metavar="YYYY-MM-DD", help="first day")
+    p.add_argument(
+        "--to", dest="last", required=True, metavar="YYYY-MM-DD", help="last day (at most 92)"
+    )
     p.add_argument("--by", choices=("province", "venue_kind", "venue"), default="province")
     p.add_argument(
         "--format",
