@@ -1,11 +1,12 @@
 """The storage interface, what both backends share, and ``connect_storage``.
 
 A backend stores batches of scan events and keeps each touched person's visits equal to
-``derive_visits`` of that person's stored events. It re-derives only a window: from a
-"quiet point" of the person (an event with no other event within the pairing horizon
-before it, so no earlier event can change what follows) to the person's last event.
-That keeps a batch's work proportional to the recent events of the persons it touches,
-and makes redelivery, reordering and concurrent flushers converge on the same rows.
+``derive_visits`` of that person's stored events. It re-derives only from the person's
+earliest new event on, resuming from the state that the visits just before it record
+(``rederive_changes``): a batch reads the persons' events from that instant and their
+visits from a few hours before it, never their older history, so its work stays the same
+however many events are stored and however densely a person scans. Redelivery,
+reordering and concurrent flushers converge on the same rows.
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import abc
 import hashlib
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, Generic, NamedTuple, TypeVar
 
 from .models import ContactRow, PairingRules, ScanEvent, Visit
 from .outbox import Outbox
-from .pairing import derive_visits, quiet_point
+from .pairing import derive_visits, state_before
 from .tracing import TraceQuery, candidate_windows, contacts_of, depth2_persons
 
 K = TypeVar("K")
 ADMIN_TOKEN_PREFIX: Final = "sgadm_"  # noqa: S105 - a label, not a secret
-FIRST_LOOKBACK_FACTOR: Final = 3
 
 
 class StorageError(Exception):
@@ -57,27 +57,6 @@ def hash_admin_token(token: str) -> str:
 
 def new_admin_token() -> str:
     return ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def rederive(
-    events: Sequence[ScanEvent],
-    lo_ms: int,
-    since_ms: int,
-    rules: PairingRules,
-    horizon_ms: int | None = None,
-) -> tuple[int, list[Visit]] | None:
-    """A person's visits from their quiet point before ``lo_ms``: (quiet point, visits).
-
-    ``events`` are all the person's stored events scanned at or after ``since_ms``, sorted
-    by scan time. None when no quiet point lies in that range: load from further back.
-    ``horizon_ms`` is ``rules.horizon_ms``, for callers that re-derive many persons.
-    """
-    if horizon_ms is None:
-        horizon_ms = rules.horizon_ms
-    q = quiet_point([e.scanned_at_ms for e in events], lo_ms, horizon_ms, since_ms)
-    if q is None:
-        return None
-    return q, derive_visits([e for e in events if e.scanned_at_ms >= q], rules)
 
 
 class VisitChanges(NamedTuple, Generic[K]):
@@ -124,8 +103,29 @@ def _visit_start(visit: Visit) -> tuple[str, str, int, int]:
     return (visit.person_id, visit.venue_id, visit.checkin_at_ms, visit.source_at_ms)
 
 
-def first_lookback_ms(rules: PairingRules) -> int:
-    return FIRST_LOOKBACK_FACTOR * rules.horizon_ms
+def rederive_changes(
+    earliest: Mapping[str, int],
+    events: Mapping[str, Sequence[ScanEvent]],
+    stored: Mapping[str, Sequence[tuple[K, Visit]]],
+    rules: PairingRules,
+) -> VisitChanges[K]:
+    """The row changes that bring the visits of every person with new events up to date.
+
+    ``earliest`` is each such person's earliest new scan time ``t``; ``events`` their stored
+    events (new ones included) scanned at or after ``t``; ``stored`` their stored visits
+    (with row keys) whose source is at or after ``t - rules.reach_ms``. Visits that started
+    before ``t`` keep what they are, but for the one open just before ``t``, whose end
+    the new events may move: pairing resumes from the state those visits record
+    (``state_before``), so no older event is read however dense the person's history.
+    """
+    affected: list[tuple[K, Visit]] = []
+    derived: list[Visit] = []
+    for person_id, t in earliest.items():
+        near = stored.get(person_id, ())
+        state = state_before((v for _k, v in near), t)
+        derived += derive_visits(events[person_id], rules, state)
+        affected += [(k, v) for k, v in near if v.source_at_ms >= t or v is state.open_visit]
+    return visit_changes(affected, derived)
 
 
 class Storage(Outbox, abc.ABC):

@@ -79,6 +79,14 @@ class PairingRules:
         of a person, nothing earlier changes any of that person's later visits."""
         return max(self.repeat_window_ms, self.max_stay_ms, *self.venue_max_stay_ms.values())
 
+    @property
+    def reach_ms(self) -> int:
+        """How far before an instant a visit can start and still carry pairing's state
+        across it (``storage.pairing.state_before``): the open visit began at most a
+        maximum stay before, and a check-out within the repeat window closed a visit that
+        began at most a maximum stay before that."""
+        return self.horizon_ms + self.repeat_window_ms
+
 
 class ContactRow(NamedTuple):
     """One pair of overlapping visits found by tracing."""

@@ -26,7 +26,7 @@ from typing import Final, NamedTuple
 
 from storage.models import PairingRules, ScanEvent, Visit
 
-__all__ = ["derive_visits", "quiet_point"]
+__all__ = ["PairingState", "derive_visits", "quiet_point", "state_before"]
 
 # The scan order: a total order on identities, so the scan never depends on input order.
 # (Events equal in time, kind and venue act as repeats of each other, so even their order is
@@ -43,7 +43,18 @@ class _OpenVisit(NamedTuple):
     checkin_at_ms: int
 
 
-def derive_visits(events: Iterable[ScanEvent], rules: PairingRules) -> list[Visit]:
+class PairingState(NamedTuple):
+    """All that pairing carries from a person's events before an instant to the events at
+    or after it: the visit still open then, and each venue's last effective check-out (the
+    start of its repeat window for check-outs). See :func:`state_before`."""
+
+    open_visit: Visit | None
+    last_checkout_at: dict[str, int]
+
+
+def derive_visits(
+    events: Iterable[ScanEvent], rules: PairingRules, start: PairingState | None = None
+) -> list[Visit]:
     """The visits of one person, as a pure function of the set of their events.
 
     Copies of an event (same ``(app_id, event_id)``) count once, and any input order gives
@@ -51,18 +62,27 @@ def derive_visits(events: Iterable[ScanEvent], rules: PairingRules) -> list[Visi
     person is inside now). Visits are sorted by
     ``(source_at_ms, venue_id, checkin_at_ms, closed_by)``.
 
+    With ``start`` (``state_before(visits, t)``) the scan resumes from that state instead
+    of from nothing: given the person's events at or after ``t``, it returns the visits
+    that start at or after ``t`` plus the visit open just before ``t`` with its end now.
+
     Raises ValueError if the events are not all of one person, or if two events share an
     identity but differ in what pairing reads (kind, venue, person, scan time).
     """
     unique = _unique_events(events)
-    if not unique:
+    resumed = start.open_visit if start is not None else None
+    if not unique and resumed is None:
         return []
-    person_id = unique[0].person_id
+    person_id = unique[0].person_id if unique else resumed.person_id  # type: ignore[union-attr]
     visits: list[Visit] = []
     open_visit: _OpenVisit | None = None
     # Venue -> time of the check-out there that last closed a visit or made an orphan:
     # the start of that venue's repeat window for check-outs.
     last_checkout_at: dict[str, int] = {}
+    if start is not None:
+        last_checkout_at.update(start.last_checkout_at)
+        if resumed is not None:
+            open_visit = _OpenVisit(resumed.venue_id, resumed.checkin_at_ms)
 
     for event in sorted(unique, key=_SCAN_ORDER):
         t = event.scanned_at_ms
@@ -122,6 +142,50 @@ def derive_visits(events: Iterable[ScanEvent], rules: PairingRules) -> list[Visi
         visits.append(_auto_visit(person_id, open_visit, rules.max_stay_at(open_visit.venue_id)))
     visits.sort(key=_VISIT_ORDER)
     return visits
+
+
+def state_before(visits: Iterable[Visit], at_ms: int) -> PairingState:
+    """The state of pairing just before ``at_ms``, read from a person's visits.
+
+    ``visits`` must include every visit of the person derived from *all* their events (old
+    and new) that has ``source_at_ms`` in ``[at_ms - reach, at_ms)``, where reach is
+    ``rules.horizon_ms + rules.repeat_window_ms``; more are ignored. Then, for the person's
+    events ``E`` and visits ``derive_visits(E)``, and any events ``N`` all at or after
+    ``at_ms``::
+
+        derive_visits(E + N) == [v for v in derive_visits(E) if v.source_at_ms < at_ms
+                                 and v != state.open_visit]
+                                + derive_visits(events of E + N at or after at_ms,
+                                                start=state)
+
+    It holds because the scan reaches ``at_ms`` in the same state either way (no event of
+    ``N`` comes before it), and that state can be read back from what the scan emitted
+    before it:
+
+    - the visit open just before ``at_ms`` is the one that started before it and ends at or
+      after it, unless it is an orphan (an orphan is made by its check-out and never open).
+      A visit closed by a check-out or a next check-in ends at the event that closed it; an
+      ``auto`` one ends at check-in plus the maximum stay, so if that end is before
+      ``at_ms`` the visit has expired and the next event would only close it as it is.
+      A visit that ended before ``at_ms`` was closed by an earlier event, so at most one
+      visit qualifies. It began within the maximum stay (at most the horizon) of ``at_ms``.
+    - a venue's last effective check-out is the latest end among its ``checkout`` and
+      ``orphan`` visits that end before ``at_ms``; only one within the repeat window can
+      matter, and the visit it closed began at most the horizon before that.
+    """
+    open_visit: Visit | None = None
+    last_checkout_at: dict[str, int] = {}
+    for v in visits:
+        if v.source_at_ms >= at_ms:
+            continue
+        if v.checkout_at_ms >= at_ms and v.closed_by != "orphan":
+            if open_visit is None or v.source_at_ms > open_visit.source_at_ms:
+                open_visit = v
+        elif v.closed_by in ("checkout", "orphan") and v.checkout_at_ms < at_ms:
+            previous = last_checkout_at.get(v.venue_id)
+            if previous is None or v.checkout_at_ms > previous:
+                last_checkout_at[v.venue_id] = v.checkout_at_ms
+    return PairingState(open_visit, last_checkout_at)
 
 
 def quiet_point(

@@ -32,11 +32,9 @@ from .base import (
     PurgeResult,
     Storage,
     StorageError,
-    first_lookback_ms,
     hash_admin_token,
     new_admin_token,
-    rederive,
-    visit_changes,
+    rederive_changes,
 )
 from .models import PairingRules, ScanEvent, Visit
 
@@ -248,49 +246,36 @@ class PostgresStorage(Storage):
     async def _rederive(
         self, conn: asyncpg.Connection, earliest: dict[str, int], rules: PairingRules
     ) -> None:
-        """Make each person's visits from their quiet point on equal ``rederive``'s, in a
-        few statements for the whole batch, writing only the visits that changed."""
-        pending = dict(earliest)
-        lookback = first_lookback_ms(rules)
-        horizon_ms = rules.horizon_ms
-        quiet: dict[str, int] = {}
-        derived: list[Visit] = []
-        while pending:
-            persons = list(pending)
-            sinces = [pending[p] - lookback for p in persons]
-            # One index range scan per person whatever the statistics say (a plain join
-            # was planned as a merge join over the whole person index): OFFSET 0 keeps
-            # the planner from flattening the LATERAL subquery back into such a join.
-            rows = await conn.fetch(
-                f"SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, since) "
-                f"CROSS JOIN LATERAL ({_EVENT_SELECT} WHERE e.person_id = d.p "
-                f"AND e.scanned_at >= {_ts('d.since')} OFFSET 0) AS x "
-                "ORDER BY x.person_id, x.s",
-                persons,
-                sinces,
-            )
-            by_person: dict[str, list[ScanEvent]] = defaultdict(list)
-            for r in rows:
-                by_person[r[4]].append(ScanEvent._make(r))
-            still: dict[str, int] = {}
-            for p, since in zip(persons, sinces, strict=True):
-                result = rederive(by_person[p], pending[p], since, rules, horizon_ms)
-                if result is None:
-                    still[p] = pending[p]
-                else:
-                    quiet[p], person_visits = result
-                    derived += person_visits
-            pending, lookback = still, lookback * 2
-        stored = await conn.fetch(
-            "SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, q) "
+        """Bring the visits of each person with new events up to date
+        (``rederive_changes``), in a few statements for the whole batch, writing only the
+        visits that changed."""
+        persons = list(earliest)
+        los = [earliest[p] for p in persons]
+        # One index range scan per person whatever the statistics say (a plain join was
+        # planned as a merge join over the whole person index): OFFSET 0 keeps the planner
+        # from flattening the LATERAL subquery back into such a join.
+        rows = await conn.fetch(
+            f"SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, since) "
+            f"CROSS JOIN LATERAL ({_EVENT_SELECT} WHERE e.person_id = d.p "
+            f"AND e.scanned_at >= {_ts('d.since')} OFFSET 0) AS x",
+            persons,
+            los,
+        )
+        events: dict[str, list[ScanEvent]] = defaultdict(list)
+        for r in rows:
+            events[r[4]].append(ScanEvent._make(r))
+        reach_ms = rules.reach_ms
+        stored_rows = await conn.fetch(
+            "SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, since) "
             f"CROSS JOIN LATERAL ({_VISIT_ROW_SELECT} WHERE v.person_id = d.p "
-            f"AND v.source_at >= {_ts('d.q')} OFFSET 0) AS x",
-            list(quiet),
-            list(quiet.values()),
+            f"AND v.source_at >= {_ts('d.since')} OFFSET 0) AS x",
+            persons,
+            [t - reach_ms for t in los],
         )
-        changes = visit_changes(
-            [(_RowAddress(r[0], r[1], r[2], r[7]), Visit._make(r[2:])) for r in stored], derived
-        )
+        stored: dict[str, list[tuple[_RowAddress, Visit]]] = defaultdict(list)
+        for r in stored_rows:
+            stored[r[2]].append((_RowAddress(r[0], r[1], r[2], r[7]), Visit._make(r[2:])))
+        changes = rederive_changes(earliest, events, stored, rules)
         # A row is found through the person index (person, source time) and then picked by
         # its ctid, in the partition it lives in: the persons are locked, so no other
         # transaction moves it before the commit. (A join on ctid alone is planned as a

@@ -23,11 +23,9 @@ from .base import (
     PurgeResult,
     Storage,
     StorageError,
-    first_lookback_ms,
     hash_admin_token,
     new_admin_token,
-    rederive,
-    visit_changes,
+    rederive_changes,
 )
 from .models import PairingRules, ScanEvent, Visit
 from .registry import sqlite_params
@@ -282,32 +280,16 @@ class SqliteStorage(Storage):
 
 
 def _rederive(db: sqlite3.Connection, earliest: dict[str, int], rules: PairingRules) -> None:
-    """Make each person's visits from their quiet point on equal ``rederive``'s.
+    """Bring the visits of each person with new events up to date (``rederive_changes``).
 
-    A few statements per chunk of persons rather than a few per person, and only the
-    visits that changed are written: most re-derived visits are the same as the stored
-    ones, and every row rewritten dirties pages of four B-trees (the table and three
-    indexes) that the commit must write to the WAL; a visit whose end moved is updated in
-    place, which touches the table's page only.
+    Two reads per chunk of persons, and only the visits that changed are written: most
+    re-derived visits are the same as the stored ones, and every row rewritten dirties
+    pages of four B-trees (the table and three indexes) that the commit must write to the
+    WAL; a visit whose end moved is updated in place, which touches the table's page only.
     """
-    pending = dict(earliest)
-    lookback = first_lookback_ms(rules)
-    horizon_ms = rules.horizon_ms
-    quiet: dict[str, int] = {}
-    derived: list[Visit] = []
-    while pending:
-        sinces = {p: lo - lookback for p, lo in pending.items()}
-        by_person = _events_since(db, sinces)
-        still: dict[str, int] = {}
-        for p, since in sinces.items():
-            result = rederive(by_person[p], pending[p], since, rules, horizon_ms)
-            if result is None:
-                still[p] = pending[p]
-            else:
-                quiet[p], person_visits = result
-                derived += person_visits
-        pending, lookback = still, lookback * 2
-    changes = visit_changes(_visits_since(db, quiet), derived)
+    events = _events_since(db, earliest)
+    stored = _visits_since(db, {p: t - rules.reach_ms for p, t in earliest.items()})
+    changes = rederive_changes(earliest, events, stored, rules)
     db.executemany("DELETE FROM visits WHERE rowid = ?", [(rowid,) for rowid in changes.deleted])
     db.executemany(
         "UPDATE visits SET checkout_at = ?, closed_by = ? WHERE rowid = ?",
@@ -351,18 +333,22 @@ def _events_since(db: sqlite3.Connection, sinces: dict[str, int]) -> dict[str, l
     return by_person
 
 
-def _visits_since(db: sqlite3.Connection, quiet: dict[str, int]) -> list[tuple[int, Visit]]:
-    """(rowid, visit) of each person's stored visits produced at or after their quiet point."""
-    out: list[tuple[int, Visit]] = []
-    for chunk in _chunks(list(quiet.items())):
+def _visits_since(
+    db: sqlite3.Connection, sinces: dict[str, int]
+) -> dict[str, list[tuple[int, Visit]]]:
+    """(rowid, visit) of each person's stored visits whose source is at or after their own
+    ``since``."""
+    by_person: dict[str, list[tuple[int, Visit]]] = {}
+    for chunk in _chunks(list(sinces.items())):
         rows = db.execute(
-            f"WITH d(p, q) AS (VALUES {_placeholders(len(chunk), 2)}) "
+            f"WITH d(p, since) AS (VALUES {_placeholders(len(chunk), 2)}) "
             f"SELECT v.rowid, {_VISIT_COLUMNS_OF_V} FROM d CROSS JOIN visits v "
-            "ON v.person_id = d.p AND v.source_at >= d.q",
+            "ON v.person_id = d.p AND v.source_at >= d.since",
             [v for item in chunk for v in item],
         )
-        out += [(row[0], Visit._make(row[1:])) for row in rows]
-    return out
+        for row in rows:
+            by_person.setdefault(row[1], []).append((row[0], Visit._make(row[1:])))
+    return by_person
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK_ROWS) -> Iterator[Sequence[T]]:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.models import CLOSED_BY, ClosedBy, Kind, PairingRules, ScanEvent, Visit
-from storage.pairing import derive_visits, quiet_point
+from storage.pairing import derive_visits, quiet_point, state_before
 
 DAY_MS = int(dt.datetime(2026, 11, 25, tzinfo=dt.UTC).timestamp()) * 1000
 MINUTE_MS = 60_000
@@ -461,3 +461,46 @@ def test_derivation_from_a_quiet_point_matches_the_full_one(
             continue
         suffix = [e for e in events if e.scanned_at_ms >= q]
         assert derive_visits(suffix, rules) == [v for v in full if v.source_at_ms >= q]
+
+
+# --- resuming from the state read back from visits ------------------------------------
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=cases(), data=st.data())
+def test_resuming_from_the_stored_visits_matches_the_full_derivation(
+    case: tuple[PairingRules, list[ScanEvent]], data: st.DataObject
+) -> None:
+    """What storage does with every batch: the events split into those stored before and
+    the new ones (all at or after the earliest new one, ``t``); the visits from ``t`` on are
+    derived from the state read back from the stored visits, never from older events."""
+    rules, events = case
+    if not events:
+        return
+    t = data.draw(st.sampled_from(sorted({e.scanned_at_ms for e in events})))
+    new = [e for e in events if e.scanned_at_ms >= t and data.draw(st.booleans())]
+    if not new:
+        return
+    t = min(e.scanned_at_ms for e in new)
+    old = [e for e in events if e not in new]
+    stored = derive_visits(old, rules)
+    near = [v for v in stored if v.source_at_ms >= t - rules.reach_ms]
+    state = state_before(near, t)
+    resumed = derive_visits([e for e in events if e.scanned_at_ms >= t], rules, state)
+    kept = [v for v in stored if v.source_at_ms < t and v != state.open_visit]
+    assert sorted(kept + resumed) == sorted(derive_visits(events, rules))
+    # And the resumed visits are exactly those that start at or after t, plus the open one.
+    assert all(
+        v.source_at_ms >= t or v.source_at_ms == state.open_visit.source_at_ms
+        for v in resumed
+        if state.open_visit is not None
+    )
+
+
+def test_resuming_closes_the_open_visit_and_honours_the_repeat_windows() -> None:
+    stored = derive_visits([cin("V1", "10:00"), cout("V2", "10:30")], DEFAULT)
+    state = state_before(stored, at("10:33"))
+    assert state.open_visit == visit("V1", "10:00", "14:00", "auto")
+    assert state.last_checkout_at == {"V2": at("10:30")}
+    later = [cout("V2", "10:33"), cout("V1", "11:00")]
+    assert derive_visits(later, DEFAULT, state) == [visit("V1", "10:00", "11:00", "checkout")]

@@ -220,3 +220,26 @@ async def test_the_next_days_are_prepared_before_their_first_scan(storage: Stora
     # A batch a week from now goes straight in: its day exists.
     week = [ev("checkin", "V1", "10:00", person="LATER", day=7)]
     assert (await storage.store_batch(week, RULES)).inserted == 1
+
+
+async def test_a_person_who_scans_all_day_long_re_derives_from_their_newest_visits(
+    storage: Storage,
+) -> None:
+    """Door staff scan every 20 minutes around the clock, so their history has no quiet gap
+    to re-derive from: each batch resumes from the state the stored visits record. Late
+    uploads land in the middle of the chain, and the visits stay the pure function's."""
+    venues = ["V1", "V2", "V3"]
+    chain = [
+        ev("checkin" if i % 3 else "checkout", venues[i % 3], "00:00", person="STAFF")._replace(
+            scanned_at_ms=at("00:00", day=-2) + i * 20 * 60_000
+        )
+        for i in range(3 * 72)  # three days, every 20 minutes
+    ]
+    late = chain[::11]
+    on_time = [e for e in chain if e not in late]
+    for i in range(0, len(on_time), 5):
+        await storage.store_batch(on_time[i : i + 5], RULES)
+        if i % 40 == 0 and late:
+            await storage.store_batch([late.pop()], RULES)
+    await storage.store_batch(late, RULES)
+    assert sorted(await storage.all_visits()) == sorted(derive_visits(chain, RULES))
