@@ -2,7 +2,7 @@
 
 The visits of a person are a pure function of the *set* of that person's events: no clock,
 no arrival order, no count of copies. Re-derivation after a late or redelivered event is
-therefore always safe, and :func:`quiet_point` says how far back it has to look.
+therefore always safe, and :func:`state_before` says where it can resume from.
 
 Boundaries (all windows in ``PairingRules``, ms; ``t`` is the later scan time):
 
@@ -19,14 +19,13 @@ Boundaries (all windows in ``PairingRules``, ms; ``t`` is the later scan time):
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from operator import attrgetter
 from typing import Final, NamedTuple
 
 from storage.models import PairingRules, ScanEvent, Visit
 
-__all__ = ["PairingState", "derive_visits", "quiet_point", "state_before"]
+__all__ = ["PairingState", "derive_visits", "state_before"]
 
 # The scan order: a total order on identities, so the scan never depends on input order.
 # (Events equal in time, kind and venue act as repeats of each other, so even their order is
@@ -186,41 +185,6 @@ def state_before(visits: Iterable[Visit], at_ms: int) -> PairingState:
             if previous is None or v.checkout_at_ms > previous:
                 last_checkout_at[v.venue_id] = v.checkout_at_ms
     return PairingState(open_visit, last_checkout_at)
-
-
-def quiet_point(
-    times_ms: Sequence[int], before_ms: int, horizon_ms: int, known_from_ms: int
-) -> int | None:
-    """The latest event time ``q <= before_ms`` after which earlier events no longer matter.
-
-    ``times_ms`` are the sorted scan times of *all* of one person's stored events at or
-    after ``known_from_ms`` (nothing earlier was loaded). ``q`` is one of them such that no
-    event lies in ``[q - horizon_ms, q)``: the previous loaded time is ``< q - horizon_ms``,
-    or ``q`` is the first loaded time and ``q - horizon_ms >= known_from_ms``. Returns None
-    if no loaded time qualifies; the caller then loads further back.
-
-    Guarantee, for ``horizon_ms >= rules.horizon_ms``::
-
-        [v for v in derive_visits(all_events, rules) if v.source_at_ms >= q]
-            == derive_visits([e for e in all_events if e.scanned_at_ms >= q], rules)
-
-    It holds because every event before ``q`` is more than the horizon before it, so at
-    ``q`` no visit is open (one opened earlier ended ``auto`` after at most the maximum
-    stay) and no repeat window is active: the scan over the events from ``q`` on starts from
-    the same empty state either way, and each visit's ``source_at_ms`` is the time of the
-    event that made it, so visits from earlier events all fall before ``q``.
-    """
-    i = bisect_right(times_ms, before_ms) - 1
-    while i >= 0:
-        q = times_ms[i]
-        # Equal times are the same candidate; what counts is the previous *distinct* time.
-        first = bisect_left(times_ms, q, 0, i + 1)
-        if first == 0:
-            return q if q - horizon_ms >= known_from_ms else None
-        if times_ms[first - 1] < q - horizon_ms:
-            return q
-        i = first - 1
-    return None
 
 
 def _unique_events(events: Iterable[ScanEvent]) -> list[ScanEvent]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.models import CLOSED_BY, ClosedBy, Kind, PairingRules, ScanEvent, Visit
-from storage.pairing import derive_visits, quiet_point, state_before
+from storage.pairing import derive_visits, state_before
 
 DAY_MS = int(dt.datetime(2026, 11, 25, tzinfo=dt.UTC).timestamp()) * 1000
 MINUTE_MS = 60_000
@@ -271,63 +270,6 @@ def test_redelivery_with_other_receipt_details_counts_once() -> None:
     assert derive_visits(iter([first, again]), DEFAULT) == [visit("V1", "10:00", "14:00", "auto")]
 
 
-# --- quiet_point ------------------------------------------------------------------------
-
-HORIZON_MS = 4 * HOUR_MS
-
-
-def hours(*values: float) -> list[int]:
-    return [int(v * HOUR_MS) for v in values]
-
-
-@pytest.mark.parametrize(
-    ("times", "before", "known_from", "expected"),
-    [
-        pytest.param([], 99, 0, None, id="nothing-loaded"),
-        pytest.param([10], 10, 0, 10, id="first-with-history-known-quiet"),
-        pytest.param([10], 10, 6.5, None, id="first-but-history-unknown"),
-        pytest.param([10], 10, 6, 10, id="known-from-exactly-horizon-back-inclusive"),
-        pytest.param([10], 9.5, 0, None, id="nothing-at-or-before"),
-        pytest.param([5, 10], 10, 0, 10, id="gap-longer-than-horizon"),
-        pytest.param([6, 10], 10, 0, 6, id="gap-of-exactly-horizon-is-not-quiet"),
-        pytest.param([6, 10], 10, 2.5, None, id="falls-back-into-unknown"),
-        pytest.param([1, 6, 10, 10], 20, 0, 6, id="latest-qualifying"),
-        pytest.param([1, 6, 10], 9, 0, 6, id="before-between-events"),
-        pytest.param([3, 8, 8], 8, 0, 8, id="equal-times-are-one-candidate"),
-    ],
-)
-def test_quiet_point(
-    times: list[float], before: float, known_from: float, expected: float | None
-) -> None:
-    (before_ms, known_from_ms) = hours(before, known_from)
-    expected_ms = None if expected is None else hours(expected)[0]
-    assert quiet_point(hours(*times), before_ms, HORIZON_MS, known_from_ms) == expected_ms
-
-
-@pytest.mark.parametrize(
-    ("events", "expected_q"),
-    [
-        # A gap of exactly the maximum stay is not quiet: the visit is still open at 14:00
-        # and the check-out closes it; derived from 14:00 alone it would be an orphan.
-        pytest.param([cin("V1", "10:00"), cout("V1", "14:00")], at("10:00"), id="gap-of-horizon"),
-        pytest.param(
-            [cin("V1", "10:00"), cout("V1", at("14:00") + 1)],
-            at("14:00") + 1,
-            id="gap-just-past-horizon",
-        ),
-    ],
-)
-def test_rederiving_from_the_quiet_point_changes_nothing(
-    events: list[ScanEvent], expected_q: int
-) -> None:
-    times = sorted(e.scanned_at_ms for e in events)
-    q = quiet_point(times, times[-1], DEFAULT.horizon_ms, DAY_MS)
-    assert q == expected_q
-    full = derive_visits(events, DEFAULT)
-    suffix = [e for e in events if e.scanned_at_ms >= q]
-    assert derive_visits(suffix, DEFAULT) == [v for v in full if v.source_at_ms >= q]
-
-
 # --- properties ---------------------------------------------------------------------------
 
 VENUES = ("V1", "V2", "V3")
@@ -429,38 +371,6 @@ def test_every_visit_is_well_formed(case: tuple[PairingRules, list[ScanEvent]]) 
     stays = sorted((v.checkin_at_ms, v.checkout_at_ms) for v in visits if v.closed_by != "orphan")
     for (_, end), (start, _) in itertools.pairwise(stays):
         assert end <= start
-
-
-def _quiet_point_by_definition(
-    times: Sequence[int], before: int, horizon: int, known_from: int
-) -> int | None:
-    candidates = [
-        q
-        for q in set(times)
-        if q <= before
-        and not any(q - horizon <= t < q for t in times)
-        and (any(t < q for t in times) or q - horizon >= known_from)
-    ]
-    return max(candidates, default=None)
-
-
-@settings(max_examples=200, deadline=None)
-@given(case=cases(), known_from_minute=st.integers(-6 * 60, 24 * 60), data=st.data())
-def test_derivation_from_a_quiet_point_matches_the_full_one(
-    case: tuple[PairingRules, list[ScanEvent]], known_from_minute: int, data: st.DataObject
-) -> None:
-    rules, events = case
-    known_from = DAY_MS + known_from_minute * MINUTE_MS
-    loaded = sorted(e.scanned_at_ms for e in events if e.scanned_at_ms >= known_from)
-    full = derive_visits(events, rules)
-    extra = data.draw(st.lists(minutes.map(lambda m: DAY_MS + m * MINUTE_MS), max_size=3))
-    for before in sorted({*loaded, *extra}):
-        q = quiet_point(loaded, before, rules.horizon_ms, known_from)
-        assert q == _quiet_point_by_definition(loaded, before, rules.horizon_ms, known_from)
-        if q is None:
-            continue
-        suffix = [e for e in events if e.scanned_at_ms >= q]
-        assert derive_visits(suffix, rules) == [v for v in full if v.source_at_ms >= q]
 
 
 # --- resuming from the state read back from visits ------------------------------------
