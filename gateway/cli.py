@@ -523,7 +523,11 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     cutoff_ms = int((time.time() - settings.retention_s) * 1000)
 
     async def work(storage: Storage) -> int:
-        result = await storage.purge(cutoff_ms)
+        from .flusher import pairing_rules, with_venue_stays
+
+        # The flusher's rules: what retention keeps at its cutoff depends on the stays.
+        rules = with_venue_stays(pairing_rules(settings), settings, await storage.venue_kinds())
+        result = await storage.purge(cutoff_ms, rules)
         cases = await storage.purge_cases(cutoff_ms)
         _emit(
             {

@@ -65,6 +65,18 @@ def pairing_rules(settings: Settings) -> PairingRules:
     )
 
 
+def with_venue_stays(
+    rules: PairingRules, settings: Settings, kinds: dict[str, str]
+) -> PairingRules:
+    """``rules`` with the maximum stay of each registered venue (id -> kind) whose kind has
+    its own (``SCANGATE_KIND_MAX_STAY``)."""
+    stays_ms = {k: int(s * 1000) for k, s in settings.kind_max_stay_s.items()}
+    by_venue = {v: stays_ms[k] for v, k in kinds.items() if k in stays_ms}
+    if by_venue == rules.venue_max_stay_ms:
+        return rules
+    return dataclasses.replace(rules, venue_max_stay_ms=by_venue)
+
+
 def consumer_name() -> str:
     """Unique per process: a restarted flusher is a new consumer, and what the old one left
     pending is claimed like any dead consumer's."""
@@ -356,20 +368,17 @@ class Flusher:
         """Registered venues of a kind with its own maximum stay (a hospital, a hotel) pair
         with that stay. A venue registered later changes only the visits re-derived after
         that, like any change of the pairing settings."""
-        stays_ms = {k: int(s * 1000) for k, s in self.settings.kind_max_stay_s.items()}
         try:
             kinds = await self.storage.venue_kinds()
         except Exception:
             log.exception("flusher: reading venue kinds failed; keeping the previous stays")
             return
-        by_venue = {v: stays_ms[k] for v, k in kinds.items() if k in stays_ms}
-        if by_venue != self.rules.venue_max_stay_ms:
-            self.rules = dataclasses.replace(self.rules, venue_max_stay_ms=by_venue)
+        self.rules = with_venue_stays(self.rules, self.settings, kinds)
 
     async def purge(self) -> None:
         cutoff_ms = int((time.time() - self.settings.retention_s) * 1000)
         try:
-            result = await self.storage.purge(cutoff_ms)
+            result = await self.storage.purge(cutoff_ms, self.rules)
             cases = await self.storage.purge_cases(cutoff_ms)
         except Exception:
             self.metrics.flush_errors.inc()

@@ -51,6 +51,26 @@ class AuditEntry(NamedTuple):
     detail: str
 
 
+def kept_visits_end_ms(cutoff_ms: int, rules: PairingRules) -> int:
+    """Retention keeps the visits produced before its cutoff that end at or after this:
+    the visit open at the cutoff, and check-outs whose repeat window reaches past it
+    (what ``storage.pairing.state_before`` reads). They go at a later purge."""
+    return cutoff_ms - rules.repeat_window_ms
+
+
+def earliest_scans(events: Sequence[ScanEvent], boundary_ms: int | None) -> dict[str, int]:
+    """Each person's earliest scan time among the new ``events``, counting only those at
+    or after the retention boundary: an event scanned before it is stored (and goes at the
+    next purge) but not paired, since the events it would pair with are gone."""
+    floor = -(2**63) if boundary_ms is None else boundary_ms
+    earliest: dict[str, int] = {}
+    for e in events:
+        t = e.scanned_at_ms
+        if t >= floor and t < earliest.get(e.person_id, t + 1):
+            earliest[e.person_id] = t
+    return earliest
+
+
 def hash_admin_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -172,8 +192,12 @@ class Storage(Outbox, abc.ABC):
         """Every stored (app id, event id), for exactly-once checks."""
 
     @abc.abstractmethod
-    async def purge(self, cutoff_ms: int) -> PurgeResult:
-        """Delete events scanned and visits produced before ``cutoff_ms``."""
+    async def purge(self, cutoff_ms: int, rules: PairingRules) -> PurgeResult:
+        """Delete events scanned and visits produced before ``cutoff_ms``, but for the
+        visits that still carry pairing's state across it (``kept_visits_end_ms``), and
+        record the cutoff as the retention boundary: from then on a batch pairs only its
+        events at or after the boundary, resuming from the state those visits record, so
+        visits at the boundary stay what they were."""
 
     @abc.abstractmethod
     async def add_admin(self, name: str) -> str:

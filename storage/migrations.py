@@ -137,6 +137,16 @@ def _cases(blob: str, big: str) -> tuple[str, ...]:
     )
 
 
+# Migration 4 for either backend: where retention last cut. Events scanned before it are
+# gone, so pairing never resumes from before it (see ``Storage.purge``).
+RETENTION_BOUNDARY: Final = (
+    """CREATE TABLE retention_boundary (
+        id integer PRIMARY KEY CHECK (id = 1),
+        purged_before bigint NOT NULL
+    )""",
+)
+
+
 SQLITE: Final[tuple[Migration, ...]] = (
     (
         1,
@@ -184,6 +194,7 @@ SQLITE: Final[tuple[Migration, ...]] = (
     ),
     (2, _registry("BLOB", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")),
     (3, _cases("BLOB", "INTEGER")),
+    (4, RETENTION_BOUNDARY),
 )
 
 
@@ -238,6 +249,7 @@ POSTGRES: Final[tuple[Migration, ...]] = (
     ),
     (2, _registry("bytea", "bigint", "bigserial PRIMARY KEY")),
     (3, _cases("bytea", "bigint")),
+    (4, RETENTION_BOUNDARY),
 )
 
 # The tables partitioned by day on PostgreSQL, with their partition column.

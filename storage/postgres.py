@@ -32,7 +32,9 @@ from .base import (
     PurgeResult,
     Storage,
     StorageError,
+    earliest_scans,
     hash_admin_token,
+    kept_visits_end_ms,
     new_admin_token,
     rederive_changes,
 )
@@ -218,9 +220,8 @@ class PostgresStorage(Storage):
             earliest: dict[str, int] = {}
             if new:
                 await self._insert_events(conn, new)
-                for e in new:
-                    p = e.person_id
-                    earliest[p] = min(earliest.get(p, e.scanned_at_ms), e.scanned_at_ms)
+                boundary = await conn.fetchval("SELECT purged_before FROM retention_boundary")
+                earliest = earliest_scans(new, boundary)
                 # The persons are locked only now, after the inserts: under READ COMMITTED
                 # whoever takes a person's lock last sees every event committed before it
                 # plus its own, so its re-derivation is complete, and two flushers spend
@@ -398,10 +399,16 @@ class PostgresStorage(Storage):
 
     # -- retention -------------------------------------------------------------------------
 
-    async def purge(self, cutoff_ms: int) -> PurgeResult:
-        """Drop the day partitions wholly before the cutoff, then delete what remains
-        before it in the cutoff's own day."""
-        cutoff_day = self.day_of(cutoff_ms)
+    async def purge(self, cutoff_ms: int, rules: PairingRules) -> PurgeResult:
+        """Drop the day partitions wholly before the cutoff (for visits, those whose every
+        visit ended before ``kept_visits_end_ms``), then delete what remains before it."""
+        keep_end_ms = kept_visits_end_ms(cutoff_ms, rules)
+        # A visit ends at most the horizon after its source: a day partition of visits holds
+        # none that retention keeps once the horizon after the day's end is before that.
+        drop_before = {
+            "scan_events": self.day_of(cutoff_ms),
+            "visits": self.day_of(keep_end_ms - rules.horizon_ms),
+        }
         dropped = events = visits = 0
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
@@ -413,7 +420,8 @@ class PostgresStorage(Storage):
                 )
                 for (name,) in children:
                     day = dt.datetime.strptime(name.rsplit("_p", 1)[1], "%Y%m%d").date()
-                    if day < cutoff_day:
+                    # The whole day must lie before the cutoff: a day ends where the next begins.
+                    if day + dt.timedelta(days=1) <= drop_before[table]:
                         count = int(await conn.fetchval(f"SELECT count(*) FROM {name}"))
                         await conn.execute(f"DROP TABLE {name}")
                         self._known_days.discard((table, day))
@@ -427,11 +435,20 @@ class PostgresStorage(Storage):
             )
             events += int(status.split()[-1])
             status = await conn.execute(
-                f"DELETE FROM visits WHERE source_at < {_ts('$1')}", cutoff_ms
+                f"DELETE FROM visits WHERE source_at < {_ts('$1')} AND checkout_at < {_ts('$2')}",
+                cutoff_ms,
+                keep_end_ms,
             )
             visits += int(status.split()[-1])
             await conn.execute(
                 f"DELETE FROM scan_event_ids WHERE scanned_at < {_ts('$1')}", cutoff_ms
+            )
+            await conn.execute(
+                "INSERT INTO retention_boundary (id, purged_before) VALUES (1, $1) "
+                "ON CONFLICT (id) DO UPDATE "
+                "SET purged_before = greatest(retention_boundary.purged_before, "
+                "excluded.purged_before)",
+                cutoff_ms,
             )
         return PurgeResult(events, visits, dropped)
 
@@ -487,7 +504,7 @@ class PostgresStorage(Storage):
             await conn.execute(
                 "DROP TABLE IF EXISTS scan_events, visits, scan_event_ids, admins, audit_log, "
                 "declarations, person_phones, persons, staff_tokens, venues, data_keys, "
-                "keyring_document, "
+                "keyring_document, retention_boundary, "
                 "schema_migrations CASCADE"
             )
         self._known_days.clear()

@@ -23,7 +23,9 @@ from .base import (
     PurgeResult,
     Storage,
     StorageError,
+    earliest_scans,
     hash_admin_token,
+    kept_visits_end_ms,
     new_admin_token,
     rederive_changes,
 )
@@ -130,13 +132,11 @@ class SqliteStorage(Storage):
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(*e, stored_at) for e in new],
         )
-        earliest_new: dict[str, int] = {}
-        for e in new:
-            p = e.person_id
-            earliest_new[p] = min(earliest_new.get(p, e.scanned_at_ms), e.scanned_at_ms)
-        if earliest_new:
-            _rederive(db, earliest_new, rules)
-        return BatchResult(len(new), len(events) - len(new), len(earliest_new))
+        boundary = db.execute("SELECT purged_before FROM retention_boundary").fetchone()
+        earliest = earliest_scans(new, None if boundary is None else boundary[0])
+        if earliest:
+            _rederive(db, earliest, rules)
+        return BatchResult(len(new), len(events) - len(new), len(earliest))
 
     # -- the registry's primitives ----------------------------------------------------------
 
@@ -218,10 +218,19 @@ class SqliteStorage(Storage):
 
     # -- retention -------------------------------------------------------------------------
 
-    async def purge(self, cutoff_ms: int) -> PurgeResult:
+    async def purge(self, cutoff_ms: int, rules: PairingRules) -> PurgeResult:
         def delete(db: sqlite3.Connection) -> PurgeResult:
             events = db.execute("DELETE FROM scan_events WHERE scanned_at < ?", (cutoff_ms,))
-            visits = db.execute("DELETE FROM visits WHERE source_at < ?", (cutoff_ms,))
+            visits = db.execute(
+                "DELETE FROM visits WHERE source_at < ? AND checkout_at < ?",
+                (cutoff_ms, kept_visits_end_ms(cutoff_ms, rules)),
+            )
+            db.execute(
+                "INSERT INTO retention_boundary (id, purged_before) VALUES (1, ?) "
+                "ON CONFLICT (id) DO UPDATE "
+                "SET purged_before = max(purged_before, excluded.purged_before)",
+                (cutoff_ms,),
+            )
             return PurgeResult(events.rowcount, visits.rowcount, 0)
 
         return await self._write(delete)

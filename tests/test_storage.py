@@ -181,14 +181,61 @@ async def test_retention_deletes_what_is_older_and_keeps_the_rest(storage: Stora
     recent = [ev("checkin", "V1", "10:00", person=f"NEW{i}", day=-1) for i in range(3)]
     await storage.store_batch(old + edge + recent, RULES)
     cutoff = at("12:00", day=-21)  # after EDGE's check-in, in the same day
-    result = await storage.purge(cutoff)
+    result = await storage.purge(cutoff, RULES)
     assert result.events == 4
-    assert result.visits == 4
+    # EDGE's visit (10:00 to 14:00 auto) is still open at the cutoff: it carries pairing's
+    # state across the boundary, so it stays until a later purge.
+    assert result.visits == 3
     kept = await storage.event_identities()
     assert sorted(e for _a, e in kept) == sorted(e.event_id for e in recent)
-    assert sorted(v.person_id for v in await storage.all_visits()) == ["NEW0", "NEW1", "NEW2"]
+    assert sorted(v.person_id for v in await storage.all_visits()) == [
+        "EDGE",
+        "NEW0",
+        "NEW1",
+        "NEW2",
+    ]
     # A purged identity is gone from the unique key too: nothing is left to block.
-    assert (await storage.purge(cutoff)).events == 0
+    assert (await storage.purge(cutoff, RULES)).events == 0
+    assert (await storage.purge(at("12:00", day=-20), RULES)).visits == 1
+
+
+async def test_visits_at_the_retention_boundary_stay_what_they_were(storage: Storage) -> None:
+    """A purge cuts a person's history in the middle of a visit and inside a check-out's
+    repeat window; events that come after it (late uploads) pair as if nothing had been
+    cut, and one scanned before the cut changes nothing after it."""
+    cut = at("12:00", day=-21)
+    minute = 60_000
+
+    def scan(kind: str, venue: str, offset_min: int) -> ScanEvent:
+        return ev(kind, venue, "00:00", person="STAFF")._replace(
+            scanned_at_ms=cut + offset_min * minute
+        )
+
+    before_cut = [
+        scan("checkin", "V1", -180),
+        scan("checkin", "V1", -177),  # a repeat: changes nothing
+        scan("checkout", "V1", -120),
+        scan("checkout", "V3", -2),  # an orphan; its repeat window runs past the cut
+        scan("checkin", "V2", -40),  # still inside at the cut
+    ]
+    after_cut = [scan("checkin", "V4", 200), scan("checkout", "V4", 230)]
+    await storage.store_batch(before_cut + after_cut, RULES)
+    await storage.purge(cut, RULES)
+    late = [
+        scan("checkout", "V3", 2),  # a repeat of the orphan at -2: changes nothing
+        scan("checkout", "V2", 30),  # closes the visit that began before the cut
+    ]
+    await storage.store_batch(late, RULES)
+    # An upload scanned before the cut is stored, not paired: what it would pair with is gone.
+    await storage.store_batch([scan("checkin", "V9", -10)], RULES)
+
+    full = derive_visits(before_cut + after_cut + late, RULES)
+    expected = [v for v in full if v.source_at_ms >= cut or v.checkout_at_ms >= cut - 5 * minute]
+    assert sorted(await storage.all_visits()) == sorted(expected)
+    assert (
+        Visit("STAFF", "V2", cut - 40 * minute, cut + 30 * minute, "checkout", cut - 40 * minute)
+        in expected
+    )
 
 
 async def test_admin_tokens_are_stored_hashed(storage: Storage) -> None:
