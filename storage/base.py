@@ -123,6 +123,19 @@ def _visit_start(visit: Visit) -> tuple[str, str, int, int]:
     return (visit.person_id, visit.venue_id, visit.checkin_at_ms, visit.source_at_ms)
 
 
+def with_new(
+    stored: Mapping[str, list[ScanEvent]], new: Sequence[ScanEvent], earliest: Mapping[str, int]
+) -> dict[str, list[ScanEvent]]:
+    """Each person's stored events from their earliest new scan on (read before the batch's
+    own were inserted), with the batch's new events from then on added."""
+    events = {p: list(stored.get(p, ())) for p in earliest}
+    for e in new:
+        t = earliest.get(e.person_id)
+        if t is not None and e.scanned_at_ms >= t:
+            events[e.person_id].append(e)
+    return events
+
+
 def rederive_changes(
     earliest: Mapping[str, int],
     events: Mapping[str, Sequence[ScanEvent]],
@@ -133,10 +146,11 @@ def rederive_changes(
 
     ``earliest`` is each such person's earliest new scan time ``t``; ``events`` their stored
     events (new ones included) scanned at or after ``t``; ``stored`` their stored visits
-    (with row keys) whose source is at or after ``t - rules.reach_ms``. Visits that started
-    before ``t`` keep what they are, but for the one open just before ``t``, whose end
-    the new events may move: pairing resumes from the state those visits record
-    (``state_before``), so no older event is read however dense the person's history.
+    (with row keys) whose source is at or after ``t - rules.reach_ms`` and that end at or
+    after ``t - rules.repeat_window_ms`` (an earlier end carries no state across ``t``).
+    Visits that started before ``t`` keep what they are, but for the one open just before
+    ``t``, whose end the new events may move: pairing resumes from the state those visits
+    record (``state_before``), so no older event is read however dense the history.
     """
     affected: list[tuple[K, Visit]] = []
     derived: list[Visit] = []

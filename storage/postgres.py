@@ -32,11 +32,13 @@ from .base import (
     PurgeResult,
     Storage,
     StorageError,
+    VisitChanges,
     earliest_scans,
     hash_admin_token,
     kept_visits_end_ms,
     new_admin_token,
     rederive_changes,
+    with_new,
 )
 from .models import PairingRules, ScanEvent, Visit
 
@@ -219,19 +221,21 @@ class PostgresStorage(Storage):
             new = [e for e in unique if (e.app_id, e.event_id) in fresh]
             earliest: dict[str, int] = {}
             if new:
-                await self._insert_events(conn, new)
                 boundary = await conn.fetchval("SELECT purged_before FROM retention_boundary")
                 earliest = earliest_scans(new, boundary)
-                # The persons are locked only now, after the inserts: under READ COMMITTED
-                # whoever takes a person's lock last sees every event committed before it
-                # plus its own, so its re-derivation is complete, and two flushers spend
-                # less of their transactions waiting for each other.
+                # The persons are locked before what is stored of them is read: under READ
+                # COMMITTED, whoever takes a person's lock last sees every event and visit
+                # that the holders before it committed, so its re-derivation is complete.
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int[]) AS k ORDER BY k",
                     PERSON_LOCKS,
                     sorted({_lock_stripe(p) for p in earliest}),
                 )
-                await self._rederive(conn, earliest, rules)
+                # Read before inserting: the batch's own events are in hand already.
+                events, stored = await self._tails(conn, earliest, rules)
+                await self._insert_events(conn, new)
+                changes = rederive_changes(earliest, with_new(events, new, earliest), stored, rules)
+                await self._write_visits(conn, changes)
         return BatchResult(len(new), received - len(new), len(earliest))
 
     async def _insert_events(self, conn: asyncpg.Connection, events: list[ScanEvent]) -> None:
@@ -244,12 +248,11 @@ class PostgresStorage(Storage):
             *(list(column) for column in zip(*events, strict=True)),
         )
 
-    async def _rederive(
+    async def _tails(
         self, conn: asyncpg.Connection, earliest: dict[str, int], rules: PairingRules
-    ) -> None:
-        """Bring the visits of each person with new events up to date
-        (``rederive_changes``), in a few statements for the whole batch, writing only the
-        visits that changed."""
+    ) -> tuple[dict[str, list[ScanEvent]], dict[str, list[tuple[_RowAddress, Visit]]]]:
+        """What ``rederive_changes`` needs of each person from the store: their events
+        scanned at or after their earliest new scan ``t``, and their visits near ``t``."""
         persons = list(earliest)
         los = [earliest[p] for p in persons]
         # One index range scan per person whatever the statistics say (a plain join was
@@ -265,18 +268,23 @@ class PostgresStorage(Storage):
         events: dict[str, list[ScanEvent]] = defaultdict(list)
         for r in rows:
             events[r[4]].append(ScanEvent._make(r))
-        reach_ms = rules.reach_ms
         stored_rows = await conn.fetch(
-            "SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, since) "
+            "SELECT x.* FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d(p, since, e) "
             f"CROSS JOIN LATERAL ({_VISIT_ROW_SELECT} WHERE v.person_id = d.p "
-            f"AND v.source_at >= {_ts('d.since')} OFFSET 0) AS x",
+            f"AND v.source_at >= {_ts('d.since')} AND v.checkout_at >= {_ts('d.e')} "
+            "OFFSET 0) AS x",
             persons,
-            [t - reach_ms for t in los],
+            [t - rules.reach_ms for t in los],
+            [t - rules.repeat_window_ms for t in los],
         )
         stored: dict[str, list[tuple[_RowAddress, Visit]]] = defaultdict(list)
         for r in stored_rows:
             stored[r[2]].append((_RowAddress(r[0], r[1], r[2], r[7]), Visit._make(r[2:])))
-        changes = rederive_changes(earliest, events, stored, rules)
+        return events, stored
+
+    async def _write_visits(
+        self, conn: asyncpg.Connection, changes: VisitChanges[_RowAddress]
+    ) -> None:
         # A row is found through the person index (person, source time) and then picked by
         # its ctid, in the partition it lives in: the persons are locked, so no other
         # transaction moves it before the commit. (A join on ctid alone is planned as a

@@ -23,11 +23,13 @@ from .base import (
     PurgeResult,
     Storage,
     StorageError,
+    VisitChanges,
     earliest_scans,
     hash_admin_token,
     kept_visits_end_ms,
     new_admin_token,
     rederive_changes,
+    with_new,
 )
 from .models import PairingRules, ScanEvent, Visit
 from .registry import sqlite_params
@@ -127,15 +129,20 @@ class SqliteStorage(Storage):
         # the new ones go in with one executemany instead of a statement per event.
         stored = _stored_identities(db, list(first))
         new = [e for identity, e in first.items() if identity not in stored]
+        boundary = db.execute("SELECT purged_before FROM retention_boundary").fetchone()
+        earliest = earliest_scans(new, None if boundary is None else boundary[0])
+        # Read before inserting: the batch's own events are in hand already.
+        tails = _events_since(db, earliest)
+        visits = _visits_near(db, earliest, rules)
         db.executemany(
             f"INSERT INTO scan_events ({_EVENT_COLUMNS}, stored_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(*e, stored_at) for e in new],
         )
-        boundary = db.execute("SELECT purged_before FROM retention_boundary").fetchone()
-        earliest = earliest_scans(new, None if boundary is None else boundary[0])
         if earliest:
-            _rederive(db, earliest, rules)
+            _write_visits(
+                db, rederive_changes(earliest, with_new(tails, new, earliest), visits, rules)
+            )
         return BatchResult(len(new), len(events) - len(new), len(earliest))
 
     # -- the registry's primitives ----------------------------------------------------------
@@ -288,17 +295,11 @@ class SqliteStorage(Storage):
         await self._run(lambda db: db.close())
 
 
-def _rederive(db: sqlite3.Connection, earliest: dict[str, int], rules: PairingRules) -> None:
-    """Bring the visits of each person with new events up to date (``rederive_changes``).
-
-    Two reads per chunk of persons, and only the visits that changed are written: most
-    re-derived visits are the same as the stored ones, and every row rewritten dirties
-    pages of four B-trees (the table and three indexes) that the commit must write to the
-    WAL; a visit whose end moved is updated in place, which touches the table's page only.
-    """
-    events = _events_since(db, earliest)
-    stored = _visits_since(db, {p: t - rules.reach_ms for p, t in earliest.items()})
-    changes = rederive_changes(earliest, events, stored, rules)
+def _write_visits(db: sqlite3.Connection, changes: VisitChanges[int]) -> None:
+    """Only the visits that changed are written: most re-derived visits are the same as the
+    stored ones, and every row rewritten dirties pages of four B-trees (the table and three
+    indexes) that the commit must write to the WAL; a visit whose end moved is updated in
+    place, which touches the table's page only."""
     db.executemany("DELETE FROM visits WHERE rowid = ?", [(rowid,) for rowid in changes.deleted])
     db.executemany(
         "UPDATE visits SET checkout_at = ?, closed_by = ? WHERE rowid = ?",
@@ -342,17 +343,19 @@ def _events_since(db: sqlite3.Connection, sinces: dict[str, int]) -> dict[str, l
     return by_person
 
 
-def _visits_since(
-    db: sqlite3.Connection, sinces: dict[str, int]
+def _visits_near(
+    db: sqlite3.Connection, earliest: dict[str, int], rules: PairingRules
 ) -> dict[str, list[tuple[int, Visit]]]:
-    """(rowid, visit) of each person's stored visits whose source is at or after their own
-    ``since``."""
+    """(rowid, visit) of each person's stored visits that ``rederive_changes`` needs for
+    their earliest new scan time ``t``: produced since ``t - reach`` and ending no earlier
+    than the repeat window before ``t`` (those that end earlier carry no state across it)."""
     by_person: dict[str, list[tuple[int, Visit]]] = {}
-    for chunk in _chunks(list(sinces.items())):
+    rows_of = [(p, t - rules.reach_ms, t - rules.repeat_window_ms) for p, t in earliest.items()]
+    for chunk in _chunks(rows_of, CHUNK_ROWS * 2 // 3):
         rows = db.execute(
-            f"WITH d(p, since) AS (VALUES {_placeholders(len(chunk), 2)}) "
+            f"WITH d(p, since, e) AS (VALUES {_placeholders(len(chunk), 3)}) "
             f"SELECT v.rowid, {_VISIT_COLUMNS_OF_V} FROM d CROSS JOIN visits v "
-            "ON v.person_id = d.p AND v.source_at >= d.since",
+            "ON v.person_id = d.p AND v.source_at >= d.since AND v.checkout_at >= d.e",
             [v for item in chunk for v in item],
         )
         for row in rows:

@@ -394,7 +394,13 @@ def test_resuming_from_the_stored_visits_matches_the_full_derivation(
     t = min(e.scanned_at_ms for e in new)
     old = [e for e in events if e not in new]
     stored = derive_visits(old, rules)
-    near = [v for v in stored if v.source_at_ms >= t - rules.reach_ms]
+    # What storage reads: visits from the reach before t that end within the repeat window
+    # before it or later.
+    near = [
+        v
+        for v in stored
+        if v.source_at_ms >= t - rules.reach_ms and v.checkout_at_ms >= t - rules.repeat_window_ms
+    ]
     state = state_before(near, t)
     resumed = derive_visits([e for e in events if e.scanned_at_ms >= t], rules, state)
     kept = [v for v in stored if v.source_at_ms < t and v != state.open_visit]
