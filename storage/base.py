@@ -20,7 +20,7 @@ from typing import Final, Generic, NamedTuple, TypeVar
 
 from .models import ContactRow, PairingRules, ScanEvent, Visit
 from .outbox import Outbox
-from .pairing import derive_visits, state_before
+from .pairing import derive_visits, lone_visit, state_before
 from .tracing import TraceQuery, candidate_windows, contacts_of, depth2_persons
 
 K = TypeVar("K")
@@ -154,12 +154,24 @@ def rederive_changes(
     """
     affected: list[tuple[K, Visit]] = []
     derived: list[Visit] = []
+    # Persons with nothing stored near their new events (most of a rush): their visits are
+    # all new rows, with no stored ones to compare them with.
+    fresh: list[Visit] = []
     for person_id, t in earliest.items():
-        near = stored.get(person_id, ())
+        near = stored.get(person_id)
+        person_events = events[person_id]
+        if not near:
+            if len(person_events) == 1:
+                fresh.append(lone_visit(person_events[0], rules))
+            else:
+                fresh += derive_visits(person_events, rules)
+            continue
         state = state_before((v for _k, v in near), t)
-        derived += derive_visits(events[person_id], rules, state)
+        derived += derive_visits(person_events, rules, state)
         affected += [(k, v) for k, v in near if v.source_at_ms >= t or v is state.open_visit]
-    return visit_changes(affected, derived)
+    changes = visit_changes(affected, derived)
+    changes.inserted.extend(fresh)
+    return changes
 
 
 class Storage(Outbox, abc.ABC):

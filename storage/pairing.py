@@ -25,7 +25,7 @@ from typing import Final, NamedTuple
 
 from storage.models import PairingRules, ScanEvent, Visit
 
-__all__ = ["PairingState", "derive_visits", "state_before"]
+__all__ = ["PairingState", "derive_visits", "lone_visit", "state_before"]
 
 # The scan order: a total order on identities, so the scan never depends on input order.
 # (Events equal in time, kind and venue act as repeats of each other, so even their order is
@@ -141,6 +141,17 @@ def derive_visits(
         visits.append(_auto_visit(person_id, open_visit, rules.max_stay_at(open_visit.venue_id)))
     visits.sort(key=_VISIT_ORDER)
     return visits
+
+
+def lone_visit(event: ScanEvent, rules: PairingRules) -> Visit:
+    """``derive_visits([event], rules)[0]``, without the scan's set-up: the visit of a
+    person's only event (the usual case for a person new to a batch with nothing open)."""
+    t = event.scanned_at_ms
+    if event.kind == "checkin":
+        return _auto_visit(
+            event.person_id, _OpenVisit(event.venue_id, t), rules.max_stay_at(event.venue_id)
+        )
+    return Visit(event.person_id, event.venue_id, t - rules.orphan_stay_ms, t, "orphan", t)
 
 
 def state_before(visits: Iterable[Visit], at_ms: int) -> PairingState:

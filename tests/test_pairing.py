@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.models import CLOSED_BY, ClosedBy, Kind, PairingRules, ScanEvent, Visit
-from storage.pairing import derive_visits, state_before
+from storage.pairing import derive_visits, lone_visit, state_before
 
 DAY_MS = int(dt.datetime(2026, 11, 25, tzinfo=dt.UTC).timestamp()) * 1000
 MINUTE_MS = 60_000
@@ -420,3 +420,13 @@ def test_resuming_closes_the_open_visit_and_honours_the_repeat_windows() -> None
     assert state.last_checkout_at == {"V2": at("10:30")}
     later = [cout("V2", "10:33"), cout("V1", "11:00")]
     assert derive_visits(later, DEFAULT, state) == [visit("V1", "10:00", "11:00", "checkout")]
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=cases())
+def test_a_lone_event_makes_the_visit_the_full_derivation_makes(
+    case: tuple[PairingRules, list[ScanEvent]],
+) -> None:
+    rules, events = case
+    for e in events:
+        assert [lone_visit(e, rules)] == derive_visits([e], rules)
