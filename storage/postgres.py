@@ -170,8 +170,8 @@ class PostgresStorage(Storage):
     async def ensure_days(self, days: Sequence[dt.date]) -> None:
         """Create the day partitions of every partitioned table that do not exist yet."""
         missing = [
-            (table, column, day)
-            for table, column in migrations.POSTGRES_DAY_PARTITIONED
+            (table, options, day)
+            for table, _column, options in migrations.POSTGRES_DAY_PARTITIONED
             for day in sorted(set(days))
             if (table, day) not in self._known_days
         ]
@@ -179,7 +179,7 @@ class PostgresStorage(Storage):
             return
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-            for table, _column, day in missing:
+            for table, options, day in missing:
                 name = f"{table}_p{day:%Y%m%d}"
                 start = self._day_start(day)
                 end = self._day_start(day + dt.timedelta(days=1))
@@ -187,6 +187,7 @@ class PostgresStorage(Storage):
                 await conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} "
                     f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                    f"{options}"
                 )
         self._known_days.update((table, day) for table, _c, day in missing)
 
@@ -439,7 +440,7 @@ class PostgresStorage(Storage):
         dropped = events = visits = 0
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-            for table, _column in migrations.POSTGRES_DAY_PARTITIONED:
+            for table, _column, _options in migrations.POSTGRES_DAY_PARTITIONED:
                 children = await conn.fetch(
                     "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
                     "WHERE i.inhparent = $1::regclass",
