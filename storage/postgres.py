@@ -5,18 +5,20 @@ Vietnam's morning rush in two, and retention drops whole days. Partitions are cr
 days come (a cache of known ones avoids asking each batch), under an advisory lock so
 concurrent flushers do not race on the DDL.
 
-A batch is one transaction: insert identities into ``scan_event_ids`` (the unique key;
-``ON CONFLICT DO NOTHING`` tells new from already stored), insert the new events, lock the
-persons with new events (advisory transaction locks on stripes of persons, in a sorted
-order so two flushers never deadlock), then re-derive those persons' visits, writing only
-the rows that change. Times cross the wire as epoch milliseconds and are converted in SQL,
-which saves building a datetime per value in Python.
+A batch is a few transactions, one per group of person lock stripes. Each copies its
+events into a staging table, inserts their identities into ``scan_event_ids`` (the unique
+key; ``ON CONFLICT DO NOTHING`` tells new from already stored), locks the persons with new
+events (advisory transaction locks on stripes of persons, in a sorted order so two
+flushers never deadlock), reads what pairing resumes from, inserts the new events and
+writes the visits that change. Times cross the wire as epoch milliseconds and are
+converted in SQL, which saves building a datetime per value in Python.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -54,6 +56,9 @@ ACQUIRE_TIMEOUT_S: Final = 10.0
 # is still correct; two big batches share some person anyway, so little concurrency is lost.
 PERSON_LOCKS: Final = 0x5C4A_0003
 PERSON_LOCK_STRIPES: Final = 1024
+# A batch commits in this many transactions, each holding the locks of one range of
+# stripes (see store_batch).
+STRIPE_GROUPS: Final = 4
 
 _MS: Final = "(extract(epoch from {}) * 1000)::bigint"
 _VISIT_SELECT: Final = (
@@ -108,6 +113,7 @@ class PostgresStorage(Storage):
         self._pool = pool
         self._tz = ZoneInfo(timezone)
         self._known_days: set[tuple[str, dt.date]] = set()
+        self._first_group = random.randrange(STRIPE_GROUPS)
 
     @classmethod
     async def connect(
@@ -206,9 +212,22 @@ class PostgresStorage(Storage):
         first: dict[tuple[str, str], ScanEvent] = {}
         for e in events:
             first.setdefault((e.app_id, e.event_id), e)
-        unique = list(first.values())
+        # One transaction per group of person stripes, each group's events with their
+        # persons' visits: two flushers then wait for each other only on the group both
+        # are in at that moment, not for a whole batch (a batch of thousands of persons
+        # holds nearly every stripe). Each flusher starts at its own group.
+        groups: list[list[ScanEvent]] = [[] for _ in range(STRIPE_GROUPS)]
+        for e in first.values():
+            groups[_lock_stripe(e.person_id) * STRIPE_GROUPS // PERSON_LOCK_STRIPES].append(e)
+        self._first_group = (self._first_group + 1) % STRIPE_GROUPS
+        order = groups[self._first_group :] + groups[: self._first_group]
+        inserted = persons = 0
         try:
-            return await self._store(unique, len(events), rules)
+            for group in order:
+                if group:
+                    result = await self._store(group, len(group), rules)
+                    inserted += result.inserted
+                    persons += result.persons
         except (
             OSError,
             asyncpg.InterfaceError,
@@ -220,6 +239,7 @@ class PostgresStorage(Storage):
             # connection rather than trust one of them again.
             await self._pool.expire_connections()
             raise
+        return BatchResult(inserted, len(events) - inserted, persons)
 
     async def _store(
         self, unique: list[ScanEvent], received: int, rules: PairingRules
