@@ -76,6 +76,7 @@ import sys
 import tempfile
 import time
 import traceback
+import typing
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ import numpy as np
 
 from gateway.flusher import pairing_rules
 from gateway.settings import Settings
-from storage import PairingRules, ScanEvent, Visit, derive_visits, migrations
+from storage import CLOSED_BY, Kind, PairingRules, ScanEvent, Visit, derive_visits, migrations
 from storage.postgres import PostgresStorage
 from storage.sqlite import SqliteStorage
 
@@ -142,8 +143,7 @@ DAY_MS: Final = 86_400_000
 HOUR_MS: Final = 3_600_000
 MINUTE_MS: Final = 60_000
 PG_EPOCH_MS: Final = 946_684_800_000  # 2000-01-01, where PostgreSQL's binary times start
-CLOSED_BY: Final = ("checkout", "next_checkin", "auto", "orphan")
-KINDS: Final = ("checkin", "checkout")
+KINDS: Final = typing.get_args(Kind)  # ("checkin", "checkout"): codes in int8 arrays
 EVENT_COLUMNS: Final = (
     "app_id",
     "event_id",
