@@ -667,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
         groups,
         "purge",
         cmd_purge,
-        "delete events, visits and cases older than SCANGATE_RETENTION (the flusher does it daily)",
+        "delete events, visits and cases older than SCANGATE_RETENTION (the flusher does it "
+        "daily); a visit still open at the cutoff stays until a later purge",
     )
     venues = groups.add_parser(
         "venues",
