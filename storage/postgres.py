@@ -59,6 +59,7 @@ PERSON_LOCK_STRIPES: Final = 1024
 # A batch commits in this many transactions, each holding the locks of one range of
 # stripes (see store_batch).
 STRIPE_GROUPS: Final = 4
+SPLIT_BATCH_FROM: Final = 1000  # events; smaller batches commit at once
 
 _MS: Final = "(extract(epoch from {}) * 1000)::bigint"
 _VISIT_SELECT: Final = (
@@ -216,10 +217,13 @@ class PostgresStorage(Storage):
         # persons' visits: two flushers then wait for each other only on the group both
         # are in at that moment, not for a whole batch (a batch of thousands of persons
         # holds nearly every stripe). Each flusher starts at its own group.
-        groups: list[list[ScanEvent]] = [[] for _ in range(STRIPE_GROUPS)]
+        # A small batch is one transaction: its few persons seldom meet another flusher's,
+        # and each transaction costs a commit and a few round trips whatever its size.
+        n = STRIPE_GROUPS if len(first) >= SPLIT_BATCH_FROM else 1
+        groups: list[list[ScanEvent]] = [[] for _ in range(n)]
         for e in first.values():
-            groups[_lock_stripe(e.person_id) * STRIPE_GROUPS // PERSON_LOCK_STRIPES].append(e)
-        self._first_group = (self._first_group + 1) % STRIPE_GROUPS
+            groups[_lock_stripe(e.person_id) * n // PERSON_LOCK_STRIPES].append(e)
+        self._first_group = (self._first_group + 1) % n
         order = groups[self._first_group :] + groups[: self._first_group]
         inserted = persons = 0
         try:
