@@ -5,7 +5,8 @@ Vietnam's morning rush in two, and retention drops whole days. Partitions are cr
 days come (a cache of known ones avoids asking each batch), under an advisory lock so
 concurrent flushers do not race on the DDL.
 
-A batch is a few transactions, one per group of person lock stripes. Each copies its
+A batch of 1,000 events or more is four transactions, one per quarter of the person lock
+stripes; a smaller one is one. Each copies its
 events into a staging table, inserts their identities into ``scan_event_ids`` (the unique
 key; ``ON CONFLICT DO NOTHING`` tells new from already stored), locks the persons with new
 events (advisory transaction locks on stripes of persons, in a sorted order so two
