@@ -473,10 +473,9 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
     """The outbox worker alone, until SIGTERM or SIGINT (serve's workers run one each)."""
-    import signal
-
     from .background import Periodic
     from .notifier import Notifier, run_until
+    from .server import stop_on_signals
     from .sms import make_sms_sender
 
     keyring = _open_keyring(settings)
@@ -486,9 +485,7 @@ def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
         sms = make_sms_sender(settings)
         notifier = Notifier(storage, keyring, personal, sms, settings)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        stop_on_signals(stop)
 
         async def refresh_keyring() -> None:  # webhooks set with the CLI reach us in 2 s
             await asyncio.to_thread(keyring.refresh)

@@ -201,9 +201,7 @@ async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -
     from .app import create_app
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
 
     app = create_app(settings, workers=options.workers)
     calm_collector()
@@ -217,6 +215,27 @@ async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -
     await stop.wait()
     # Stop accepting, let requests in flight finish (bounded by shutdown_timeout), close.
     await runner.cleanup()
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set ``stop`` on the first SIGTERM or SIGINT; ignore any that follow.
+
+    A second signal comes from an impatient operator or a service manager that signals
+    every process of the group, and lands while the process is already stopping, often in
+    its tear-down. Not ``loop.add_signal_handler``: closing the loop puts the default
+    actions back, and so does the interpreter's exit for a handler written in Python, so
+    that second SIGTERM would kill a process that was stopping cleanly (status -15, not 0).
+    An ignored signal stays ignored to the end."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
 
 
 def calm_collector() -> None:
@@ -253,9 +272,7 @@ async def _flush_until_stopped(
     from .metrics import FlusherMetrics
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     assert settings.redis_url is not None
     metrics = FlusherMetrics()
     if metrics_port is not None:

@@ -303,6 +303,31 @@ async def test_kill_9_a_flusher_process_three_times_under_load(
         load.ledger.check(await stored_ids(r.settings.resolved_storage_url))
 
 
+async def test_a_flusher_signalled_again_while_it_stops_still_exits_0(
+    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any
+) -> None:
+    """An impatient operator, or a service manager that signals every process of the
+    group, sends SIGTERM more than once. Every one after the first lands while the flusher
+    is already stopping, some after its event loop has closed: none may kill it."""
+    server = private_redis("valkey", appendonly=False)
+    async with rig(tmp_path, keyring, master_key, flusher=False, redis_url=server.url) as r:
+        proc = start_flusher_process(r.settings)
+        await wait_flusher_started(proc)
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.002)
+        assert proc.returncode == 0, proc.log.read_text()
+
+
+async def wait_flusher_started(proc: Any, timeout_s: float = 30.0) -> None:
+    """Until the flusher process logs that it runs (it starts a Python process first)."""
+    deadline = time.monotonic() + timeout_s
+    while "shards, batch" not in proc.log.read_text():
+        assert proc.poll() is None, proc.log.read_text()
+        assert time.monotonic() < deadline, "the flusher never started"
+        await asyncio.sleep(0.05)
+
+
 def start_flusher_process(settings: Settings) -> Any:
     env = scangate_env(
         SCANGATE_REDIS_URL=str(settings.redis_url),

@@ -112,6 +112,11 @@ async def add_flushers(settings: Settings, started: list[Any], n: int = 1) -> No
 async def stop_flusher(proc: Any) -> None:
     """SIGTERM: the flusher finishes what it holds and exits 0 within the deadline."""
     proc.send_signal(signal.SIGTERM)
+    await exits_0(proc)
+
+
+async def exits_0(proc: Any) -> None:
+    """A flusher told to stop exits 0 within the deadline."""
     try:
         code = await asyncio.to_thread(proc.wait, STOP_DEADLINE_S)
     except subprocess.TimeoutExpired:
@@ -202,10 +207,10 @@ async def finish(r: Rig, load: Load, running: list[Any]) -> None:
     await load.settle()
     assert r.settings.redis_url is not None
     await wait_drained(r.settings.redis_url)
-    for proc in running:
+    for proc in running:  # all at once: they stop side by side, as a scale-in does
         proc.send_signal(signal.SIGTERM)
     for proc in running:
-        await stop_flusher(proc)
+        await exits_0(proc)
     load.ledger.check(await stored_ids(r.settings.resolved_storage_url))
     assert load.answered() > 200, f"the load hardly ran: {load.ledger.statuses}"
     # Pairing had work to do: check-outs closed visits and later check-ins opened new ones
