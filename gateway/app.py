@@ -27,7 +27,7 @@ from signing.codes import ID_PATTERN
 from storage import TraceQuery, connect_storage
 from storage.tracing import rows_to_csv, rows_to_json
 
-from . import cases, declarations, openapi, reports, venues
+from . import cases, claims, declarations, door, openapi, reports, venues
 from . import web as web_pages
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
@@ -138,6 +138,8 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     web_pages.add_routes(app)
     openapi.add_routes(app)
     declarations.add_routes(app)
+    door.add_routes(app)
+    claims.add_routes(app)
     cases.add_routes(app)
     reports.add_routes(app)
     app.router.add_get("/healthz", get_healthz, name="healthz")
@@ -245,6 +247,7 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     gateway.otp = OtpService(
         gateway.buffer.client, personal.otp_key, personal.session_key, settings.otp_address_limit
     )
+    gateway.door_limits = door.DoorLimits(gateway.buffer.client, settings)
     gateway.sms = make_sms_sender(settings)
     gateway.revoked_venues = await storage.revoked_venue_ids()
 

@@ -234,6 +234,10 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
 
     from .app import trace_query
 
+    if (args.person_id is None) == (args.national_id is None):
+        raise UsageError("give PERSON_ID or --national-id NUMBER (one of them)")
+    if args.national_id is not None:
+        return _trace_national_id(args, settings)
     try:
         query = trace_query(
             args.person_id,
@@ -272,6 +276,78 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
             sys.stdout.write(rows_to_csv(rows, revealed))
         else:
             _emit(rows_to_json(rows, revealed))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
+    from .claims import trace_national_id
+    from .errors import InvalidField
+    from .people import national_id
+
+    if args.format != "json":
+        raise UsageError("--national-id answers in JSON only (persons, visits, contacts)")
+    try:
+        id_number = national_id(args.national_id, "--national-id")
+    except InvalidField as exc:
+        raise UsageError(f"--national-id: {exc.detail}") from None
+    params = {
+        "days": str(args.days),
+        "margin": args.margin,
+        "min_overlap": args.min_overlap,
+        "depth": str(args.depth),
+    }
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        try:
+            found = await trace_national_id(
+                storage,
+                personal,
+                id_number,
+                params,
+                f"cli:{getpass.getuser()}",
+                reveal=args.reveal,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        _emit(found)
+        return 0
+
+    return _run_storage(settings, work)
+
+
+# -- identity claims ---------------------------------------------------------------------------
+
+
+def cmd_claims_list(args: argparse.Namespace, settings: Settings) -> int:
+    from .claims import contested_claims
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        listed = await contested_claims(
+            storage,
+            personal,
+            f"cli:{getpass.getuser()}",
+            include_resolved=args.all,
+            reveal=args.reveal,
+        )
+        _emit({"claims": listed})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_claims_accept(args: argparse.Namespace, settings: Settings) -> int:
+    from .claims import accept_claim
+    from .errors import NotFound
+
+    async def work(storage: Storage) -> int:
+        try:
+            _emit(await accept_claim(storage, args.claim_id, f"cli:{getpass.getuser()}"))
+        except NotFound:
+            raise UsageError(f"no claim {args.claim_id}") from None
         return 0
 
     return _run_storage(settings, work)
@@ -633,7 +709,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_trace,
         "contacts of a person: one row per pair of overlapping visits (audit-logged)",
     )
-    p.add_argument("person_id", metavar="PERSON_ID", type=_entity_id)
+    p.add_argument(
+        "person_id", metavar="PERSON_ID", type=_entity_id, nargs="?", help="the case's person id"
+    )
+    p.add_argument(
+        "--national-id",
+        metavar="NUMBER",
+        help="instead of PERSON_ID: everyone this id number names (every claimant, and the "
+        "person its ID card was recorded under at the doors), with their visits; JSON only",
+    )
     p.add_argument("--days", type=int, default=14, help="how far back (default 14)")
     p.add_argument(
         "--margin",
@@ -721,6 +805,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
     p.add_argument("--app", metavar="APP_ID", help="check the venue belongs to this app")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+
+    claims = groups.add_parser(
+        "claims",
+        help="national ids claimed by more than one declaration: list, accept one",
+        description="A declaration claims a national id for the person it makes; several "
+        "claims on one id compete (none is refused) until an official accepts one, which "
+        "rejects the others. Reads and decisions are audit-logged.",
+    )
+    claims_sub = claims.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    claims_sub.required = True
+    p = leaf(
+        claims_sub,
+        "list",
+        cmd_claims_list,
+        "claims on ids claimed more than once, grouped; unresolved ones unless --all",
+    )
+    p.add_argument("--all", action="store_true", help="also the groups already resolved")
+    p.add_argument(
+        "--reveal",
+        action="store_true",
+        help="add each claimant's declared full_name and phone (decrypted; audit-logged)",
+    )
+    p = leaf(
+        claims_sub,
+        "accept",
+        cmd_claims_accept,
+        "accept a claim: it stands, every other claim on the same id is rejected",
+    )
+    p.add_argument("claim_id", metavar="CLAIM_ID", type=_entity_id)
 
     admins = groups.add_parser(
         "admins",

@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
@@ -24,6 +24,9 @@ from .otp import OtpService
 from .ratelimit import TokenBuckets
 from .settings import Settings
 from .sms import SmsSender
+
+if TYPE_CHECKING:
+    from .door import DoorLimits
 
 MAX_BODY_BYTES: Final = 1024 * 1024
 JSON: Final = "application/json"
@@ -47,6 +50,7 @@ class Gateway:
     # Open once storage is: the data key lives there.
     personal: PersonalData | None = None
     otp: OtpService | None = None
+    door_limits: DoorLimits | None = None
     sms: SmsSender | None = None
     # Registered venues whose codes are refused (refreshed from storage every 2 s).
     revoked_venues: frozenset[str] = frozenset()

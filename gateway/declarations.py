@@ -1,15 +1,17 @@
-"""Citizens: phone OTP, health declarations, personal codes, and manual check-ins at the
-door for people without a smartphone.
+"""Citizens: phone OTP, health declarations, personal codes, and the phones that act for
+a person (the door fallback is ``gateway.door``).
 
 Everything personal is encrypted before storage sees it (``signing.personal``) and found
 again through blind indexes; the phone of an OTP session is carried as its index only.
 A person's code holds the pseudonymous person id, nothing else.
 
-Who may act for a person: a phone linked to them, that is the phone whose session
-declared them and the phone written in their declaration. Declaring a national id that
-is already known succeeds only from such a phone (it updates the person and issues a
-fresh code); from any other it is ``already_declared``, so knowing someone's id number
-is not enough to take over their code.
+Who may act for a person: a verified phone linked to them, that is the phone whose
+session declared them (a declaration's ``phone`` must be that phone: relatives share it)
+and any phone of their own linked later with both phones' sessions. A declaration binds
+(verified phone, national id) as a claim: declaring an id someone else claims, or whose
+card was seen at a door, succeeds and gives its own person and code; the claims compete
+until an official accepts one (``scangate claims``), so knowing someone's id number
+neither takes over their code nor locks them out.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import datetime as dt
 import logging
 import math
 import time
-from collections import Counter as Tally
 from collections.abc import Awaitable, Sequence
 from typing import Final, TypeVar
 
@@ -30,14 +31,11 @@ from signing.codes import ID_PATTERN
 from signing.personal import PersonalData
 from signing.qr import render_print
 from storage import Storage
-from storage.registry import PersonRecord
+from storage.registry import ClaimRecord, PersonRecord
 
 from .buffer import BufferUnavailable
 from .context import GATEWAY, Gateway, authenticate, json_response, read_json
 from .errors import (
-    AlreadyDeclared,
-    AmbiguousPerson,
-    Forbidden,
     InvalidField,
     InvalidRequest,
     NotFound,
@@ -47,19 +45,14 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .events import Rejection, ScanEvent, check_code, check_envelope, encode_event
-from .keyspace import seen_field, shard_of
 from .otp import address_bucket, otp_message
 from .people import (
     Declaration,
-    IdCard,
     new_id,
     normalise_name,
     normalise_phone,
     parse_declaration,
-    parse_id_card,
 )
-from .venues import staff_venue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -176,11 +169,9 @@ def session_phone(request: web.Request, gateway: Gateway, app_id: str) -> str:
 # -- declarations ----------------------------------------------------------------------------
 
 
-def _person_record(
+def person_record(
     personal: PersonalData,
     person_id: str,
-    national_id_index: str | None,
-    old_id_index: str | None,
     national_id: str | None,
     full_name: str,
     birth_year: int | None,
@@ -200,8 +191,6 @@ def _person_record(
     assert full_name_enc is not None
     return PersonRecord(
         person_id=person_id,
-        national_id_index=national_id_index,
-        old_id_index=old_id_index,
         national_id_enc=enc(national_id, "national_id"),
         full_name_enc=full_name_enc,
         name_index=personal.blind_index("name", normalise_name(full_name)),
@@ -228,20 +217,27 @@ async def declare(
     form: Declaration,
     code_ttl_s: int,
 ) -> dict[str, str]:
-    """Store a declaration for ``form``'s person (new, or known and linked to the declaring
-    phone); ``{"person_id", "code", "expires_at"}``."""
+    """Store a declaration made from a verified phone; ``{"person_id", "code",
+    "expires_at"}``.
+
+    The phone's own claim on ``form``'s national id is updated (a fresh code), or a new
+    person and claim are made. Someone else's claim on the id never refuses this one: the
+    claims compete until an official accepts one, and the conflict is audit-logged."""
+    if personal.blind_index("phone", form.phone) != declarer_index:
+        raise InvalidField(
+            "phone",
+            "must be the phone verified for this session (relatives share it; link a "
+            "relative's own phone at /v1/people/{person_id}/phones once it is verified)",
+        )
     national_index = personal.blind_index("national_id", form.national_id)
     issued_s = int(time.time())
     expires_s = issued_s + code_ttl_s
-    existing = await storage.person_by_national_index([national_index])
-    person_id = existing.person_id if existing else new_id("P")
+    mine = await storage.id_claim_of_phone(national_index, declarer_index)
 
-    def record(created_at_ms: int) -> PersonRecord:
-        return _person_record(
+    def record(person_id: str, created_at_ms: int) -> PersonRecord:
+        return person_record(
             personal,
             person_id,
-            national_index,
-            None,
             form.national_id,
             form.full_name,
             form.birth_year,
@@ -254,19 +250,23 @@ async def declare(
             created_at_ms,
         )
 
-    if existing is None and not await storage.insert_person(record(_now_ms())):
-        # Someone declared this national id a moment ago: carry on as if it were known.
-        existing = await storage.person_by_national_index([national_index])
+    if mine is None:
+        now_ms = _now_ms()
+        person_id = new_id("P")
+        await storage.insert_person(record(person_id, now_ms))
+        claim = ClaimRecord(new_id("K"), national_index, person_id, declarer_index, now_ms, "open")
+        if await storage.add_id_claim(claim):
+            await _audit_competing_claims(storage, app_id, claim)
+        else:  # the same phone declared this id a moment ago: that claim stands
+            await storage.forget_person(person_id)
+            mine = await storage.id_claim_of_phone(national_index, declarer_index)
+            assert mine is not None
+    if mine is not None:
+        person_id = mine.person_id
+        existing = await storage.person(person_id)
         assert existing is not None
-        person_id = existing.person_id
-    if existing is not None:
-        if not await storage.phone_linked(declarer_index, person_id):
-            raise AlreadyDeclared(
-                "this national id was declared from another phone; declare from that phone"
-            )
-        await storage.update_person(record(existing.created_at_ms))
+        await storage.update_person(record(person_id, existing.created_at_ms))
     await storage.link_phone(declarer_index, person_id)
-    await storage.link_phone(personal.blind_index("phone", form.phone), person_id)
     answers = orjson.dumps({"answers": form.answers, "on_behalf": form.on_behalf}).decode()
     await storage.add_declaration(
         person_id,
@@ -280,6 +280,23 @@ async def declare(
         "code": keyring.issue(app_id, "person", person_id, issued_s, code_ttl_s),
         "expires_at": _iso(expires_s),
     }
+
+
+async def _audit_competing_claims(storage: Storage, app_id: str, claim: ClaimRecord) -> None:
+    """A new claim on an id others claim too: kept, and logged for officials
+    (``scangate claims list``). Ids only: the national id itself is never logged."""
+    others = [
+        c.claim_id
+        for c in await storage.id_claims([claim.national_id_index])
+        if c.claim_id != claim.claim_id
+    ]
+    if others:
+        await storage.audit(
+            f"app:{app_id}",
+            "id_claim_conflict",
+            claim.claim_id,
+            f"person={claim.person_id} competes_with={','.join(others)}",
+        )
 
 
 async def post_declaration(request: web.Request) -> web.Response:
@@ -335,137 +352,39 @@ async def get_person_code(request: web.Request) -> web.Response:
     )
 
 
-# -- manual check-ins at the door ------------------------------------------------------------
-
-
-async def find_person_by_phone(
-    storage: Storage, personal: PersonalData, phone: str, full_name: str | None
-) -> str:
-    candidates = await storage.persons_by_phone(personal.blind_index("phone", phone))
-    if full_name is not None:
-        wanted = personal.blind_index("name", normalise_name(full_name))
-        candidates = [p for p in candidates if p.name_index == wanted]
-    if not candidates:
-        raise NotFound("nobody declared with this phone (and name)")
-    if len(candidates) > 1:
-        raise AmbiguousPerson(
-            "several people declared with this phone: give full_name too"
-            if full_name is None
-            else "several people with this name declared with this phone"
-        )
-    return candidates[0].person_id
-
-
-async def find_or_create_card_holder(storage: Storage, personal: PersonalData, card: IdCard) -> str:
-    indexes = [personal.blind_index("national_id", card.national_id)]
-    if card.old_id:
-        indexes.append(personal.blind_index("national_id", card.old_id))
-    known = await storage.person_by_national_index(indexes)
-    if known is not None:
-        return known.person_id
-    person_id = new_id("P")
-    created = await storage.insert_person(
-        _person_record(
-            personal,
-            person_id,
-            indexes[0],
-            indexes[1] if card.old_id else None,
-            card.national_id,
-            card.full_name,
-            card.birth_year,
-            card.gender,
-            None,
-            card.address,
-            None,
-            None,
-            None,
-            _now_ms(),
-        )
-    )
-    if not created:  # the same card at two doors at once
-        known = await storage.person_by_national_index(indexes)
-        assert known is not None
-        return known.person_id
-    return person_id
-
-
-async def post_manual_scan(request: web.Request) -> web.Response:
-    """A check-in or check-out for a person found by phone or ID card, by door staff (a
-    staff token of that venue) or by the app; then the same pipeline as any scan."""
-    gateway = request.app[GATEWAY]
-    staff = await staff_venue(request)
-    app_id = staff.app_id if staff else authenticate(request, gateway.keyring)
-    doc = await read_json(request)
-    if not isinstance(doc, dict):
-        raise InvalidRequest("expected a JSON object")
-    now_ms = _now_ms()
-    envelope = check_envelope(doc, gateway.rules, now_ms)
-    if isinstance(envelope, Rejection):
-        return _verdict(envelope, None)
-    verifier = gateway.keyring.verifier(app_id)
-    venue = check_code(doc, "venue_code", verifier, envelope, now_ms, gateway.revoked_venues)
-    if isinstance(venue, Rejection):
-        return _verdict(venue, None)
-    if staff is not None and venue.id != staff.venue_id:
-        raise Forbidden("this staff token is for another venue")
-    has_phone, has_card = doc.get("phone") is not None, doc.get("id_card") is not None
-    if has_phone == has_card:
-        raise InvalidRequest('give either "phone" (with "full_name" if needed) or "id_card"')
-    storage, personal = gateway.need_storage(), gateway.need_personal()
-    if has_phone:
-        full_name = doc.get("full_name")
-        if full_name is not None and (not isinstance(full_name, str) or len(full_name) > 100):
-            raise InvalidField("full_name", "the person's name as declared")
-        person_id = await find_person_by_phone(
-            storage, personal, normalise_phone(doc["phone"]), full_name
-        )
-    else:
-        person_id = await find_or_create_card_holder(
-            storage, personal, parse_id_card(doc["id_card"])
-        )
-    device_id = envelope.device_id or (f"staff:{staff.token_id}" if staff else "manual")
-    event = ScanEvent(
-        app_id,
-        envelope.event_id,
-        envelope.kind,
-        venue.id,
-        person_id,
-        envelope.scanned_at_ms,
-        now_ms,
-        device_id,
-    )
-    shard = shard_of(app_id, event.event_id, gateway.settings.shards)
-    assert gateway.buffer is not None
-    try:
-        appended = await gateway.buffer.append(
-            {shard: [(seen_field(app_id, event.event_id), encode_event(event))]}, now_ms
-        )
-    except BufferUnavailable as exc:
-        gateway.metrics.redis_errors.inc()
-        raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
-    status = "accepted" if appended[shard][0] else "duplicate"
-    gateway.metrics.count_events(Tally({(app_id, event.kind, status, ""): 1}))
-    return json_response({"event_id": event.event_id, "status": status, "person_id": person_id})
-
-
-def _verdict(rejection: Rejection, person_id: str | None) -> web.Response:
-    return json_response(
-        {
-            "event_id": rejection.event_id,
-            "status": "rejected",
-            "reason": rejection.reason,
-            "detail": rejection.detail,
-            "person_id": person_id,
-        }
-    )
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/otp", post_otp, name="otp")
     app.router.add_post("/v1/otp/verify", post_otp_verify, name="otp_verify")
     app.router.add_post("/v1/declarations", post_declaration, name="declarations")
     app.router.add_get("/v1/people/{person_id}/code.{format}", get_person_code, name="person_code")
-    app.router.add_post("/v1/scans/manual", post_manual_scan, name="manual_scans")
+    app.router.add_post("/v1/people/{person_id}/phones", post_person_phone, name="person_phones")
+
+
+# -- a relative's own phone ------------------------------------------------------------------
+
+
+async def post_person_phone(request: web.Request) -> web.Response:
+    """Link another verified phone to a person a session's phone acts for: a relative
+    declared from the family phone who has a phone of their own. Both phones prove
+    themselves: ``X-Session`` is the linked phone's session, the body's ``session`` the new
+    phone's (same app). The door then finds the person by either phone."""
+    gateway = request.app[GATEWAY]
+    app_id = authenticate(request, gateway.keyring)
+    linked = session_phone(request, gateway, app_id)
+    doc = await read_json(request)
+    token = doc.get("session") if isinstance(doc, dict) else None
+    if not isinstance(token, str) or len(token) > 1024:
+        raise InvalidField("session", "the new phone's session, from /v1/otp/verify")
+    assert gateway.otp is not None
+    new_phone = gateway.otp.session_phone(token, app_id, time.time())
+    if new_phone is None:
+        raise InvalidField("session", "not a valid session of this app: verify the phone again")
+    person_id = request.match_info["person_id"]
+    storage = gateway.need_storage()
+    if not ID_PATTERN.fullmatch(person_id) or not await storage.phone_linked(linked, person_id):
+        raise NotFound("no such person for this phone")
+    await storage.link_phone(new_phone, person_id)
+    return json_response({"person_id": person_id, "status": "linked"}, status=201)
 
 
 # -- revealing contacts to officials -----------------------------------------------------------

@@ -38,3 +38,10 @@ def dead_letter_key(shard: int) -> str:
 def seen_field(app_id: str, event_id: str) -> bytes:
     """An event's identity inside a seen-bucket hash."""
     return f"{app_id}:{event_id}".encode()
+
+
+def door_lookups_key(venue_id: str, who: str, window: int) -> str:
+    """Person look-ups at a venue's door in one fixed window: ``who`` is ``venue`` or
+    ``token:<staff token id>``. Hash-tagged by venue, so both of a look-up's counters are
+    in one slot (a staff token belongs to one venue)."""
+    return f"{KEY_PREFIX}:{{door:{venue_id}}}:lookups:{who}:{window}"

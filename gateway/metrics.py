@@ -114,6 +114,16 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        # The door fallback (gateway.door): every person look-up by its outcome, refused
+        # ones included, per app. Per app there is this and an alert, never a limit: a
+        # limit there would let one leaked staff token stop every door of the app.
+        self.door_lookups = Counter(
+            "scangate_door_lookups_total",
+            "Person look-ups at the door by outcome (recorded, unknown, ambiguous, "
+            "refused_token, refused_venue).",
+            ["app", "outcome"],
+            registry=r,
+        )
         # Exposure notices (gateway.notifier) and the cases that make them.
         self.notices = Counter(
             "scangate_notices_total",

@@ -30,6 +30,7 @@ import socket
 import time
 import unicodedata
 import urllib.parse
+from collections.abc import Sequence
 from typing import Final
 from zoneinfo import ZoneInfo
 
@@ -89,13 +90,16 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
-def webhook_body(notice: NoticeRecord) -> bytes:
-    """The JSON a webhook receives for a notice (the bytes that are signed)."""
+def webhook_body(notice: NoticeRecord, event_ids: Sequence[str]) -> bytes:
+    """The JSON a webhook receives for a notice (the bytes that are signed): only what the
+    app holds already, its own event ids of the exposed person's scans at the venue, the
+    venue, the window and the advice. No person id and no case id: a person id the app
+    never posted would tell it who someone is, and a case id which exposures share a case.
+    ``notice_id`` is the delivery's own id (also the Idempotency-Key)."""
     return orjson.dumps(
         {
             "notice_id": notice.notice_id,
-            "case_id": notice.case_id,
-            "person_id": notice.person_id,
+            "event_ids": list(event_ids),
             "venue_id": notice.venue_id,
             "exposure_start": format_time_ms(notice.exposure_start_ms),
             "exposure_end": format_time_ms(notice.exposure_end_ms),
@@ -156,6 +160,7 @@ class Notifier:
         self._settings = settings
         self._metrics = metrics
         self._tz = ZoneInfo(settings.timezone)
+        self._longest_stay_s = max([settings.max_stay_s, *settings.kind_max_stay_s.values()])
         # Who holds a lease: unique per worker, readable in the table by an operator.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         # A delivery ends well within its lease (a third of it), so no other worker can
@@ -252,7 +257,17 @@ class Notifier:
         if not self._settings.webhook_private and not _public_literal_or_name(host):
             # aiohttp connects to an address written in the URL without resolving it.
             raise DeliveryFailed("the webhook's address is not public")
-        body = webhook_body(notice)
+        # The app's own scans of the exposed visit: the check-in at most the longest
+        # maximum stay before the exposure, the check-out at most that after it.
+        reach_ms = int(self._longest_stay_s * 1000)
+        event_ids = await self._storage.app_event_ids(
+            notice.app_id,
+            notice.person_id,
+            notice.venue_id,
+            notice.exposure_start_ms - reach_ms,
+            notice.exposure_end_ms + reach_ms,
+        )
+        body = webhook_body(notice, event_ids)
         async with self._session.post(
             hook.url,
             data=body,

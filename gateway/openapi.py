@@ -271,26 +271,40 @@ MANUAL_SCAN: Final[Schema] = {
     "rules answers 200 with a rejected verdict, as in POST /v1/scans.",
 }
 
+# Recorded or rejected: never who was found (issue 16: the door learns no person id).
 MANUAL_VERDICT: Final[Schema] = {
     "oneOf": [
         _object(
             {
                 "event_id": {"type": "string"},
                 "status": {"enum": ["accepted", "duplicate"]},
-                "person_id": {"$ref": "#/components/schemas/Id"},
             }
         ),
         _object(
             {
                 "event_id": {"type": ["string", "null"]},
                 "status": {"const": "rejected"},
-                "reason": {"enum": list(EVENT_REASONS)},
+                "reason": {"enum": [*EVENT_REASONS, "not_now"]},
                 "detail": {"type": "string"},
-                "person_id": {"type": "null"},
             }
         ),
     ]
 }
+
+CLAIM: Final[Schema] = _object(
+    {
+        "claim_id": {"$ref": "#/components/schemas/Id"},
+        "competing_group": {"$ref": "#/components/schemas/Id"},
+        "person_id": {"$ref": "#/components/schemas/Id"},
+        "claimed_at": TIMESTAMP,
+        "state": {"enum": ["open", "accepted", "rejected"]},
+        "resolved_by": {"type": ["string", "null"]},
+        "resolved_at": {"anyOf": [TIMESTAMP, {"type": "null"}]},
+        "full_name": {"type": ["string", "null"]},
+        "phone": {"type": ["string", "null"]},
+    },
+    required=["claim_id", "competing_group", "person_id", "claimed_at", "state"],
+)
 
 CONTACT: Final[Schema] = _object(
     {
@@ -451,7 +465,10 @@ def _paths(max_events: int) -> dict[str, Schema]:
                 "operationId": "postManualScan",
                 "summary": "A check-in or check-out at the door, for a person found by "
                 "phone or ID card",
-                "description": "With the app's token, or a staff token of the venue.",
+                "description": "With the app's token, or a staff token of the venue. The "
+                "scan is now: scanned_at within SCANGATE_DOOR_SCAN_WINDOW of receipt, else "
+                "rejected with not_now. The answer never names the person. Look-ups are "
+                "limited per staff token and per venue (429), and audit-logged.",
                 "security": [{"appToken": []}, {"staffToken": []}],
                 "requestBody": _json_body("ManualScan"),
                 "responses": {
@@ -468,6 +485,9 @@ def _paths(max_events: int) -> dict[str, Schema]:
                         409,
                         "several people declared with this phone: give full_name",
                         "ambiguous_person",
+                    ),
+                    **_error(
+                        429, "too many look-ups from this staff token or venue", "rate_limited"
                     ),
                     **_error(503, "Redis did not take the write", "unavailable"),
                 },
@@ -884,11 +904,127 @@ def _paths(max_events: int) -> dict[str, Schema]:
                     ),
                     **_body_errors("malformed_json", "invalid_field"),
                     **_unauthorized("no app token or an unknown one, or no valid X-Session"),
-                    **_error(
-                        409,
-                        "this national id was declared from a phone not linked to this session's",
-                        "already_declared",
+                },
+            }
+        },
+        "/v1/people/{person_id}/phones": {
+            "post": {
+                "operationId": "postPersonPhone",
+                "summary": "Link a relative's own verified phone to them",
+                "description": "X-Session: a phone linked to the person. The body's session: "
+                "the new phone's, from POST /v1/otp/verify with the same app. The door then "
+                "finds the person by either phone.",
+                "security": APP_AND_SESSION,
+                "parameters": [PERSON_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _object({"session": {"type": "string"}})}},
+                },
+                "responses": {
+                    "201": _json(
+                        _object(
+                            {
+                                "person_id": {"$ref": "#/components/schemas/Id"},
+                                "status": {"const": "linked"},
+                            }
+                        ),
+                        "Linked",
                     ),
+                    **_body_errors("malformed_json", "invalid_request", "invalid_field"),
+                    **_unauthorized("no app token or an unknown one, or no valid X-Session"),
+                    **_error(404, "no such person for this session's phone", "not_found"),
+                },
+            }
+        },
+        "/v1/claims": {
+            "get": {
+                "operationId": "getClaims",
+                "summary": "Claims on national ids claimed more than once (audit-logged)",
+                "security": ADMIN,
+                "parameters": [
+                    _query("all", {"enum": [0, 1], "default": 0}, "1 adds resolved groups."),
+                    _query(
+                        "reveal",
+                        {"enum": [0, 1], "default": 0},
+                        "1 adds each claimant's full_name and phone (audit-logged).",
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        _object({"claims": {"type": "array", "items": CLAIM}}),
+                        "The claims, grouped by id (competing_group)",
+                        {"Cache-Control": {"schema": {"const": "no-store"}}},
+                    ),
+                    **_body_errors("invalid_request"),
+                    **_unauthorized("no admin token, or an unknown one"),
+                },
+            }
+        },
+        "/v1/claims/{claim_id}/accept": {
+            "post": {
+                "operationId": "acceptClaim",
+                "summary": "Accept a claim; every other claim on its id is rejected",
+                "security": ADMIN,
+                "parameters": [_path_param("claim_id", {"$ref": "#/components/schemas/Id"})],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            {
+                                "claim_id": {"$ref": "#/components/schemas/Id"},
+                                "person_id": {"$ref": "#/components/schemas/Id"},
+                                "rejected": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Id"},
+                                },
+                            }
+                        ),
+                        "Accepted (audit-logged)",
+                    ),
+                    **_unauthorized("no admin token, or an unknown one"),
+                    **_error(404, "no such claim", "not_found"),
+                },
+            }
+        },
+        "/v1/trace/national-id": {
+            "post": {
+                "operationId": "traceNationalId",
+                "summary": "Everyone an id number names, their visits and contacts",
+                "description": "Every claimant and the person the id's card was recorded "
+                "under at the doors. The number goes in the body, never in a URL. "
+                "Audit-logged (the number is not).",
+                "security": ADMIN,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": _object(
+                                {
+                                    "national_id": {"type": "string"},
+                                    "days": {"type": "integer", "minimum": 1, "maximum": 60},
+                                    "margin": {"type": "string"},
+                                    "min_overlap": {"type": "string"},
+                                    "depth": {"enum": [1, 2]},
+                                    "reveal": {"type": "boolean"},
+                                },
+                                required=["national_id"],
+                            )
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        _object(
+                            {
+                                "persons": {"type": "array", "items": {"type": "object"}},
+                                "visits": {"type": "array", "items": {"type": "object"}},
+                                "contacts": {"type": "array", "items": {"type": "object"}},
+                            }
+                        ),
+                        "Persons found, their visits, and each one's contacts",
+                        {"Cache-Control": {"schema": {"const": "no-store"}}},
+                    ),
+                    **_body_errors("malformed_json", "invalid_request", "invalid_field"),
+                    **_unauthorized("no admin token, or an unknown one"),
                 },
             }
         },

@@ -83,6 +83,12 @@ class Settings:
     # Webhooks may reach private, loopback and link-local addresses (development and tests
     # only: otherwise a webhook URL could be aimed at services inside the network).
     webhook_private: bool = False
+    # The door fallback (gateway.door): a manual scan is "now", its scanned_at within this
+    # of receipt; person look-ups allowed per staff token and per venue in each window.
+    door_scan_window_s: float = 300
+    door_lookup_window_s: float = 60
+    door_lookups_per_token: int = 30
+    door_lookups_per_venue: int = 120
     # The app the web pages act as (/khai-bao, /dang-ky-diem): None turns those pages off.
     web_app: str | None = None
 
@@ -144,6 +150,14 @@ class Settings:
             raise SettingsError("SCANGATE_NOTICE_LEASE: at least 1s (a delivery gets a third)")
         if self.notice_poll_s <= 0 or self.notice_retry_s <= 0:
             raise SettingsError("SCANGATE_NOTICE_POLL and SCANGATE_NOTICE_RETRY: over 0")
+        if self.door_lookups_per_token < 1 or self.door_lookups_per_venue < 1:
+            raise SettingsError(
+                "SCANGATE_DOOR_LOOKUPS_PER_TOKEN and SCANGATE_DOOR_LOOKUPS_PER_VENUE: at least 1"
+            )
+        if self.door_scan_window_s <= 0 or self.door_lookup_window_s < 1:
+            raise SettingsError(
+                "SCANGATE_DOOR_SCAN_WINDOW: over 0; SCANGATE_DOOR_LOOKUP_WINDOW: at least 1s"
+            )
         if self.web_app is not None and not APP_ID_PATTERN.fullmatch(self.web_app):
             raise SettingsError("SCANGATE_WEB_APP: an app id, 2 to 16 of a-z0-9")
         if self.sms not in ("log", "http"):
@@ -173,6 +187,8 @@ def _convert(name: str, raw: str) -> object:
         "otp_address_limit",
         "redis_wait_replicas",
         "notice_max_attempts",
+        "door_lookups_per_token",
+        "door_lookups_per_venue",
     ):
         if not raw.strip().isdecimal():
             raise ValueError(f"{raw!r} is not a whole number")

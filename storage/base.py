@@ -252,6 +252,14 @@ class Storage(Outbox, abc.ABC):
     async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
         """The apps that posted this person's scans between the two times (inclusive)."""
 
+    @abc.abstractmethod
+    async def app_event_ids(
+        self, app_id: str, person_id: str, venue_id: str, start_ms: int, end_ms: int
+    ) -> list[str]:
+        """The ids of the events this app posted for this person at this venue, scanned
+        between the two times (inclusive), in scan order: what an exposure notice to the
+        app may name, since the app holds them already."""
+
     async def trace(
         self, query: TraceQuery, actor: str, read_from: Storage | None = None
     ) -> list[ContactRow]:

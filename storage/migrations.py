@@ -150,6 +150,68 @@ RETENTION_BOUNDARY: Final = (
 )
 
 
+def _identity(blob: str, big: str, boolean: str) -> tuple[str, ...]:
+    """Migration 5 (SQLite) / 6 (PostgreSQL): identities are claims, not facts (issue 16).
+
+    Before it, a national id named one person (``persons.national_id_index`` was unique),
+    so whoever claimed an id first, by declaring it or by showing its card at a door,
+    locked its owner out for good. Now:
+
+    - ``id_claims``: a declaration binds (verified phone, national id) to a person. Several
+      claims on one id compete until an official accepts one (the others are rejected);
+      nobody's declaration is refused because of another's claim.
+    - ``door_cards``: an ID card shown at a door says "this card was seen here", under a
+      pseudonymous person of its own; it claims nothing.
+    - ``person_phones.verified``: only a phone proved by a one-time code acts for a
+      person or finds them at the door. Links made from the declaration form's ``phone``
+      field, which nobody verified, stay as records but are not verified.
+
+    Existing rows move over: declared persons become one open claim each (by the phone
+    whose session first declared them); persons created from ID cards become door cards
+    (their new and old id numbers). ``persons.national_id_index`` and ``old_id_index`` are
+    then emptied and no longer written (SQLite cannot drop a UNIQUE column in place)."""
+    return (
+        f"""CREATE TABLE id_claims (
+            claim_id text PRIMARY KEY,
+            national_id_index text NOT NULL,
+            person_id text NOT NULL REFERENCES persons (person_id),
+            phone_index text NOT NULL,
+            claimed_at {big} NOT NULL,
+            state text NOT NULL CHECK (state IN ('open', 'accepted', 'rejected')),
+            resolved_by text,
+            resolved_at {big},
+            UNIQUE (national_id_index, phone_index)
+        )""",
+        "CREATE INDEX id_claims_person ON id_claims (person_id)",
+        f"""CREATE TABLE door_cards (
+            card_index text PRIMARY KEY,
+            person_id text NOT NULL REFERENCES persons (person_id),
+            first_seen_at {big} NOT NULL
+        )""",
+        "CREATE INDEX door_cards_person ON door_cards (person_id)",
+        f"ALTER TABLE person_phones ADD COLUMN verified {boolean} NOT NULL DEFAULT FALSE",
+        "INSERT INTO door_cards (card_index, person_id, first_seen_at) "
+        "SELECT national_id_index, person_id, created_at FROM persons p "
+        "WHERE national_id_index IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM declarations d WHERE d.person_id = p.person_id)",
+        "INSERT INTO door_cards (card_index, person_id, first_seen_at) "
+        "SELECT old_id_index, person_id, created_at FROM persons p "
+        "WHERE old_id_index IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM declarations d WHERE d.person_id = p.person_id)",
+        "INSERT INTO id_claims "
+        "(claim_id, national_id_index, person_id, phone_index, claimed_at, state) "
+        "SELECT 'K' || p.person_id, p.national_id_index, p.person_id, "
+        "(SELECT d.declared_by_index FROM declarations d WHERE d.person_id = p.person_id "
+        "ORDER BY d.declared_at, d.id LIMIT 1), p.created_at, 'open' FROM persons p "
+        "WHERE p.national_id_index IS NOT NULL "
+        "AND EXISTS (SELECT 1 FROM declarations d WHERE d.person_id = p.person_id)",
+        "UPDATE person_phones SET verified = TRUE WHERE EXISTS (SELECT 1 FROM declarations d "
+        "WHERE d.person_id = person_phones.person_id "
+        "AND d.declared_by_index = person_phones.phone_index)",
+        "UPDATE persons SET national_id_index = NULL, old_id_index = NULL",
+    )
+
+
 SQLITE: Final[tuple[Migration, ...]] = (
     (
         1,
@@ -198,6 +260,7 @@ SQLITE: Final[tuple[Migration, ...]] = (
     (2, _registry("BLOB", "INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")),
     (3, _cases("BLOB", "INTEGER")),
     (4, RETENTION_BOUNDARY),
+    (5, _identity("BLOB", "INTEGER", "INTEGER")),
 )
 
 
@@ -273,6 +336,7 @@ POSTGRES: Final[tuple[Migration, ...]] = (
             END $$""",
         ),
     ),
+    (6, _identity("bytea", "bigint", "boolean")),
 )
 
 # The tables partitioned by day on PostgreSQL, with their partition column and the storage

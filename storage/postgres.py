@@ -388,6 +388,21 @@ class PostgresStorage(Storage):
                 if rows:
                     await conn.executemany(sql, rows)
 
+    async def app_event_ids(
+        self, app_id: str, person_id: str, venue_id: str, start_ms: int, end_ms: int
+    ) -> list[str]:
+        rows = await self._pool.fetch(
+            "SELECT event_id FROM scan_events WHERE person_id = $1 "
+            f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} "
+            "AND app_id = $4 AND venue_id = $5 ORDER BY scanned_at, event_id",
+            person_id,
+            start_ms,
+            end_ms,
+            app_id,
+            venue_id,
+        )
+        return [str(r[0]) for r in rows]
+
     async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
         rows = await self._pool.fetch(
             "SELECT DISTINCT app_id FROM scan_events WHERE person_id = $1 "

@@ -47,10 +47,24 @@ class StaffTokenRecord(NamedTuple):
     revoked_at_ms: int | None = None
 
 
+class ClaimRecord(NamedTuple):
+    """A declaration's claim that a national id is this person's (see migration 5)."""
+
+    claim_id: str
+    national_id_index: str
+    person_id: str
+    phone_index: str  # the verified phone that declared
+    claimed_at_ms: int
+    state: str  # "open", "accepted" or "rejected"
+    resolved_by: str | None = None
+    resolved_at_ms: int | None = None
+
+
+CLAIM_STATES: Final = ("open", "accepted", "rejected")
+
+
 class PersonRecord(NamedTuple):
     person_id: str
-    national_id_index: str | None
-    old_id_index: str | None  # the 9-digit id an ID card also carries
     national_id_enc: bytes | None
     full_name_enc: bytes
     name_index: str
@@ -70,6 +84,7 @@ class PersonRecord(NamedTuple):
 _VENUE_COLUMNS: Final = ", ".join(VenueRecord._fields).replace("_ms", "")
 _STAFF_COLUMNS: Final = ", ".join(StaffTokenRecord._fields).replace("_ms", "")
 _PERSON_COLUMNS: Final = ", ".join(PersonRecord._fields).replace("_ms", "")
+_CLAIM_COLUMNS: Final = ", ".join(ClaimRecord._fields).replace("_ms", "")
 
 
 def _placeholders(n: int, start: int = 1) -> str:
@@ -192,24 +207,19 @@ class Registry(abc.ABC):
 
     # -- people ----------------------------------------------------------------------------
 
-    async def insert_person(self, person: PersonRecord) -> bool:
-        """Insert; False when a person with that national id index exists already."""
-        rows = await self._registry_fetch(
-            f"INSERT INTO persons ({_PERSON_COLUMNS}) VALUES ({_placeholders(len(person))}) "
-            "ON CONFLICT DO NOTHING RETURNING person_id",
+    async def insert_person(self, person: PersonRecord) -> None:
+        await self._registry_execute(
+            f"INSERT INTO persons ({_PERSON_COLUMNS}) VALUES ({_placeholders(len(person))})",
             *person,
         )
-        return bool(rows)
+
+    async def forget_person(self, person_id: str) -> None:
+        """Delete a person nothing refers to yet (a declaration that lost a race)."""
+        await self._registry_execute("DELETE FROM persons WHERE person_id = $1", person_id)
 
     async def update_person(self, person: PersonRecord) -> None:
-        """Replace every field of a stored person but its id, national id and creation."""
-        kept = (
-            "person_id",
-            "national_id_index",
-            "old_id_index",
-            "national_id_enc",
-            "created_at_ms",
-        )
+        """Replace every field of a stored person but its id and creation."""
+        kept = ("person_id", "created_at_ms")
         columns = [c for c in PersonRecord._fields if c not in kept]
         assignments = ", ".join(
             f"{c.removesuffix('_ms')} = ${i}" for i, c in enumerate(columns, start=2)
@@ -234,40 +244,129 @@ class Registry(abc.ABC):
         )
         return [_person(r) for r in rows]
 
-    async def person_by_national_index(self, indexes: Sequence[str]) -> PersonRecord | None:
-        """The person whose national id (or old id, from an ID card) has one of these
-        indexes (an ID card carries the new 12-digit number and the old 9-digit one)."""
-        if not indexes:
-            return None
-        listed = _placeholders(len(indexes))
+    # -- identity claims and ID cards seen at the door ----------------------------------
+
+    async def add_id_claim(self, claim: ClaimRecord) -> bool:
+        """Record a claim; False when this phone already claims this id."""
         rows = await self._registry_fetch(
-            f"SELECT {_PERSON_COLUMNS} FROM persons WHERE national_id_index IN ({listed}) "
-            f"OR old_id_index IN ({listed}) ORDER BY created_at",
-            *indexes,
+            f"INSERT INTO id_claims ({_CLAIM_COLUMNS}) VALUES ({_placeholders(len(claim))}) "
+            "ON CONFLICT DO NOTHING RETURNING claim_id",
+            *claim,
         )
-        return _person(rows[0]) if rows else None
+        return bool(rows)
+
+    async def id_claim_of_phone(self, national_index: str, phone_index: str) -> ClaimRecord | None:
+        rows = await self._registry_fetch(
+            f"SELECT {_CLAIM_COLUMNS} FROM id_claims "
+            "WHERE national_id_index = $1 AND phone_index = $2",
+            national_index,
+            phone_index,
+        )
+        return ClaimRecord(*rows[0]) if rows else None
+
+    async def id_claims(self, national_indexes: Sequence[str]) -> list[ClaimRecord]:
+        """Every claim on these ids, oldest first."""
+        if not national_indexes:
+            return []
+        rows = await self._registry_fetch(
+            f"SELECT {_CLAIM_COLUMNS} FROM id_claims "
+            f"WHERE national_id_index IN ({_placeholders(len(national_indexes))}) "
+            "ORDER BY claimed_at, claim_id",
+            *national_indexes,
+        )
+        return [ClaimRecord(*r) for r in rows]
+
+    async def id_claim(self, claim_id: str) -> ClaimRecord | None:
+        rows = await self._registry_fetch(
+            f"SELECT {_CLAIM_COLUMNS} FROM id_claims WHERE claim_id = $1", claim_id
+        )
+        return ClaimRecord(*rows[0]) if rows else None
+
+    async def contested_claims(self, include_resolved: bool = False) -> list[ClaimRecord]:
+        """The claims on every id claimed more than once, grouped by id, oldest first:
+        only ids with no accepted claim yet unless ``include_resolved``."""
+        unresolved = (
+            ""
+            if include_resolved
+            else "AND NOT EXISTS (SELECT 1 FROM id_claims a WHERE "
+            "a.national_id_index = c.national_id_index AND a.state = 'accepted') "
+        )
+        rows = await self._registry_fetch(
+            f"SELECT {', '.join('c.' + col for col in _CLAIM_COLUMNS.split(', '))} "
+            "FROM id_claims c WHERE (SELECT count(*) FROM id_claims o "
+            f"WHERE o.national_id_index = c.national_id_index) > 1 {unresolved}"
+            "ORDER BY c.national_id_index, c.claimed_at, c.claim_id"
+        )
+        return [ClaimRecord(*r) for r in rows]
+
+    async def accept_id_claim(self, claim_id: str, actor: str, now_ms: int) -> None:
+        """Accept one claim and reject every other claim on the same id, together."""
+        others = (
+            "UPDATE id_claims SET state = 'rejected', resolved_by = $2, resolved_at = $3 "
+            "WHERE national_id_index = (SELECT national_id_index FROM id_claims "
+            "WHERE claim_id = $1) AND claim_id <> $1"
+        )
+        this = (
+            "UPDATE id_claims SET state = 'accepted', resolved_by = $2, resolved_at = $3 "
+            "WHERE claim_id = $1"
+        )
+        row = [(claim_id, actor, now_ms)]
+        await self._registry_transaction([(others, row), (this, row)])
+
+    async def door_card_holder(self, card_indexes: Sequence[str]) -> str | None:
+        """The pseudonymous person an ID card was recorded under at a door, if seen."""
+        if not card_indexes:
+            return None
+        rows = await self._registry_fetch(
+            "SELECT person_id FROM door_cards "
+            f"WHERE card_index IN ({_placeholders(len(card_indexes))}) "
+            "ORDER BY first_seen_at, person_id",
+            *card_indexes,
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def add_door_card(self, card_indexes: Sequence[str], person_id: str, now_ms: int) -> str:
+        """Record a card (each id number it carries) under ``person_id`` unless one of them
+        was recorded already; the person it is recorded under."""
+        for index in card_indexes:
+            await self._registry_execute(
+                "INSERT INTO door_cards (card_index, person_id, first_seen_at) "
+                "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                index,
+                person_id,
+                now_ms,
+            )
+        holder = await self.door_card_holder(card_indexes)
+        assert holder is not None
+        return holder
+
+    # -- phones ------------------------------------------------------------------------
 
     async def link_phone(self, phone_index: str, person_id: str) -> None:
+        """Let a verified phone act for a person and find them at the door."""
         await self._registry_execute(
-            "INSERT INTO person_phones (phone_index, person_id) VALUES ($1, $2) "
-            "ON CONFLICT DO NOTHING",
+            "INSERT INTO person_phones (phone_index, person_id, verified) "
+            "VALUES ($1, $2, TRUE) "
+            "ON CONFLICT (phone_index, person_id) DO UPDATE SET verified = TRUE",
             phone_index,
             person_id,
         )
 
     async def phone_linked(self, phone_index: str, person_id: str) -> bool:
+        """Whether this verified phone acts for the person."""
         rows = await self._registry_fetch(
-            "SELECT 1 FROM person_phones WHERE phone_index = $1 AND person_id = $2",
+            "SELECT 1 FROM person_phones WHERE phone_index = $1 AND person_id = $2 AND verified",
             phone_index,
             person_id,
         )
         return bool(rows)
 
     async def persons_by_phone(self, phone_index: str) -> list[PersonRecord]:
+        """The persons a verified phone acts for: whom the door finds by that phone."""
         rows = await self._registry_fetch(
             f"SELECT {', '.join('p.' + c for c in _PERSON_COLUMNS.split(', '))} "
             "FROM person_phones l JOIN persons p ON p.person_id = l.person_id "
-            "WHERE l.phone_index = $1 ORDER BY p.created_at, p.person_id",
+            "WHERE l.phone_index = $1 AND l.verified ORDER BY p.created_at, p.person_id",
             phone_index,
         )
         return [_person(r) for r in rows]

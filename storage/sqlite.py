@@ -167,6 +167,19 @@ class SqliteStorage(Storage):
 
         await self._write(run)
 
+    async def app_event_ids(
+        self, app_id: str, person_id: str, venue_id: str, start_ms: int, end_ms: int
+    ) -> list[str]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT event_id FROM scan_events WHERE person_id = ? AND scanned_at >= ? "
+                "AND scanned_at <= ? AND app_id = ? AND venue_id = ? "
+                "ORDER BY scanned_at, event_id",
+                (person_id, start_ms, end_ms, app_id, venue_id),
+            ).fetchall()
+        )
+        return [str(r[0]) for r in rows]
+
     async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
         rows = await self._run(
             lambda db: db.execute(
