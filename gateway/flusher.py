@@ -101,11 +101,15 @@ class Flusher:
         self.rules = pairing_rules(settings)
         self._streams = {stream_key(s): s for s in range(settings.shards)}
         self._groups_ready = False
-        self._last_claim = 0.0
-        self._last_purge = 0.0
-        self._last_prepare = 0.0
-        self._last_backlog = 0.0
-        self._last_venue_kinds = 0.0
+        # When each periodic job last ran, on the monotonic clock: never, so the first step
+        # runs them all. (0.0 would mean "at boot": a host up for less than a day would
+        # then not purge until it was.)
+        never = float("-inf")
+        self._last_claim = never
+        self._last_purge = never
+        self._last_prepare = never
+        self._last_backlog = never
+        self._last_venue_kinds = never
         # Entries read while the previous batch was being stored: the next batch.
         self._read_ahead: list[Entry] = []
 
