@@ -28,6 +28,7 @@ from signing import (
     load_master_key,
     parse_code,
     render_to_file,
+    token_id,
 )
 from signing.codes import ID_PATTERN
 from storage import Storage, StorageError, connect_storage
@@ -83,7 +84,15 @@ def _entity_id(text: str) -> str:
 
 def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
     new = _open_keyring(settings).add_app(args.app_id, args.prefix, args.name)
-    _emit({"app_id": new.app_id, "prefix": new.prefix, "kid": new.kid, "token": new.token})
+    _emit(
+        {
+            "app_id": new.app_id,
+            "prefix": new.prefix,
+            "kid": new.kid,
+            "token": new.token,
+            "token_id": new.token_id,
+        }
+    )
     return 0
 
 
@@ -101,8 +110,52 @@ def cmd_apps_retire(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_apps_token(args: argparse.Namespace, settings: Settings) -> int:
     token = _open_keyring(settings).add_token(args.app_id)
-    _emit({"app_id": args.app_id, "token": token})
+    _emit({"app_id": args.app_id, "token": token, "token_id": token_id(token)})
     return 0
+
+
+def cmd_apps_tokens(args: argparse.Namespace, settings: Settings) -> int:
+    tokens = _open_keyring(settings).list_tokens(args.app_id)
+
+    async def work(storage: Storage) -> int:
+        last_use = await storage.token_last_use([t.token_id for t in tokens])
+        _emit(
+            [
+                {
+                    "token_id": t.token_id,
+                    "created_at": format_time_ms(t.created_at * 1000),
+                    "last_used_at": _time_or_none(last_use.get(t.token_id)),
+                    "revoked_at": _time_or_none(
+                        None if t.revoked_at is None else t.revoked_at * 1000
+                    ),
+                }
+                for t in tokens
+            ]
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_apps_revoke_token(args: argparse.Namespace, settings: Settings) -> int:
+    # The keyring first: a leaked token must stop working even if storage is down.
+    app_id, already = _open_keyring(settings).revoke_token(args.token_id)
+
+    async def work(storage: Storage) -> int:
+        await storage.audit(
+            f"cli:{getpass.getuser()}",
+            "app_token_revoked",
+            args.token_id,
+            f"app_id={app_id}" + (" already" if already else ""),
+        )
+        _emit({"token_id": args.token_id, "app_id": app_id, "revoked": True, "already": already})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def _time_or_none(ms: int | None) -> str | None:
+    return None if ms is None else format_time_ms(ms)
 
 
 def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -516,6 +569,35 @@ def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
     return _run_storage(settings, work)
 
 
+def cmd_admins_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        _emit(
+            [
+                {
+                    "name": a.name,
+                    "created_at": format_time_ms(a.created_at_ms),
+                    "revoked_at": _time_or_none(a.revoked_at_ms),
+                }
+                for a in await storage.admins()
+            ]
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        revoked = await storage.revoke_admin(args.name)
+        if revoked is None:
+            raise UsageError(f"no admin {args.name!r}")
+        await storage.audit(f"cli:{getpass.getuser()}", "admin_revoked", args.name)
+        _emit({"name": args.name, "revoked": True, "already": not revoked})
+        return 0
+
+    return _run_storage(settings, work)
+
+
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     cutoff_ms = int((time.time() - settings.retention_s) * 1000)
 
@@ -725,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     admins = groups.add_parser(
         "admins",
         help="health officials' admin tokens",
-        description="Admin tokens for tracing (GET /v1/trace).",
+        description="Admin tokens of health officials: tracing, cases, reports and the audit "
+        "log over HTTP. Tokens are checked against storage on every request.",
     )
     admins_sub = admins.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
     admins_sub.required = True
@@ -734,6 +817,20 @@ def build_parser() -> argparse.ArgumentParser:
         "add",
         cmd_admins_add,
         "register an admin; prints {name, token} (the token only now)",
+    )
+    p.add_argument("name", metavar="NAME")
+    leaf(
+        admins_sub,
+        "list",
+        cmd_admins_list,
+        "list admins as a JSON array of {name, created_at, revoked_at}, never their tokens",
+    )
+    p = leaf(
+        admins_sub,
+        "revoke",
+        cmd_admins_revoke,
+        "refuse the admin's token from now on (401 on its next request); prints {name, "
+        "revoked, already}. Adding the name again issues a new token",
     )
     p.add_argument("name", metavar="NAME")
 
@@ -748,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
         apps_sub,
         "add",
         cmd_apps_add,
-        "register an app; prints {app_id, prefix, kid, token} (the token only now)",
+        "register an app; prints {app_id, prefix, kid, token, token_id} (the token only now)",
     )
     p.add_argument("app_id", metavar="APP_ID", help="2 to 16 characters of a-z0-9")
     p.add_argument(
@@ -780,9 +877,31 @@ def build_parser() -> argparse.ArgumentParser:
         apps_sub,
         "token",
         cmd_apps_token,
-        "mint another API token for an app; prints {app_id, token} (only now)",
+        "mint another API token for an app; prints {app_id, token, token_id} (the token only now)",
     )
     p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "tokens",
+        cmd_apps_tokens,
+        "list an app's API tokens as a JSON array of {token_id, created_at, last_used_at, "
+        "revoked_at}, never the tokens; last use is to the minute, written by each gateway "
+        "every SCANGATE_LAST_USE_FLUSH",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "revoke-token",
+        cmd_apps_revoke_token,
+        "refuse an API token from now on (401 on every gateway within 2 s, within 5 s on "
+        "hosts sharing PostgreSQL); prints {token_id, app_id, revoked, already}",
+    )
+    p.add_argument(
+        "token_id",
+        metavar="TOKEN_ID",
+        help="as apps tokens lists it (tok_ and 12 hex digits: the first 12 of the token's "
+        "SHA-256, so a leaked token tells its id)",
+    )
     leaf(apps_sub, "list", cmd_apps_list, "list apps as a JSON array (no secrets)")
 
     p = leaf(
