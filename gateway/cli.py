@@ -470,15 +470,14 @@ def cmd_cases_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_cases_show(args: argparse.Namespace, settings: Settings) -> int:
-    from .cases import case_json
+    from .cases import read_case
 
     async def work(storage: Storage) -> int:
-        case = await storage.case(args.case_id)
-        if case is None:
-            raise UsageError(f"no case {args.case_id}")
         personal = await _personal_data(storage, settings)
-        note = personal.decrypt(case.note_enc, "case.note", case.case_id) if case.note_enc else None
-        _emit(case_json(case, await storage.case_notices(case.case_id), note))
+        shown = await read_case(storage, personal, args.case_id, f"cli:{getpass.getuser()}")
+        if shown is None:
+            raise UsageError(f"no case {args.case_id}")
+        _emit(shown)
         return 0
 
     return _run_storage(settings, work)
@@ -941,7 +940,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list the contacts and the notices that would be sent; store and send nothing",
     )
-    p = leaf(cases_sub, "show", cmd_cases_show, "a case and each notice's delivery state")
+    p = leaf(
+        cases_sub,
+        "show",
+        cmd_cases_show,
+        "a case and each notice's delivery state (audit-logged as case_read)",
+    )
     p.add_argument("case_id", metavar="CASE_ID", type=_entity_id)
     p = leaf(
         groups,

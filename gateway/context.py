@@ -30,6 +30,8 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 JSON: Final = "application/json"
 # Set as a plain header: aiohttp's content_type setter parses and rebuilds it each time.
 JSON_HEADERS: Final = {"Content-Type": JSON}
+# For answers no cache may keep (what an official reads: traces, cases, the audit log).
+JSON_NO_STORE_HEADERS: Final = {"Content-Type": JSON, "Cache-Control": "no-store"}
 
 
 @dataclass
@@ -137,8 +139,9 @@ async def read_json(request: web.Request) -> Any:
         raise MalformedJson(f"the body is not valid JSON: {exc.msg}") from None
 
 
-def json_response(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), headers=JSON_HEADERS)
+def json_response(doc: Any, status: int = 200, *, no_store: bool = False) -> web.Response:
+    headers = JSON_NO_STORE_HEADERS if no_store else JSON_HEADERS
+    return web.Response(status=status, body=orjson.dumps(doc), headers=headers)
 
 
 async def load_personal_data(storage: Storage, sealer: Sealer) -> PersonalData:

@@ -312,6 +312,11 @@ CONTACT: Final[Schema] = _object(
 
 # -- responses ---------------------------------------------------------------------------------
 
+# What an official reads (a case, the audit log) is answered for no cache to keep.
+NO_STORE: Final[dict[str, Schema]] = {
+    "Cache-Control": {"required": True, "schema": {"const": "no-store"}}
+}
+
 RETRY_AFTER: Final[Schema] = {
     "description": "Seconds to wait before retrying.",
     "required": True,
@@ -728,11 +733,13 @@ def _paths(max_events: int) -> dict[str, Schema]:
         "/v1/cases/{case_id}": {
             "get": {
                 "operationId": "getCase",
-                "summary": "A case and each notice's delivery state",
+                "summary": "A case and each notice's delivery state (audit-logged)",
+                "description": "Every read, found or not, is written to the audit log as "
+                "case_read.",
                 "security": ADMIN,
                 "parameters": [_path_param("case_id", {"$ref": "#/components/schemas/Id"})],
                 "responses": {
-                    "200": _json({"type": "object"}, "The case"),
+                    "200": _json({"type": "object"}, "The case", NO_STORE),
                     **_unauthorized("no admin token, or an unknown one"),
                     **_error(404, "no such case", "not_found"),
                 },
@@ -995,12 +1002,14 @@ def openapi_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An app's API token (scangate apps add, apps token), at "
-                    f"most {MAX_TOKEN_CHARS} characters.",
+                    f"most {MAX_TOKEN_CHARS} characters. A token revoked with scangate apps "
+                    "revoke-token gets 401 within 2 s.",
                 },
                 "adminToken": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An admin token (scangate admins add).",
+                    "description": "An admin token (scangate admins add). A token revoked "
+                    "with scangate admins revoke gets 401 at once.",
                 },
                 "staffToken": {
                     "type": "http",
