@@ -27,7 +27,7 @@ from signing.codes import ID_PATTERN
 from storage import TraceQuery, connect_storage
 from storage.tracing import rows_to_csv, rows_to_json
 
-from . import cases, declarations, openapi, reports, venues
+from . import audit, cases, declarations, openapi, reports, venues
 from . import web as web_pages
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
@@ -146,6 +146,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     declarations.add_routes(app)
     cases.add_routes(app)
     reports.add_routes(app)
+    audit.add_routes(app)
     app.router.add_get("/healthz", get_healthz, name="healthz")
     app.router.add_get("/readyz", get_readyz, name="readyz")
     app.router.add_get("/metrics", get_metrics, name="metrics")

@@ -40,6 +40,7 @@ from .settings import Settings, SettingsError, parse_duration_s
 PROG = "scangate"
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+CLI_MAX_AUDIT_ENTRIES = 100_000
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -597,8 +598,39 @@ def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return _run_storage(settings, work)
 
 
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from .audit import audit_query, entries_json, next_after, read_audit_log
+
+    given = {
+        "since": args.since,
+        "actor": args.actor,
+        "action": args.action,
+        "after": args.after,
+        "limit": args.limit,
+    }
+    try:
+        query = audit_query(
+            {k: v for k, v in given.items() if v is not None},
+            int(time.time() * 1000),
+            max_limit=CLI_MAX_AUDIT_ENTRIES,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def work(storage: Storage) -> int:
+        records = await read_audit_log(storage, query, f"cli:{getpass.getuser()}")
+        _emit(entries_json(records))
+        following = next_after(records, query)
+        if following is not None:
+            sys.stderr.write(f"{PROG}: more entries: add --after {following}\n")
+        return 0
+
+    return _run_storage(settings, work)
+
+
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     cutoff_ms = int((time.time() - settings.retention_s) * 1000)
+    audit_cutoff_ms = int((time.time() - settings.audit_retention_s) * 1000)
 
     async def work(storage: Storage) -> int:
         from .flusher import pairing_rules, with_venue_stays
@@ -607,6 +639,7 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
         rules = with_venue_stays(pairing_rules(settings), settings, await storage.venue_kinds())
         result = await storage.purge(cutoff_ms, rules)
         cases = await storage.purge_cases(cutoff_ms)
+        audit_entries = await storage.purge_audit(audit_cutoff_ms)
         _emit(
             {
                 "cutoff": format_time_ms(cutoff_ms),
@@ -614,6 +647,8 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
                 "visits": result.visits,
                 "partitions_dropped": result.partitions_dropped,
                 "cases": cases,
+                "audit_cutoff": format_time_ms(audit_cutoff_ms),
+                "audit_entries": audit_entries,
             }
         )
         return 0
@@ -745,8 +780,38 @@ def build_parser() -> argparse.ArgumentParser:
         groups,
         "purge",
         cmd_purge,
-        "delete events, visits and cases older than SCANGATE_RETENTION (the flusher does it "
-        "daily); a visit still open at the cutoff stays until a later purge",
+        "delete events, visits and cases older than SCANGATE_RETENTION, and audit entries "
+        "older than SCANGATE_AUDIT_RETENTION (the flusher does it daily); a visit still open "
+        "at the cutoff stays until a later purge",
+    )
+    p = leaf(
+        groups,
+        "audit",
+        cmd_audit,
+        "read the audit log (who traced, revealed, read or changed what): a JSON array of "
+        "{id, at, actor, action, subject, detail}, oldest first; this read is logged too",
+    )
+    p.add_argument(
+        "--since",
+        metavar="DURATION_OR_TIME",
+        help="entries from this long ago (7d, 12h) or from this time (RFC 3339 with an "
+        "offset, or epoch ms); default 1d",
+    )
+    p.add_argument("--actor", metavar="NAME", help="only this actor, e.g. admin:officer1, cli:root")
+    p.add_argument(
+        "--action",
+        metavar="NAME",
+        help="only this action, e.g. trace, reveal, case_read, admin_revoked",
+    )
+    p.add_argument(
+        "--after",
+        metavar="ID",
+        help="entries after this id (a full page says on stderr which id to continue after)",
+    )
+    p.add_argument(
+        "--limit",
+        metavar="N",
+        help=f"at most N entries (default 100, at most {CLI_MAX_AUDIT_ENTRIES})",
     )
     venues = groups.add_parser(
         "venues",

@@ -381,18 +381,22 @@ class Flusher:
 
     async def purge(self) -> None:
         cutoff_ms = int((time.time() - self.settings.retention_s) * 1000)
+        audit_cutoff_ms = int((time.time() - self.settings.audit_retention_s) * 1000)
         try:
             result = await self.storage.purge(cutoff_ms, self.rules)
             cases = await self.storage.purge_cases(cutoff_ms)
+            audit_entries = await self.storage.purge_audit(audit_cutoff_ms)
         except Exception:
             self.metrics.flush_errors.inc()
             log.exception("flusher: retention purge failed; trying again tomorrow")
             return
         log.info(
-            "retention: deleted %d events, %d visits, %d cases, dropped %d partitions",
+            "retention: deleted %d events, %d visits, %d cases, %d audit entries, "
+            "dropped %d partitions",
             result.events,
             result.visits,
             cases,
+            audit_entries,
             result.partitions_dropped,
         )
 
