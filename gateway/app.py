@@ -27,7 +27,7 @@ from signing.codes import ID_PATTERN
 from storage import TraceQuery, connect_storage
 from storage.tracing import rows_to_csv, rows_to_json
 
-from . import cases, claims, declarations, door, openapi, reports, venues
+from . import audit, cases, claims, declarations, door, openapi, reports, venues
 from . import web as web_pages
 from .background import Periodic
 from .buffer import BufferUnavailable, RedisBuffer, connect_redis
@@ -36,6 +36,7 @@ from .context import (
     JSON,
     JSON_HEADERS,
     MAX_BODY_BYTES,
+    TOKEN_USES,
     Gateway,
     authenticate,
     authenticate_admin,
@@ -53,6 +54,7 @@ from .errors import (
 )
 from .events import EventRules, Rejection, ScanEvent, check_event, encode_event
 from .keyspace import seen_field, shard_of
+from .last_use import LastUse
 from .metrics import CONTENT_TYPE, Metrics
 from .notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
 from .otp import OtpService
@@ -64,7 +66,9 @@ from .sms import make_sms_sender
 log = logging.getLogger(__name__)
 
 MAX_EVENTS: Final = 500
-KEYRING_REFRESH_S: Final = 2.0
+# A revoked app token must be refused by every worker within 2 s of the change: a check
+# every second leaves the other second for the check itself and a slow event loop.
+KEYRING_REFRESH_S: Final = 1.0
 REVOCATIONS_REFRESH_S: Final = 2.0
 SHUTDOWN_BACKGROUND_S: Final = 10.0
 BACKLOG_POLL_S: Final = 0.5
@@ -126,9 +130,11 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     )
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_observe_and_answer_errors])
     app[GATEWAY] = gateway
+    app[TOKEN_USES] = LastUse()
     app.cleanup_ctx.append(_keyring_refresher)
     app.cleanup_ctx.append(_redis_buffer)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_token_use_writer)
     app.cleanup_ctx.append(_registration)
     app.cleanup_ctx.append(_notifier)
     app.cleanup_ctx.append(_metrics_publisher)
@@ -142,6 +148,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     claims.add_routes(app)
     cases.add_routes(app)
     reports.add_routes(app)
+    audit.add_routes(app)
     app.router.add_get("/healthz", get_healthz, name="healthz")
     app.router.add_get("/readyz", get_readyz, name="readyz")
     app.router.add_get("/metrics", get_metrics, name="metrics")
@@ -233,6 +240,24 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     if gateway.trace_storage is not None:
         await gateway.trace_storage.close()
     await gateway.storage.close()
+
+
+async def _token_use_writer(app: web.Application) -> AsyncIterator[None]:
+    """Write the app tokens' minutes of last use out to storage every
+    ``SCANGATE_LAST_USE_FLUSH``, and what is left when the application stops."""
+    uses = app[TOKEN_USES]
+    storage = app[GATEWAY].need_storage()
+
+    async def write() -> None:
+        await uses.write(storage)
+
+    task = Periodic("last-use-write", write, app[GATEWAY].settings.last_use_flush_s)
+    yield
+    await task.stop()
+    try:
+        await uses.write(storage)
+    except Exception:
+        log.exception("the app tokens' last use could not be written on shutdown")
 
 
 async def _registration(app: web.Application) -> AsyncIterator[None]:

@@ -239,6 +239,19 @@ def case_json(case: CaseRecord, notices: Sequence[NoticeRecord], note: str | Non
     }
 
 
+async def read_case(
+    storage: Storage, personal: PersonalData, case_id: str, actor: str
+) -> Any | None:
+    """A case as an official sees it (``case_json``), or None when there is no such case.
+    Audit-logged like a trace (``case_read``), found or not, before it is answered."""
+    case = await storage.case(case_id)
+    await storage.audit(actor, "case_read", case_id, "" if case is not None else "no such case")
+    if case is None:
+        return None
+    note = personal.decrypt(case.note_enc, "case.note", case.case_id) if case.note_enc else None
+    return case_json(case, await storage.case_notices(case.case_id), note)
+
+
 def merge_windows(windows: Sequence[CaseWindow]) -> list[CaseWindow]:
     """Overlapping windows at one venue as one (the highest level): an app learns when a
     venue was risky, not how many cases made it so."""
@@ -300,19 +313,18 @@ async def post_case(request: web.Request) -> web.Response:
 
 
 async def get_case(request: web.Request) -> web.Response:
+    """A case and its notices, for an admin token: audit-logged, and ``no-store`` (it names
+    the case's contacts)."""
     gateway = request.app[GATEWAY]
     storage = gateway.need_storage()
-    await authenticate_admin(request, storage)
+    admin = await authenticate_admin(request, storage)
     case_id = request.match_info["case_id"]
-    case = await storage.case(case_id) if ID_PATTERN.fullmatch(case_id) else None
-    if case is None:
+    if not ID_PATTERN.fullmatch(case_id):
         raise NotFound("no such case")
-    note = (
-        gateway.need_personal().decrypt(case.note_enc, "case.note", case.case_id)
-        if case.note_enc
-        else None
-    )
-    return json_response(case_json(case, await storage.case_notices(case_id), note))
+    shown = await read_case(storage, gateway.need_personal(), case_id, f"admin:{admin}")
+    if shown is None:
+        raise NotFound("no such case")
+    return json_response(shown, no_store=True)
 
 
 async def get_risky_venues(request: web.Request) -> web.Response:

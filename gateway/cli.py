@@ -28,6 +28,7 @@ from signing import (
     load_master_key,
     parse_code,
     render_to_file,
+    token_id,
 )
 from signing.codes import ID_PATTERN
 from storage import Storage, StorageError, connect_storage
@@ -39,6 +40,7 @@ from .settings import Settings, SettingsError, parse_duration_s
 PROG = "scangate"
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+CLI_MAX_AUDIT_ENTRIES = 100_000
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -83,7 +85,15 @@ def _entity_id(text: str) -> str:
 
 def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
     new = _open_keyring(settings).add_app(args.app_id, args.prefix, args.name)
-    _emit({"app_id": new.app_id, "prefix": new.prefix, "kid": new.kid, "token": new.token})
+    _emit(
+        {
+            "app_id": new.app_id,
+            "prefix": new.prefix,
+            "kid": new.kid,
+            "token": new.token,
+            "token_id": new.token_id,
+        }
+    )
     return 0
 
 
@@ -101,8 +111,52 @@ def cmd_apps_retire(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_apps_token(args: argparse.Namespace, settings: Settings) -> int:
     token = _open_keyring(settings).add_token(args.app_id)
-    _emit({"app_id": args.app_id, "token": token})
+    _emit({"app_id": args.app_id, "token": token, "token_id": token_id(token)})
     return 0
+
+
+def cmd_apps_tokens(args: argparse.Namespace, settings: Settings) -> int:
+    tokens = _open_keyring(settings).list_tokens(args.app_id)
+
+    async def work(storage: Storage) -> int:
+        last_use = await storage.token_last_use([t.token_id for t in tokens])
+        _emit(
+            [
+                {
+                    "token_id": t.token_id,
+                    "created_at": format_time_ms(t.created_at * 1000),
+                    "last_used_at": _time_or_none(last_use.get(t.token_id)),
+                    "revoked_at": _time_or_none(
+                        None if t.revoked_at is None else t.revoked_at * 1000
+                    ),
+                }
+                for t in tokens
+            ]
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_apps_revoke_token(args: argparse.Namespace, settings: Settings) -> int:
+    # The keyring first: a leaked token must stop working even if storage is down.
+    app_id, already = _open_keyring(settings).revoke_token(args.token_id)
+
+    async def work(storage: Storage) -> int:
+        await storage.audit(
+            f"cli:{getpass.getuser()}",
+            "app_token_revoked",
+            args.token_id,
+            f"app_id={app_id}" + (" already" if already else ""),
+        )
+        _emit({"token_id": args.token_id, "app_id": app_id, "revoked": True, "already": already})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def _time_or_none(ms: int | None) -> str | None:
+    return None if ms is None else format_time_ms(ms)
 
 
 def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -493,15 +547,14 @@ def cmd_cases_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_cases_show(args: argparse.Namespace, settings: Settings) -> int:
-    from .cases import case_json
+    from .cases import read_case
 
     async def work(storage: Storage) -> int:
-        case = await storage.case(args.case_id)
-        if case is None:
-            raise UsageError(f"no case {args.case_id}")
         personal = await _personal_data(storage, settings)
-        note = personal.decrypt(case.note_enc, "case.note", case.case_id) if case.note_enc else None
-        _emit(case_json(case, await storage.case_notices(case.case_id), note))
+        shown = await read_case(storage, personal, args.case_id, f"cli:{getpass.getuser()}")
+        if shown is None:
+            raise UsageError(f"no case {args.case_id}")
+        _emit(shown)
         return 0
 
     return _run_storage(settings, work)
@@ -592,8 +645,68 @@ def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
     return _run_storage(settings, work)
 
 
+def cmd_admins_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        _emit(
+            [
+                {
+                    "name": a.name,
+                    "created_at": format_time_ms(a.created_at_ms),
+                    "revoked_at": _time_or_none(a.revoked_at_ms),
+                }
+                for a in await storage.admins()
+            ]
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        revoked = await storage.revoke_admin(args.name)
+        if revoked is None:
+            raise UsageError(f"no admin {args.name!r}")
+        await storage.audit(f"cli:{getpass.getuser()}", "admin_revoked", args.name)
+        _emit({"name": args.name, "revoked": True, "already": not revoked})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from .audit import audit_query, entries_json, next_after, read_audit_log
+
+    given = {
+        "since": args.since,
+        "actor": args.actor,
+        "action": args.action,
+        "after": args.after,
+        "limit": args.limit,
+    }
+    try:
+        query = audit_query(
+            {k: v for k, v in given.items() if v is not None},
+            int(time.time() * 1000),
+            max_limit=CLI_MAX_AUDIT_ENTRIES,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def work(storage: Storage) -> int:
+        records = await read_audit_log(storage, query, f"cli:{getpass.getuser()}")
+        _emit(entries_json(records))
+        following = next_after(records, query)
+        if following is not None:
+            sys.stderr.write(f"{PROG}: more entries: add --after {following}\n")
+        return 0
+
+    return _run_storage(settings, work)
+
+
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     cutoff_ms = int((time.time() - settings.retention_s) * 1000)
+    audit_cutoff_ms = int((time.time() - settings.audit_retention_s) * 1000)
 
     async def work(storage: Storage) -> int:
         from .flusher import pairing_rules, with_venue_stays
@@ -602,6 +715,7 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
         rules = with_venue_stays(pairing_rules(settings), settings, await storage.venue_kinds())
         result = await storage.purge(cutoff_ms, rules)
         cases = await storage.purge_cases(cutoff_ms)
+        audit_entries = await storage.purge_audit(audit_cutoff_ms)
         _emit(
             {
                 "cutoff": format_time_ms(cutoff_ms),
@@ -609,6 +723,8 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
                 "visits": result.visits,
                 "partitions_dropped": result.partitions_dropped,
                 "cases": cases,
+                "audit_cutoff": format_time_ms(audit_cutoff_ms),
+                "audit_entries": audit_entries,
             }
         )
         return 0
@@ -748,8 +864,38 @@ def build_parser() -> argparse.ArgumentParser:
         groups,
         "purge",
         cmd_purge,
-        "delete events, visits and cases older than SCANGATE_RETENTION (the flusher does it "
-        "daily); a visit still open at the cutoff stays until a later purge",
+        "delete events, visits and cases older than SCANGATE_RETENTION, and audit entries "
+        "older than SCANGATE_AUDIT_RETENTION (the flusher does it daily); a visit still open "
+        "at the cutoff stays until a later purge",
+    )
+    p = leaf(
+        groups,
+        "audit",
+        cmd_audit,
+        "read the audit log (who traced, revealed, read or changed what): a JSON array of "
+        "{id, at, actor, action, subject, detail}, oldest first; this read is logged too",
+    )
+    p.add_argument(
+        "--since",
+        metavar="DURATION_OR_TIME",
+        help="entries from this long ago (7d, 12h) or from this time (RFC 3339 with an "
+        "offset, or epoch ms); default 1d",
+    )
+    p.add_argument("--actor", metavar="NAME", help="only this actor, e.g. admin:officer1, cli:root")
+    p.add_argument(
+        "--action",
+        metavar="NAME",
+        help="only this action, e.g. trace, reveal, case_read, admin_revoked",
+    )
+    p.add_argument(
+        "--after",
+        metavar="ID",
+        help="entries after this id (a full page says on stderr which id to continue after)",
+    )
+    p.add_argument(
+        "--limit",
+        metavar="N",
+        help=f"at most N entries (default 100, at most {CLI_MAX_AUDIT_ENTRIES})",
     )
     venues = groups.add_parser(
         "venues",
@@ -838,7 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     admins = groups.add_parser(
         "admins",
         help="health officials' admin tokens",
-        description="Admin tokens for tracing (GET /v1/trace).",
+        description="Admin tokens of health officials: tracing, cases, reports and the audit "
+        "log over HTTP. Tokens are checked against storage on every request.",
     )
     admins_sub = admins.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
     admins_sub.required = True
@@ -847,6 +994,20 @@ def build_parser() -> argparse.ArgumentParser:
         "add",
         cmd_admins_add,
         "register an admin; prints {name, token} (the token only now)",
+    )
+    p.add_argument("name", metavar="NAME")
+    leaf(
+        admins_sub,
+        "list",
+        cmd_admins_list,
+        "list admins as a JSON array of {name, created_at, revoked_at}, never their tokens",
+    )
+    p = leaf(
+        admins_sub,
+        "revoke",
+        cmd_admins_revoke,
+        "refuse the admin's token from now on (401 on its next request); prints {name, "
+        "revoked, already}. Adding the name again issues a new token",
     )
     p.add_argument("name", metavar="NAME")
 
@@ -861,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
         apps_sub,
         "add",
         cmd_apps_add,
-        "register an app; prints {app_id, prefix, kid, token} (the token only now)",
+        "register an app; prints {app_id, prefix, kid, token, token_id} (the token only now)",
     )
     p.add_argument("app_id", metavar="APP_ID", help="2 to 16 characters of a-z0-9")
     p.add_argument(
@@ -893,9 +1054,31 @@ def build_parser() -> argparse.ArgumentParser:
         apps_sub,
         "token",
         cmd_apps_token,
-        "mint another API token for an app; prints {app_id, token} (only now)",
+        "mint another API token for an app; prints {app_id, token, token_id} (the token only now)",
     )
     p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "tokens",
+        cmd_apps_tokens,
+        "list an app's API tokens as a JSON array of {token_id, created_at, last_used_at, "
+        "revoked_at}, never the tokens; last use is to the minute, written by each gateway "
+        "every SCANGATE_LAST_USE_FLUSH",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "revoke-token",
+        cmd_apps_revoke_token,
+        "refuse an API token from now on (401 on every gateway within 2 s, within 5 s on "
+        "hosts sharing PostgreSQL); prints {token_id, app_id, revoked, already}",
+    )
+    p.add_argument(
+        "token_id",
+        metavar="TOKEN_ID",
+        help="as apps tokens lists it (tok_ and 12 hex digits: the first 12 of the token's "
+        "SHA-256, so a leaked token tells its id)",
+    )
     leaf(apps_sub, "list", cmd_apps_list, "list apps as a JSON array (no secrets)")
 
     p = leaf(
@@ -935,7 +1118,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list the contacts and the notices that would be sent; store and send nothing",
     )
-    p = leaf(cases_sub, "show", cmd_cases_show, "a case and each notice's delivery state")
+    p = leaf(
+        cases_sub,
+        "show",
+        cmd_cases_show,
+        "a case and each notice's delivery state (audit-logged as case_read)",
+    )
     p.add_argument("case_id", metavar="CASE_ID", type=_entity_id)
     p = leaf(
         groups,

@@ -19,6 +19,7 @@ from storage import Storage
 from .buffer import RedisBuffer
 from .errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .events import EventRules
+from .last_use import LastUse
 from .metrics import Metrics
 from .otp import OtpService
 from .ratelimit import TokenBuckets
@@ -32,6 +33,8 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 JSON: Final = "application/json"
 # Set as a plain header: aiohttp's content_type setter parses and rebuilds it each time.
 JSON_HEADERS: Final = {"Content-Type": JSON}
+# For answers no cache may keep (what an official reads: traces, cases, the audit log).
+JSON_NO_STORE_HEADERS: Final = {"Content-Type": JSON, "Cache-Control": "no-store"}
 
 
 @dataclass
@@ -73,13 +76,17 @@ class Gateway:
 
 
 GATEWAY: Final = web.AppKey("gateway", Gateway)
+# Each app token's minute of last use in this process (gateway.last_use), written out in
+# the background by the application's cleanup context.
+TOKEN_USES: Final = web.AppKey("token_uses", LastUse)
 # Set on a request by the web pages' endpoints (gateway.web.endpoints), which act as the
 # configured web app: such a request carries no app token, and this is its caller.
 ACTING_APP: Final = web.RequestKey("acting_app", str)
 
 
 def authenticate(request: web.Request, keyring: Keyring) -> str:
-    """The app id of the request's bearer token (or of the web app, for the web pages)."""
+    """The app id of the request's bearer token (or of the web app, for the web pages).
+    A revoked token is refused like an unknown one; a use of a live one is noted."""
     acting: str | None = request.get(ACTING_APP)
     if acting is not None:
         return acting
@@ -89,14 +96,19 @@ def authenticate(request: web.Request, keyring: Keyring) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 256:
         raise Unauthorized("use Authorization: Bearer <app token>")
-    app_id = keyring.app_for_token(token.strip())
-    if app_id is None:
-        raise Unauthorized("unknown token")
-    return app_id
+    found = keyring.token_for(token.strip())
+    if found is None:
+        raise Unauthorized("unknown or revoked token")
+    uses = request.app.get(TOKEN_USES)
+    if uses is not None:
+        uses.note(found.token_id, time.time())
+    return found.app_id
 
 
 async def authenticate_admin(request: web.Request, storage: Storage) -> str:
-    """The admin name of the request's bearer token (``scangate admins add``)."""
+    """The admin name of the request's bearer token (``scangate admins add``), looked up
+    in storage on every request (nothing cached), so ``scangate admins revoke`` holds at
+    once."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     admin = (
         await storage.admin_for_token(token.strip())
@@ -131,8 +143,9 @@ async def read_json(request: web.Request) -> Any:
         raise MalformedJson(f"the body is not valid JSON: {exc.msg}") from None
 
 
-def json_response(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), headers=JSON_HEADERS)
+def json_response(doc: Any, status: int = 200, *, no_store: bool = False) -> web.Response:
+    headers = JSON_NO_STORE_HEADERS if no_store else JSON_HEADERS
+    return web.Response(status=status, body=orjson.dumps(doc), headers=headers)
 
 
 async def load_personal_data(storage: Storage, sealer: Sealer) -> PersonalData:

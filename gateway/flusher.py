@@ -101,11 +101,15 @@ class Flusher:
         self.rules = pairing_rules(settings)
         self._streams = {stream_key(s): s for s in range(settings.shards)}
         self._groups_ready = False
-        self._last_claim = 0.0
-        self._last_purge = 0.0
-        self._last_prepare = 0.0
-        self._last_backlog = 0.0
-        self._last_venue_kinds = 0.0
+        # When each periodic job last ran, on the monotonic clock: never, so the first step
+        # runs them all. (0.0 would mean "at boot": a host up for less than a day would
+        # then not purge until it was.)
+        never = float("-inf")
+        self._last_claim = never
+        self._last_purge = never
+        self._last_prepare = never
+        self._last_backlog = never
+        self._last_venue_kinds = never
         # Entries read while the previous batch was being stored: the next batch.
         self._read_ahead: list[Entry] = []
 
@@ -377,18 +381,22 @@ class Flusher:
 
     async def purge(self) -> None:
         cutoff_ms = int((time.time() - self.settings.retention_s) * 1000)
+        audit_cutoff_ms = int((time.time() - self.settings.audit_retention_s) * 1000)
         try:
             result = await self.storage.purge(cutoff_ms, self.rules)
             cases = await self.storage.purge_cases(cutoff_ms)
+            audit_entries = await self.storage.purge_audit(audit_cutoff_ms)
         except Exception:
             self.metrics.flush_errors.inc()
             log.exception("flusher: retention purge failed; trying again tomorrow")
             return
         log.info(
-            "retention: deleted %d events, %d visits, %d cases, dropped %d partitions",
+            "retention: deleted %d events, %d visits, %d cases, %d audit entries, "
+            "dropped %d partitions",
             result.events,
             result.visits,
             cases,
+            audit_entries,
             result.partitions_dropped,
         )
 

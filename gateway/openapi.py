@@ -23,6 +23,7 @@ from signing.codes import ID_PATTERN, MAX_CODE_CHARS, PREFIX_PATTERN
 from storage.models import VENUE_KINDS
 from storage.times import MAX_EPOCH_MS
 
+from .audit import DEFAULT_LIMIT, MAX_FILTER_CHARS, MAX_LIMIT
 from .cases import MAX_NOTE_CHARS
 from .context import JSON, MAX_BODY_BYTES
 from .declarations import CODE_IMAGE_TYPES
@@ -325,6 +326,22 @@ CONTACT: Final[Schema] = _object(
 )
 
 # -- responses ---------------------------------------------------------------------------------
+
+# What an official reads (a case, the audit log) is answered for no cache to keep.
+NO_STORE: Final[dict[str, Schema]] = {
+    "Cache-Control": {"required": True, "schema": {"const": "no-store"}}
+}
+
+AUDIT_ENTRY: Final[Schema] = _object(
+    {
+        "id": {"type": "integer", "minimum": 1, "description": "In the order of writing."},
+        "at": TIMESTAMP,
+        "actor": {"type": "string", "description": "admin:NAME, cli:USER, ..."},
+        "action": {"type": "string", "description": "trace, reveal, case_read, ..."},
+        "subject": {"type": "string", "description": "Whom or what it was about."},
+        "detail": {"type": "string"},
+    }
+)
 
 RETRY_AFTER: Final[Schema] = {
     "description": "Seconds to wait before retrying.",
@@ -748,11 +765,13 @@ def _paths(max_events: int) -> dict[str, Schema]:
         "/v1/cases/{case_id}": {
             "get": {
                 "operationId": "getCase",
-                "summary": "A case and each notice's delivery state",
+                "summary": "A case and each notice's delivery state (audit-logged)",
+                "description": "Every read, found or not, is written to the audit log as "
+                "case_read.",
                 "security": ADMIN,
                 "parameters": [_path_param("case_id", {"$ref": "#/components/schemas/Id"})],
                 "responses": {
-                    "200": _json({"type": "object"}, "The case"),
+                    "200": _json({"type": "object"}, "The case", NO_STORE),
                     **_unauthorized("no admin token, or an unknown one"),
                     **_error(404, "no such case", "not_found"),
                 },
@@ -789,6 +808,66 @@ def _paths(max_events: int) -> dict[str, Schema]:
                     ),
                     **_error(400, "since is not epoch milliseconds", "invalid_request"),
                     **_unauthorized("no app token, or an unknown one"),
+                },
+            }
+        },
+        "/v1/audit": {
+            "get": {
+                "operationId": "getAudit",
+                "summary": "A page of the audit log, oldest first (this read is logged too)",
+                "description": "Entries written at or after since, by id. A full page "
+                "gives next_after: ask again with after=next_after for the next one. Entries "
+                "older than SCANGATE_AUDIT_RETENTION (default one year) are deleted.",
+                "security": ADMIN,
+                "parameters": [
+                    _query(
+                        "since",
+                        {"type": "string", "maxLength": 40},
+                        "A duration back from now (7d, 12h), or a time (RFC 3339 with an "
+                        "offset, or epoch ms); default 1d.",
+                    ),
+                    _query(
+                        "actor",
+                        {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_CHARS},
+                        "Only this actor (admin:NAME, cli:USER).",
+                    ),
+                    _query(
+                        "action",
+                        {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_CHARS},
+                        "Only this action (trace, reveal, case_read, ...).",
+                    ),
+                    _query(
+                        "after",
+                        {"type": "integer", "minimum": 0},
+                        "Entries with an id above this (a previous page's next_after).",
+                    ),
+                    _query(
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_LIMIT,
+                            "default": DEFAULT_LIMIT,
+                        },
+                        "At most this many entries.",
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            {
+                                "entries": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/AuditEntry"},
+                                },
+                                "next_after": {"type": ["integer", "null"]},
+                            }
+                        ),
+                        "The page",
+                        NO_STORE,
+                    ),
+                    **_error(400, "a parameter breaks its rule", "invalid_request"),
+                    **_unauthorized("no admin token, or an unknown or revoked one"),
                 },
             }
         },
@@ -1131,12 +1210,14 @@ def openapi_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An app's API token (scangate apps add, apps token), at "
-                    f"most {MAX_TOKEN_CHARS} characters.",
+                    f"most {MAX_TOKEN_CHARS} characters. A token revoked with scangate apps "
+                    "revoke-token gets 401 within 2 s.",
                 },
                 "adminToken": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An admin token (scangate admins add).",
+                    "description": "An admin token (scangate admins add). A token revoked "
+                    "with scangate admins revoke gets 401 at once.",
                 },
                 "staffToken": {
                     "type": "http",
@@ -1204,6 +1285,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "Contact": CONTACT,
+                "AuditEntry": AUDIT_ENTRY,
             },
         },
     }

@@ -57,6 +57,11 @@ class Settings:
     backlog_high_water: int = 1_000_000
     rate_limit: int = 0  # events per second per app; 0 is off
     retention_s: float = 21 * 86400
+    # Age at which audit entries are deleted (by the same daily purge): who traced, read
+    # or revealed what must be answerable long after the visits themselves are gone.
+    audit_retention_s: float = 365 * 86400
+    # How often each gateway process writes out its app tokens' minutes of last use.
+    last_use_flush_s: float = 60
     flush_batch: int = 10_000
     flush_max_age_s: float = 0.2
     flush_claim_idle_s: float = 30  # a pending entry idle this long is claimed by another flusher
@@ -148,6 +153,10 @@ class Settings:
             raise SettingsError("SCANGATE_NOTICE_MAX_ATTEMPTS: use at least 1")
         if self.notice_lease_s < 1:
             raise SettingsError("SCANGATE_NOTICE_LEASE: at least 1s (a delivery gets a third)")
+        if self.audit_retention_s < 86400:
+            raise SettingsError("SCANGATE_AUDIT_RETENTION: at least 1d")
+        if self.last_use_flush_s <= 0:
+            raise SettingsError("SCANGATE_LAST_USE_FLUSH: over 0")
         if self.notice_poll_s <= 0 or self.notice_retry_s <= 0:
             raise SettingsError("SCANGATE_NOTICE_POLL and SCANGATE_NOTICE_RETRY: over 0")
         if self.door_lookups_per_token < 1 or self.door_lookups_per_venue < 1:

@@ -94,6 +94,9 @@ class DatabaseKeyringStore:
             self._call(self._conn.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            # Its self-pipe is a socket pair: left open, it leaks two descriptors per store.
+            self._loop.close()
 
 
 def keyring_store(settings: Settings) -> KeyringStore:

@@ -21,12 +21,16 @@ from .errors import (
 )
 from .keyring import (
     KEYRING_FILE,
+    TOKEN_ID_PATTERN,
     AppInfo,
+    AppToken,
     FileKeyringStore,
     Keyring,
     KeyringStore,
     NewApp,
+    TokenInfo,
     hash_token,
+    token_id,
 )
 from .qr import make_qr, render, render_to_file
 from .verify import CodeVerifier
@@ -36,7 +40,9 @@ __all__ = [
     "MAX_ID_CHARS",
     "MAX_VENUE_CODE_CHARS",
     "REJECT_REASONS",
+    "TOKEN_ID_PATTERN",
     "AppInfo",
+    "AppToken",
     "Code",
     "CodeType",
     "CodeVerifier",
@@ -49,6 +55,7 @@ __all__ = [
     "RejectReason",
     "Sealer",
     "SigningError",
+    "TokenInfo",
     "UnknownApp",
     "hash_token",
     "load_master_key",
@@ -56,4 +63,5 @@ __all__ = [
     "parse_code",
     "render",
     "render_to_file",
+    "token_id",
 ]

@@ -5,6 +5,13 @@ them active for issuing), and API tokens. Keys are kept sealed under the master 
 tokens are kept only as SHA-256 hashes (they are 256-bit random, so a plain hash is as
 good as a slow one) and looked up by hash, never compared as text.
 
+Each token has a public id, ``tok_`` and the first 12 hex digits of its hash, which can be
+listed, logged and revoked without the token. Derived rather than random, it is the same
+in every process that reads a document written before ids existed (format 1), with no
+write needed, and whoever holds a leaked token can tell which id to revoke. 48 bits of
+the hash of a 256-bit random token tell nothing about the token. A revoked token stays in
+the document with its ``revoked_at`` (listed, never accepted).
+
 The document lives behind ``KeyringStore`` (a file in the data dir for one host; a database
 table when several hosts share a deployment). Changes are read-modify-write under the
 store's exclusive lock, so two CLI invocations never lose each other's change, and
@@ -25,7 +32,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
@@ -40,7 +47,12 @@ KEY_BYTES: Final = 32
 TOKEN_BYTES: Final = 32
 TOKEN_PREFIX: Final = "sga_"  # noqa: S105 - a label, not a secret
 WEBHOOK_SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - a label, not a secret
-DOCUMENT_FORMAT: Final = 1
+TOKEN_ID_PREFIX: Final = "tok_"  # noqa: S105 - a label, not a secret
+TOKEN_ID_HEX_DIGITS: Final = 12
+TOKEN_ID_PATTERN: Final = re.compile(r"tok_[0-9a-f]{12}")
+# 2: each token has an "id" (format 1 documents are upgraded as they are read), and may
+# have a "revoked_at".
+DOCUMENT_FORMAT: Final = 2
 KEYRING_FILE: Final = "keyring.json"
 
 
@@ -118,6 +130,27 @@ class NewApp:
     kid: str
     token: str
 
+    @property
+    def token_id(self) -> str:
+        return token_id(self.token)
+
+
+class AppToken(NamedTuple):
+    """Whose a presented token is: its app and its public id."""
+
+    app_id: str
+    token_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """An app token as listed: never the token."""
+
+    token_id: str
+    app_id: str
+    created_at: int  # epoch seconds
+    revoked_at: int | None
+
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
@@ -133,12 +166,21 @@ class AppInfo:
     prefix: str
     active_kid: str
     kids: tuple[str, ...]
-    tokens: int
+    tokens: int  # not revoked
     created_at: int
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def token_id_of_hash(token_sha256: str) -> str:
+    return TOKEN_ID_PREFIX + token_sha256[:TOKEN_ID_HEX_DIGITS]
+
+
+def token_id(token: str) -> str:
+    """The public id of an app token (what ``scangate apps revoke-token`` takes)."""
+    return token_id_of_hash(hash_token(token))
 
 
 def format_kid(kid: int) -> str:
@@ -162,7 +204,7 @@ class Keyring:
         self._version = ""
         self._doc: dict[str, Any] = {"format": DOCUMENT_FORMAT, "apps": {}}
         self._verifiers: dict[str, CodeVerifier] = {}
-        self._apps_by_token_hash: dict[str, str] = {}
+        self._tokens_by_hash: dict[str, AppToken] = {}
         self.refresh(force=True)
 
     # -- reading -------------------------------------------------------------------------
@@ -202,13 +244,17 @@ class Keyring:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise KeyringError(f"the keyring document is not valid JSON: {exc}") from exc
+        if isinstance(doc, dict) and doc.get("format") == 1:
+            return _upgrade_from_format_1(doc)
         if not isinstance(doc, dict) or doc.get("format") != DOCUMENT_FORMAT:
-            raise KeyringError("the keyring document has an unknown format")
+            raise KeyringError(
+                "the keyring document has an unknown format (written by a newer scangate?)"
+            )
         return doc
 
     def _apply(self, doc: dict[str, Any]) -> None:
         verifiers: dict[str, CodeVerifier] = {}
-        by_hash: dict[str, str] = {}
+        by_hash: dict[str, AppToken] = {}
         for app_id, app in doc["apps"].items():
             keys = {int(kid): self._open_key(app_id, int(kid), k) for kid, k in app["keys"].items()}
             active = int(app["active_kid"])
@@ -223,9 +269,10 @@ class Keyring:
                 verifier.active_kid = active
             verifiers[app_id] = verifier
             for token in app["tokens"]:
-                by_hash[token["sha256"]] = app_id
+                if token.get("revoked_at") is None:
+                    by_hash[token["sha256"]] = AppToken(app_id, token["id"])
         self._verifiers = verifiers
-        self._apps_by_token_hash = by_hash
+        self._tokens_by_hash = by_hash
 
     def _open_key(self, app_id: str, kid: int, sealed_b64: str) -> bytes:
         return self._sealer.open(base64.b64decode(sealed_b64), _key_purpose(app_id, kid))
@@ -247,8 +294,25 @@ class Keyring:
         return str(app.get("name", app_id))
 
     def app_for_token(self, token: str) -> str | None:
-        """The app a token belongs to, or None. Looked up by hash: no text comparison."""
-        return self._apps_by_token_hash.get(hash_token(token))
+        """The app a token belongs to, or None (unknown or revoked)."""
+        found = self.token_for(token)
+        return None if found is None else found.app_id
+
+    def token_for(self, token: str) -> AppToken | None:
+        """The app and id of a live token, or None. Looked up by hash: no text comparison."""
+        return self._tokens_by_hash.get(hash_token(token))
+
+    def list_tokens(self, app_id: str) -> list[TokenInfo]:
+        """An app's tokens, revoked ones too, oldest first."""
+        return [
+            TokenInfo(
+                token_id=t["id"],
+                app_id=app_id,
+                created_at=int(t["created_at"]),
+                revoked_at=None if t.get("revoked_at") is None else int(t["revoked_at"]),
+            )
+            for t in _app(self._doc, app_id)["tokens"]
+        ]
 
     def list_apps(self) -> list[AppInfo]:
         return [
@@ -257,7 +321,7 @@ class Keyring:
                 prefix=app["prefix"],
                 active_kid=format_kid(int(app["active_kid"])),
                 kids=tuple(format_kid(k) for k in sorted(int(k) for k in app["keys"])),
-                tokens=len(app["tokens"]),
+                tokens=sum(1 for t in app["tokens"] if t.get("revoked_at") is None),
                 created_at=int(app["created_at"]),
             )
             for app_id, app in sorted(self._doc["apps"].items())
@@ -297,7 +361,6 @@ class Keyring:
         prefix = app_id.upper() if prefix is None else prefix
         if not PREFIX_PATTERN.fullmatch(prefix):
             raise KeyringError(f"prefix {prefix!r}: use 1 to 16 characters of A-Z0-9")
-        token = _new_token()
         with self._change() as doc:
             apps = doc["apps"]
             if app_id in apps:
@@ -312,8 +375,9 @@ class Keyring:
                 "active_kid": 1,
                 "next_kid": 2,
                 "keys": {"1": self._seal_new_key(app_id, 1)},
-                "tokens": [{"sha256": hash_token(token), "created_at": int(time.time())}],
+                "tokens": [],
             }
+            token = _add_new_token(doc, app_id)
         return NewApp(app_id=app_id, prefix=prefix, kid=format_kid(1), token=token)
 
     def rotate(self, app_id: str) -> str:
@@ -344,12 +408,27 @@ class Keyring:
 
     def add_token(self, app_id: str) -> str:
         """Another API token for an app (shown once; only its hash is kept)."""
-        token = _new_token()
         with self._change() as doc:
-            _app(doc, app_id)["tokens"].append(
-                {"sha256": hash_token(token), "created_at": int(time.time())}
-            )
-        return token
+            return _add_new_token(doc, app_id)
+
+    def revoke_token(self, token_id: str) -> tuple[str, bool]:
+        """Refuse an app token from now on (each gateway within its keyring refresh):
+        ``(app_id, already)``, ``already`` when it was revoked before."""
+        if not TOKEN_ID_PATTERN.fullmatch(token_id):
+            raise KeyringError(f"not a token id: {token_id!r} (token ids look like tok_3f9a...)")
+        self.refresh()
+        found = _find_token(self._doc, token_id)
+        if found is not None and found[1].get("revoked_at") is not None:
+            return found[0], True
+        with self._change() as doc:
+            found = _find_token(doc, token_id)
+            if found is None:
+                raise KeyringError(f"no app token {token_id}")
+            app_id, token = found
+            already = token.get("revoked_at") is not None
+            if not already:
+                token["revoked_at"] = int(time.time())
+        return app_id, already
 
     def set_webhook(self, app_id: str, url: str) -> str:
         """Where the app's exposure notices are POSTed, with a new signing secret (returned
@@ -378,6 +457,38 @@ class Keyring:
     def _seal_new_key(self, app_id: str, kid: int) -> str:
         key = secrets.token_bytes(KEY_BYTES)
         return base64.b64encode(self._sealer.seal(key, _key_purpose(app_id, kid))).decode("ascii")
+
+
+def _upgrade_from_format_1(doc: dict[str, Any]) -> dict[str, Any]:
+    """A format 1 document as format 2: each token gets its id (derived, so every process
+    that reads the old document gives it the same one)."""
+    for app in doc.get("apps", {}).values():
+        for token in app.get("tokens", []):
+            token.setdefault("id", token_id_of_hash(token["sha256"]))
+    doc["format"] = DOCUMENT_FORMAT
+    return doc
+
+
+def _find_token(doc: dict[str, Any], token_id: str) -> tuple[str, dict[str, Any]] | None:
+    for app_id, app in doc["apps"].items():
+        for token in app["tokens"]:
+            if token["id"] == token_id:
+                return app_id, token
+    return None
+
+
+def _add_new_token(doc: dict[str, Any], app_id: str) -> str:
+    """Mint a token for ``app_id`` into ``doc``; the token (kept only as its hash)."""
+    while True:
+        token = _new_token()
+        digest = hash_token(token)
+        # A new id never repeats one in the document, revoked ones included.
+        if _find_token(doc, token_id_of_hash(digest)) is None:
+            break
+    _app(doc, app_id)["tokens"].append(
+        {"id": token_id_of_hash(digest), "sha256": digest, "created_at": int(time.time())}
+    )
+    return token
 
 
 def _app(doc: dict[str, Any], app_id: str) -> dict[str, Any]:

@@ -5,7 +5,10 @@ migrations, pairing into visits, tracing and retention. May import ``signing``, 
 from __future__ import annotations
 
 from .base import (
+    AdminRecord,
     AuditEntry,
+    AuditQuery,
+    AuditRecord,
     BatchResult,
     PurgeResult,
     Storage,
@@ -18,7 +21,10 @@ from .tracing import TraceQuery
 
 __all__ = [
     "CLOSED_BY",
+    "AdminRecord",
     "AuditEntry",
+    "AuditQuery",
+    "AuditRecord",
     "BatchResult",
     "ContactRow",
     "Kind",

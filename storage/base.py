@@ -51,6 +51,36 @@ class AuditEntry(NamedTuple):
     detail: str
 
 
+class AuditRecord(NamedTuple):
+    """An audit entry as read back, with its id (the order entries were written in)."""
+
+    id: int
+    at_ms: int
+    actor: str
+    action: str
+    subject: str
+    detail: str
+
+
+class AuditQuery(NamedTuple):
+    """Which audit entries to read: written at or after ``since_ms``, by ``actor`` and of
+    ``action`` when given, with an id above ``after_id``; at most ``limit``, by id."""
+
+    since_ms: int
+    actor: str | None = None
+    action: str | None = None
+    after_id: int = 0
+    limit: int = 100
+
+
+class AdminRecord(NamedTuple):
+    """An admin as listed: never the token."""
+
+    name: str
+    created_at_ms: int
+    revoked_at_ms: int | None
+
+
 def kept_visits_end_ms(cutoff_ms: int, rules: PairingRules) -> int:
     """Retention keeps the visits produced before its cutoff that end at or after this:
     the visit open at the cutoff, and check-outs whose repeat window reaches past it
@@ -227,16 +257,37 @@ class Storage(Outbox, abc.ABC):
 
     @abc.abstractmethod
     async def add_admin(self, name: str) -> str:
-        """Register an admin; its token (shown once, stored hashed)."""
+        """Register an admin; its token (shown once, stored hashed). A revoked admin's name
+        may be added again: it gets a new token (the audit log tells the two apart by
+        time). StorageError when the name has a live token."""
 
     @abc.abstractmethod
-    async def admin_for_token(self, token: str) -> str | None: ...
+    async def admin_for_token(self, token: str) -> str | None:
+        """The name of a live (not revoked) admin token, read from storage on every call:
+        a revocation holds at once."""
+
+    @abc.abstractmethod
+    async def admins(self) -> list[AdminRecord]:
+        """Every admin, revoked ones too, by name."""
+
+    @abc.abstractmethod
+    async def revoke_admin(self, name: str) -> bool | None:
+        """Refuse the admin's token from now on: True when revoked now, False when it was
+        already, None when there is no such admin."""
 
     @abc.abstractmethod
     async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None: ...
 
     @abc.abstractmethod
     async def audit_entries(self) -> list[AuditEntry]: ...
+
+    @abc.abstractmethod
+    async def read_audit(self, query: AuditQuery) -> list[AuditRecord]:
+        """A page of the audit log (``AuditQuery``), oldest first."""
+
+    @abc.abstractmethod
+    async def purge_audit(self, cutoff_ms: int) -> int:
+        """Delete audit entries written before ``cutoff_ms``; how many."""
 
     async def prepare_days(self, days_ahead: int) -> None:
         """Make what the next ``days_ahead`` days need before their first scan (PostgreSQL:

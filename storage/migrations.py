@@ -212,6 +212,23 @@ def _identity(blob: str, big: str, boolean: str) -> tuple[str, ...]:
     )
 
 
+def _tokens_and_audit(moment: str) -> tuple[str, ...]:
+    """Migration 6 on SQLite, 7 on PostgreSQL: revocable admin tokens (``moment`` is the
+    admins table's time type), each app token's minute of last use (epoch ms in both
+    backends: a small table read by key), and the indexes that reading the audit log by
+    time, actor or action, and its retention, need."""
+    return (
+        f"ALTER TABLE admins ADD COLUMN revoked_at {moment}",
+        """CREATE TABLE app_token_use (
+            token_id text PRIMARY KEY,
+            last_used_at bigint NOT NULL
+        )""",
+        "CREATE INDEX audit_log_at ON audit_log (at)",
+        "CREATE INDEX audit_log_actor ON audit_log (actor, at)",
+        "CREATE INDEX audit_log_action ON audit_log (action, at)",
+    )
+
+
 SQLITE: Final[tuple[Migration, ...]] = (
     (
         1,
@@ -261,6 +278,7 @@ SQLITE: Final[tuple[Migration, ...]] = (
     (3, _cases("BLOB", "INTEGER")),
     (4, RETENTION_BOUNDARY),
     (5, _identity("BLOB", "INTEGER", "INTEGER")),
+    (6, _tokens_and_audit("INTEGER")),
 )
 
 
@@ -337,6 +355,7 @@ POSTGRES: Final[tuple[Migration, ...]] = (
         ),
     ),
     (6, _identity("bytea", "bigint", "boolean")),
+    (7, _tokens_and_audit("timestamptz")),
 )
 
 # The tables partitioned by day on PostgreSQL, with their partition column and the storage

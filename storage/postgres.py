@@ -30,7 +30,10 @@ import asyncpg
 
 from . import migrations
 from .base import (
+    AdminRecord,
     AuditEntry,
+    AuditQuery,
+    AuditRecord,
     BatchResult,
     PurgeResult,
     Storage,
@@ -524,21 +527,43 @@ class PostgresStorage(Storage):
 
     async def add_admin(self, name: str) -> str:
         token = new_admin_token()
-        try:
-            await self._pool.execute(
-                "INSERT INTO admins (name, token_sha256, created_at) VALUES ($1, $2, now())",
-                name,
-                hash_admin_token(token),
-            )
-        except asyncpg.UniqueViolationError:
-            raise StorageError(f"admin {name!r} already exists") from None
+        # A revoked name is taken over by the new token; a live one is left alone.
+        status = await self._pool.execute(
+            "INSERT INTO admins (name, token_sha256, created_at) VALUES ($1, $2, now()) "
+            "ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256, "
+            "created_at = excluded.created_at, revoked_at = NULL "
+            "WHERE admins.revoked_at IS NOT NULL",
+            name,
+            hash_admin_token(token),
+        )
+        if status.split()[-1] == "0":  # "INSERT 0 0": a live admin has the name
+            raise StorageError(f"admin {name!r} already exists")
         return token
 
     async def admin_for_token(self, token: str) -> str | None:
         name = await self._pool.fetchval(
-            "SELECT name FROM admins WHERE token_sha256 = $1", hash_admin_token(token)
+            "SELECT name FROM admins WHERE token_sha256 = $1 AND revoked_at IS NULL",
+            hash_admin_token(token),
         )
         return None if name is None else str(name)
+
+    async def admins(self) -> list[AdminRecord]:
+        rows = await self._pool.fetch(
+            f"SELECT name, {_MS.format('created_at')}, {_MS.format('revoked_at')} "
+            "FROM admins ORDER BY name"
+        )
+        return [AdminRecord(*r) for r in rows]
+
+    async def revoke_admin(self, name: str) -> bool | None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "UPDATE admins SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
+                name,
+            )
+            if status != "UPDATE 0":
+                return True
+            known = await conn.fetchval("SELECT 1 FROM admins WHERE name = $1", name)
+            return None if known is None else False
 
     async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None:
         await self._pool.execute(
@@ -556,6 +581,29 @@ class PostgresStorage(Storage):
         )
         return [AuditEntry(*r) for r in rows]
 
+    async def read_audit(self, query: AuditQuery) -> list[AuditRecord]:
+        # A statement per combination of filters (not "$3 IS NULL OR actor = $3"), so
+        # each one's plan can use the index of its filter.
+        where = [f"at >= {_ts('$1')}", "id > $2"]
+        params: list[object] = [query.since_ms, query.after_id]
+        for column, value in (("actor", query.actor), ("action", query.action)):
+            if value is not None:
+                params.append(value)
+                where.append(f"{column} = ${len(params)}")
+        params.append(query.limit)
+        rows = await self._pool.fetch(
+            f"SELECT id, {_MS.format('at')}, actor, action, subject, detail FROM audit_log "
+            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ${len(params)}",
+            *params,
+        )
+        return [AuditRecord(*r) for r in rows]
+
+    async def purge_audit(self, cutoff_ms: int) -> int:
+        status = await self._pool.execute(
+            f"DELETE FROM audit_log WHERE at < {_ts('$1')}", cutoff_ms
+        )
+        return int(status.split()[-1])
+
     async def ping(self) -> bool:
         try:
             await self._pool.fetchval("SELECT 1", timeout=2)
@@ -572,7 +620,7 @@ class PostgresStorage(Storage):
             await conn.execute(
                 "DROP TABLE IF EXISTS scan_events, visits, scan_event_ids, admins, audit_log, "
                 "declarations, person_phones, persons, staff_tokens, venues, data_keys, "
-                "keyring_document, retention_boundary, "
+                "keyring_document, retention_boundary, app_token_use, "
                 "schema_migrations CASCADE"
             )
         self._known_days.clear()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 _PARAM: Final = re.compile(r"\$(\d+)")
@@ -204,6 +204,35 @@ class Registry(abc.ABC):
             now_ms,
         )
         return changed > 0
+
+    # -- app tokens' last use --------------------------------------------------------------
+
+    async def record_token_use(self, minutes: Mapping[str, int]) -> None:
+        """Each app token's last use (epoch ms of its minute), in one transaction. A time
+        older than the stored one changes nothing: several processes, on several hosts,
+        write the same tokens, in no particular order. Rows go in sorted by token id, so
+        two writers lock them in the same order."""
+        await self._registry_transaction(
+            [
+                (
+                    "INSERT INTO app_token_use (token_id, last_used_at) VALUES ($1, $2) "
+                    "ON CONFLICT (token_id) DO UPDATE SET last_used_at = excluded.last_used_at "
+                    "WHERE excluded.last_used_at > app_token_use.last_used_at",
+                    sorted(minutes.items()),
+                )
+            ]
+        )
+
+    async def token_last_use(self, token_ids: Sequence[str]) -> dict[str, int]:
+        """Token id -> epoch ms of the minute it was last used, for those ever used."""
+        if not token_ids:
+            return {}
+        rows = await self._registry_fetch(
+            "SELECT token_id, last_used_at FROM app_token_use "
+            f"WHERE token_id IN ({_placeholders(len(token_ids))})",
+            *token_ids,
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
 
     # -- people ----------------------------------------------------------------------------
 

@@ -18,7 +18,10 @@ from typing import Any, Final, TypeVar
 
 from . import migrations
 from .base import (
+    AdminRecord,
     AuditEntry,
+    AuditQuery,
+    AuditRecord,
     BatchResult,
     PurgeResult,
     Storage,
@@ -260,26 +263,49 @@ class SqliteStorage(Storage):
     async def add_admin(self, name: str) -> str:
         token = new_admin_token()
 
-        def insert(db: sqlite3.Connection) -> None:
-            try:
-                db.execute(
-                    "INSERT INTO admins (name, token_sha256, created_at) VALUES (?, ?, ?)",
-                    (name, hash_admin_token(token), _now_ms()),
-                )
-            except sqlite3.IntegrityError:
-                raise StorageError(f"admin {name!r} already exists") from None
+        def insert(db: sqlite3.Connection) -> int:
+            # A revoked name is taken over by the new token; a live one is left alone.
+            return db.execute(
+                "INSERT INTO admins (name, token_sha256, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256, "
+                "created_at = excluded.created_at, revoked_at = NULL "
+                "WHERE admins.revoked_at IS NOT NULL",
+                (name, hash_admin_token(token), _now_ms()),
+            ).rowcount
 
-        await self._write(insert)
+        if await self._write(insert) == 0:
+            raise StorageError(f"admin {name!r} already exists")
         return token
 
     async def admin_for_token(self, token: str) -> str | None:
         digest = hash_admin_token(token)
         row = await self._run(
             lambda db: db.execute(
-                "SELECT name FROM admins WHERE token_sha256 = ?", (digest,)
+                "SELECT name FROM admins WHERE token_sha256 = ? AND revoked_at IS NULL", (digest,)
             ).fetchone()
         )
         return None if row is None else str(row[0])
+
+    async def admins(self) -> list[AdminRecord]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT name, created_at, revoked_at FROM admins ORDER BY name"
+            ).fetchall()
+        )
+        return [AdminRecord(*r) for r in rows]
+
+    async def revoke_admin(self, name: str) -> bool | None:
+        def revoke(db: sqlite3.Connection) -> bool | None:
+            changed = db.execute(
+                "UPDATE admins SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (_now_ms(), name),
+            ).rowcount
+            if changed:
+                return True
+            known = db.execute("SELECT 1 FROM admins WHERE name = ?", (name,)).fetchone()
+            return None if known is None else False
+
+        return await self._write(revoke)
 
     async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None:
         await self._write(
@@ -296,6 +322,24 @@ class SqliteStorage(Storage):
             ).fetchall()
         )
         return [AuditEntry(*r) for r in rows]
+
+    async def read_audit(self, query: AuditQuery) -> list[AuditRecord]:
+        sql = (
+            "SELECT id, at, actor, action, subject, detail FROM audit_log "
+            "WHERE at >= ? AND id > ?"
+            + (" AND actor = ?" if query.actor is not None else "")
+            + (" AND action = ?" if query.action is not None else "")
+            + " ORDER BY id LIMIT ?"
+        )
+        params: list[object] = [query.since_ms, query.after_id]
+        params += [v for v in (query.actor, query.action) if v is not None]
+        rows = await self._run(lambda db: db.execute(sql, (*params, query.limit)).fetchall())
+        return [AuditRecord(*r) for r in rows]
+
+    async def purge_audit(self, cutoff_ms: int) -> int:
+        return await self._write(
+            lambda db: db.execute("DELETE FROM audit_log WHERE at < ?", (cutoff_ms,)).rowcount
+        )
 
     async def ping(self) -> bool:
         try:

@@ -36,7 +36,7 @@ def ok_json(result: subprocess.CompletedProcess[str]) -> object:
 def test_apps_and_codes_round_trip(tmp_path: Path) -> None:
     added = ok_json(run(tmp_path, "apps", "add", "vhd"))
     assert isinstance(added, dict)
-    assert set(added) == {"app_id", "prefix", "kid", "token"}
+    assert set(added) == {"app_id", "prefix", "kid", "token", "token_id"}
     assert (added["app_id"], added["prefix"], added["kid"]) == ("vhd", "VHD", "K1")
     assert ok_json(run(tmp_path, "apps", "add", "bluezone", "--prefix", "BZ"))["prefix"] == "BZ"  # type: ignore[index]
 

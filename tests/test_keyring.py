@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import multiprocessing
 import os
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from signing import Code, Keyring, KeyringError, MasterKeyError, UnknownApp, load_master_key
+from signing import (
+    AppToken,
+    Code,
+    Keyring,
+    KeyringError,
+    MasterKeyError,
+    UnknownApp,
+    load_master_key,
+    token_id,
+)
 from tests.conftest import KeyringFactory
 
 NOW = 1_790_000_000
@@ -182,3 +192,73 @@ def test_concurrent_changes_from_several_processes_are_all_kept(
     apps = keyring_factory().list_apps()
     assert len(apps[0].kids) == 31
     assert apps[0].active_kid == "K31"
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite the keyring file as a scangate from before token ids wrote it."""
+    doc = json.loads(path.read_bytes())
+    doc["format"] = 1
+    for app in doc["apps"].values():
+        for token in app["tokens"]:
+            del token["id"]
+    path.write_text(json.dumps(doc))
+
+
+def test_a_keyring_from_before_token_ids_gets_the_same_ids_in_every_process(
+    keyring: Keyring, keyring_factory: KeyringFactory, tmp_path: Path
+) -> None:
+    first = keyring.add_app("vhd")
+    second = keyring.add_token("vhd")
+    path = tmp_path / "keyring.json"
+    _as_format_1(path)
+    before = path.read_bytes()
+    # Two readers, as two gateway processes: the same ids, derived, with nothing written.
+    views = [keyring_factory(), keyring_factory()]
+    expected = [token_id(first.token), token_id(second)]
+    for view in views:
+        assert [t.token_id for t in view.list_tokens("vhd")] == expected
+        assert view.token_for(first.token) == AppToken("vhd", expected[0])
+    assert path.read_bytes() == before
+    assert expected[0] == "tok_" + hashlib.sha256(first.token.encode()).hexdigest()[:12]
+    # The first change writes the current format, with those ids.
+    views[0].revoke_token(expected[0])
+    doc = json.loads(path.read_bytes())
+    assert doc["format"] == 2
+    assert [t["id"] for t in doc["apps"]["vhd"]["tokens"]] == expected
+    assert views[1].refresh() is True
+    assert views[1].app_for_token(first.token) is None
+    assert views[1].app_for_token(second) == "vhd"
+
+
+def test_a_revoked_token_is_refused_listed_and_never_reissued(keyring: Keyring) -> None:
+    made = keyring.add_app("vhd")
+    other = keyring.add_app("ncovi")
+    assert keyring.revoke_token(made.token_id) == ("vhd", False)
+    assert keyring.app_for_token(made.token) is None
+    assert keyring.token_for(made.token) is None
+    assert keyring.revoke_token(made.token_id) == ("vhd", True)
+    assert keyring.app_for_token(other.token) == "ncovi"
+    listed = keyring.list_tokens("vhd")
+    assert [(t.token_id, t.revoked_at is not None) for t in listed] == [(made.token_id, True)]
+    assert keyring.list_apps()[1].tokens == 0  # vhd: none live
+    fresh = keyring.add_token("vhd")
+    assert token_id(fresh) != made.token_id
+    assert keyring.app_for_token(fresh) == "vhd"
+    with pytest.raises(KeyringError, match="no app token"):
+        keyring.revoke_token("tok_000000000000")
+    with pytest.raises(KeyringError, match="not a token id"):
+        keyring.revoke_token(made.token)
+    with pytest.raises(UnknownApp):
+        keyring.list_tokens("nope")
+
+
+def test_a_document_of_a_newer_format_is_refused(
+    keyring: Keyring, keyring_factory: KeyringFactory, tmp_path: Path
+) -> None:
+    keyring.add_app("vhd")
+    path = tmp_path / "keyring.json"
+    doc = json.loads(path.read_bytes())
+    doc["format"] = 3
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeyringError, match="unknown format"):
+        keyring_factory()
