@@ -123,6 +123,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
             if settings.rate_limit
             else None
         ),
+        trusted_proxies=settings.trusted_proxy_networks,
     )
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_observe_and_answer_errors])
     app[GATEWAY] = gateway

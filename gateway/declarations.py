@@ -49,7 +49,7 @@ from .errors import (
 )
 from .events import Rejection, ScanEvent, check_code, check_envelope, encode_event
 from .keyspace import seen_field, shard_of
-from .otp import address_bucket, otp_message
+from .otp import otp_message
 from .people import (
     Declaration,
     IdCard,
@@ -93,7 +93,7 @@ async def post_otp(request: web.Request) -> web.Response:
     personal, otp = gateway.need_personal(), gateway.otp
     assert otp is not None and gateway.sms is not None
     now_ms = _now_ms()
-    address_index = personal.blind_index("client_address", address_bucket(request.remote))
+    address_index = gateway.client_index(request)
     wait_ms = await _redis(otp.address_allowed(address_index, now_ms))
     if wait_ms:
         raise RateLimited(

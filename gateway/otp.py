@@ -21,7 +21,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from dataclasses import dataclass
 from typing import Any, Final
@@ -235,20 +234,3 @@ def otp_message(code: str) -> str:
         f"Ma xac thuc khai bao y te cua ban: {code}. "
         "Hieu luc 5 phut. Khong chia se ma nay cho bat ky ai."
     )
-
-
-def address_bucket(remote: str | None) -> str:
-    """What the per-address OTP limit counts: an IPv4 address, or an IPv6 address's /64
-    (one subscriber's network holds a whole /64, so counting single IPv6 addresses would
-    let one client rotate through billions of them)."""
-    if not remote:
-        return ""
-    try:
-        address = ipaddress.ip_address(remote)
-    except ValueError:
-        return remote
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d is the IPv4 client a.b.c.d
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)

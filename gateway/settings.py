@@ -14,6 +14,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from signing.keyring import APP_ID_PATTERN
 from storage.models import VENUE_KINDS
 
+from .addresses import Network, parse_networks
+
 _DURATION: Final = re.compile(r"([0-9]+)(ms|s|m|h|d)")
 MAX_DURATION_DIGITS: Final = 9  # 999999999d is far beyond any setting; more would overflow
 _UNIT_S: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -67,6 +69,9 @@ class Settings:
     sms_template: str = '{"to": "{to}", "text": "{text}"}'
     sms_timeout_s: float = 5
     otp_address_limit: int = 20  # OTP sends per client address per 15 minutes
+    # Peers (load balancers, reverse proxies) whose Forwarded / X-Forwarded-For name the
+    # client, as CIDRs: "10.0.0.0/8,2001:db8::/48". From any other peer both are ignored.
+    trusted_proxies: str = ""
     session_ttl_s: float = 30 * 60  # a verified phone's session
     person_code_ttl_s: float = 30 * 86400  # a personal code's validity
     # Maximum stay per venue kind, over max_stay_s: "hospital=24h,lodging=24h".
@@ -102,6 +107,11 @@ class Settings:
                 )
             stays[kind.strip()] = parse_duration_s(duration)
         return stays
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[Network, ...]:
+        """``trusted_proxies`` parsed."""
+        return parse_networks(self.trusted_proxies)
 
     @property
     def resolved_storage_url(self) -> str:
@@ -152,6 +162,10 @@ class Settings:
             raise SettingsError("SCANGATE_SMS=http needs SCANGATE_SMS_URL")
         if "{to}" not in self.sms_template or "{text}" not in self.sms_template:
             raise SettingsError("SCANGATE_SMS_TEMPLATE must contain {to} and {text}")
+        try:
+            _ = self.trusted_proxy_networks
+        except ValueError as exc:
+            raise SettingsError(f"SCANGATE_TRUSTED_PROXIES: {exc}") from None
         try:
             _ = self.kind_max_stay_s
         except ValueError as exc:

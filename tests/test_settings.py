@@ -76,8 +76,20 @@ def test_environment_and_overrides() -> None:
         ({"SCANGATE_TIMEZONE": "Mars/Olympus"}, "SCANGATE_TIMEZONE"),
         ({"SCANGATE_SMS": "http"}, "SCANGATE_SMS_URL"),
         ({"SCANGATE_REDIS_CLUSTER": "maybe"}, "SCANGATE_REDIS_CLUSTER"),
+        ({"SCANGATE_TRUSTED_PROXIES": "10.0.0.0/33"}, "SCANGATE_TRUSTED_PROXIES"),
+        ({"SCANGATE_TRUSTED_PROXIES": "10.0.0.0/8,lb.internal"}, "lb.internal"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_trusted_proxies_are_cidrs_or_addresses() -> None:
+    s = Settings.from_env({"SCANGATE_TRUSTED_PROXIES": " 10.0.0.0/8, 192.0.2.7 ,2001:db8::/48"})
+    assert [str(n) for n in s.trusted_proxy_networks] == [
+        "10.0.0.0/8",
+        "192.0.2.7/32",
+        "2001:db8::/48",
+    ]
+    assert Settings.from_env({}).trusted_proxy_networks == ()
