@@ -55,7 +55,7 @@ from .events import EventRules, Rejection, ScanEvent, check_event, encode_event
 from .keyspace import seen_field, shard_of
 from .metrics import CONTENT_TYPE, Metrics
 from .notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
-from .otp import OtpService
+from .otp import OtpLimits, OtpService
 from .ratelimit import TokenBuckets
 from .settings import Settings, parse_duration_s
 from .shared_keyring import keyring_store
@@ -244,7 +244,10 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     assert gateway.buffer is not None
     personal = gateway.personal = await load_personal_data(storage, gateway.sealer)
     gateway.otp = OtpService(
-        gateway.buffer.client, personal.otp_key, personal.session_key, settings.otp_address_limit
+        gateway.buffer.client,
+        personal.otp_key,
+        personal.session_key,
+        OtpLimits.from_settings(settings),
     )
     gateway.sms = make_sms_sender(settings)
     gateway.revoked_venues = await storage.revoked_venue_ids()

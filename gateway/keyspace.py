@@ -38,3 +38,30 @@ def dead_letter_key(shard: int) -> str:
 def seen_field(app_id: str, event_id: str) -> bytes:
     """An event's identity inside a seen-bucket hash."""
     return f"{app_id}:{event_id}".encode()
+
+
+# -- one-time codes (gateway.otp) ------------------------------------------------------------
+# Keys name a phone and a client address only by their blind indexes. A phone's keys carry
+# the phone's index as their hash tag, a client address's keys the address's, so each
+# script call stays in one slot.
+
+
+def otp_phone_sent_key(phone_index: str) -> str:
+    """The codes sent to a phone within the SMS-cost cap's window (a sorted set by time)."""
+    return f"{KEY_PREFIX}:otp:{{{phone_index}}}:sent"
+
+
+def otp_pair_key(phone_index: str, address_index: str, what: str) -> str:
+    """What one client address did for one phone: ``sent`` (codes asked, by time),
+    ``wrong`` (wrong codes, by time), ``latest`` (the id of the latest code it asked)."""
+    return f"{KEY_PREFIX}:otp:{{{phone_index}}}:a:{address_index}:{what}"
+
+
+def otp_code_key(phone_index: str, code_id: str) -> str:
+    """One code of a phone: its HMAC, expiry and wrong tries left (a hash)."""
+    return f"{KEY_PREFIX}:otp:{{{phone_index}}}:code:{code_id}"
+
+
+def otp_address_key(address_index: str, what: str) -> str:
+    """What one client address did for every phone: ``sent`` or ``wrong``, by time."""
+    return f"{KEY_PREFIX}:otp:addr:{{{address_index}}}:{what}"
