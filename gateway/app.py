@@ -57,7 +57,7 @@ from .keyspace import seen_field, shard_of
 from .last_use import LastUse
 from .metrics import CONTENT_TYPE, Metrics
 from .notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
-from .otp import OtpService
+from .otp import OtpLimits, OtpService
 from .ratelimit import TokenBuckets
 from .settings import Settings, parse_duration_s
 from .shared_keyring import keyring_store
@@ -127,6 +127,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
             if settings.rate_limit
             else None
         ),
+        trusted_proxies=settings.trusted_proxy_networks,
     )
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_observe_and_answer_errors])
     app[GATEWAY] = gateway
@@ -270,7 +271,10 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     assert gateway.buffer is not None
     personal = gateway.personal = await load_personal_data(storage, gateway.sealer)
     gateway.otp = OtpService(
-        gateway.buffer.client, personal.otp_key, personal.session_key, settings.otp_address_limit
+        gateway.buffer.client,
+        personal.otp_key,
+        personal.session_key,
+        OtpLimits.from_settings(settings),
     )
     gateway.door_limits = door.DoorLimits(gateway.buffer.client, settings)
     gateway.sms = make_sms_sender(settings)

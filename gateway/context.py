@@ -16,6 +16,7 @@ from signing import Keyring, Sealer
 from signing.personal import PersonalData, new_data_key, open_data_key, seal_data_key
 from storage import Storage
 
+from .addresses import Network, address_bucket, client_address
 from .buffer import RedisBuffer
 from .errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .events import EventRules
@@ -47,6 +48,8 @@ class Gateway:
     metrics: Metrics
     rules: EventRules
     rate_limits: TokenBuckets | None
+    # SCANGATE_TRUSTED_PROXIES: the peers whose forwarding headers name the client.
+    trusted_proxies: tuple[Network, ...] = ()
     buffer: RedisBuffer | None = None
     storage: Storage | None = None
     trace_storage: Storage | None = None  # SCANGATE_TRACE_STORAGE_URL, when set
@@ -73,6 +76,12 @@ class Gateway:
     def need_personal(self) -> PersonalData:
         assert self.personal is not None, "the data key loads with storage"
         return self.personal
+
+    def client_index(self, request: web.Request) -> str:
+        """The blind index of the request's client address bucket: what every per-address
+        limit counts (``gateway.addresses``), with nothing personal in the key."""
+        bucket = address_bucket(client_address(request, self.trusted_proxies))
+        return self.need_personal().blind_index("client_address", bucket)
 
 
 GATEWAY: Final = web.AppKey("gateway", Gateway)

@@ -41,11 +41,12 @@ from .errors import (
     NotFound,
     OtpInvalid,
     OtpLocked,
+    OtpPhoneCap,
     RateLimited,
     Unauthorized,
     Unavailable,
 )
-from .otp import address_bucket, otp_message
+from .otp import CHALLENGE, CODE_TTL_MS, otp_message
 from .people import (
     Declaration,
     new_id,
@@ -78,74 +79,114 @@ def _iso(epoch_s: int) -> str:
 
 
 async def post_otp(request: web.Request) -> web.Response:
-    """Send a one-time code to a phone: 202, or 429 when locked or over a limit."""
+    """Send a one-time code to a phone: 202 with the code's challenge and reference, or 429
+    when a limit of the client's address or the phone's SMS-cost cap refuses it."""
     gateway = request.app[GATEWAY]
     authenticate(request, gateway.keyring)
     doc = await read_json(request)
     phone = normalise_phone(doc.get("phone") if isinstance(doc, dict) else None)
     personal, otp = gateway.need_personal(), gateway.otp
     assert otp is not None and gateway.sms is not None
-    now_ms = _now_ms()
-    address_index = personal.blind_index("client_address", address_bucket(request.remote))
-    wait_ms = await _redis(otp.address_allowed(address_index, now_ms))
-    if wait_ms:
+    sent = await _redis(
+        otp.issue(personal.blind_index("phone", phone), gateway.client_index(request), _now_ms())
+    )
+    gateway.metrics.otp_sends.labels(sent.outcome).inc()
+    retry_after_s = _retry_after_s(sent.wait_ms)
+    limits = otp.limits
+    if sent.outcome == "address_limit":
         raise RateLimited(
-            "too many codes asked from this address; try later",
-            retry_after_s=_retry_after_s(wait_ms),
+            "too many codes asked from this address; try later", retry_after_s=retry_after_s
         )
-    outcome, code = await _redis(otp.issue(personal.blind_index("phone", phone), now_ms))
-    if outcome.status == "locked":
-        raise OtpLocked(
-            "too many wrong codes for this phone; try later",
-            retry_after_s=_retry_after_s(outcome.wait_ms),
-        )
-    if outcome.status == "rate":
+    if sent.outcome == "phone_address_limit":
         raise RateLimited(
-            "at most 3 codes per phone in 15 minutes; try later",
-            retry_after_s=_retry_after_s(outcome.wait_ms),
+            f"at most {limits.pair_sends} codes for one phone from this address in "
+            f"{_duration(limits.window_ms)}; try later",
+            retry_after_s=retry_after_s,
         )
-    assert code is not None
-    gateway.spawn(_send_code(gateway, phone, code))
-    return json_response({"status": "sent", "expires_in_s": 300}, status=202)
+    if sent.outcome == "phone_cap":
+        # Nothing that names the phone: the alert (ScangateOtpPhoneCap) counts these.
+        log.warning("a phone reached the SMS-cost cap of one-time codes (SCANGATE_OTP_PHONE_CAP)")
+        raise OtpPhoneCap(
+            f"this phone has been sent {limits.phone_cap} codes in "
+            f"{_duration(limits.phone_cap_window_ms)}, the most allowed; try later",
+            retry_after_s=retry_after_s,
+        )
+    gateway.spawn(_send_code(gateway, phone, otp_message(sent.code, sent.reference)))
+    return json_response(
+        {
+            "status": "sent",
+            "expires_in_s": CODE_TTL_MS // 1000,
+            "challenge": sent.challenge,
+            "reference": sent.reference,
+        },
+        status=202,
+    )
 
 
-async def _send_code(gateway: Gateway, phone: str, code: str) -> None:
+async def _send_code(gateway: Gateway, phone: str, text: str) -> None:
     assert gateway.sms is not None
     try:
-        await gateway.sms.send(phone, otp_message(code))
+        await gateway.sms.send(phone, text)
     except Exception as exc:
         # No phone and no code in the log: the person asks again.
         log.warning("an OTP SMS was not delivered: %s", exc)
 
 
 async def post_otp_verify(request: web.Request) -> web.Response:
-    """Trade a phone's code for a session: 200, 401 ``otp_invalid`` or 429 ``otp_locked``."""
+    """Trade a phone's code for a session: 200, 401 ``otp_invalid`` or 429 ``otp_locked``.
+    The code is checked against the phone's code that ``challenge`` names, or else the
+    latest one asked from this client's address."""
     gateway = request.app[GATEWAY]
     app_id = authenticate(request, gateway.keyring)
     doc = await read_json(request)
     if not isinstance(doc, dict):
-        raise InvalidRequest('expected {"phone": ..., "code": ...}')
+        raise InvalidRequest('expected {"phone": ..., "code": ..., "challenge": ...}')
     phone = normalise_phone(doc.get("phone"))
     code = doc.get("code")
     if not isinstance(code, str) or len(code) != 6 or not code.isascii() or not code.isdigit():
         raise InvalidField("code", "the 6 digits of the SMS")
+    challenge = doc.get("challenge")
+    if challenge is not None and (
+        not isinstance(challenge, str) or not CHALLENGE.fullmatch(challenge)
+    ):
+        raise InvalidField("challenge", "the challenge from the answer of POST /v1/otp")
     personal, otp = gateway.need_personal(), gateway.otp
     assert otp is not None
     phone_index = personal.blind_index("phone", phone)
-    outcome = await _redis(otp.check(phone_index, code, _now_ms()))
-    if outcome.status == "invalid":
+    checked = await _redis(
+        otp.check(phone_index, gateway.client_index(request), code, challenge, _now_ms())
+    )
+    gateway.metrics.otp_checks.labels(checked.outcome).inc()
+    if checked.outcome == "invalid":
         raise OtpInvalid(
-            "the code is wrong or has expired", extra={"tries_left": outcome.tries_left}
+            "the code is wrong or has expired"
+            if checked.tries_left
+            else "the code is wrong or has expired; ask for a new code",
+            extra={"tries_left": checked.tries_left},
         )
-    if outcome.status == "locked":
+    if checked.outcome == "address_limit":
         raise OtpLocked(
-            "too many wrong codes for this phone; try later",
-            retry_after_s=_retry_after_s(outcome.wait_ms),
+            "too many wrong codes from this address; try later",
+            retry_after_s=_retry_after_s(checked.wait_ms),
+        )
+    if checked.outcome == "phone_address_limit":
+        raise OtpLocked(
+            "too many wrong codes for this phone from this address; try later",
+            retry_after_s=_retry_after_s(checked.wait_ms),
         )
     expires_s = int(time.time() + gateway.settings.session_ttl_s)
     return json_response(
         {"session": otp.new_session(phone_index, app_id, expires_s), "expires_at": _iso(expires_s)}
     )
+
+
+def _duration(ms: int) -> str:
+    """A window for people: "15 minutes", "1 day", "90 seconds"."""
+    for unit_ms, unit in ((86_400_000, "day"), (3_600_000, "hour"), (60_000, "minute")):
+        if ms >= unit_ms and ms % unit_ms == 0:
+            n = ms // unit_ms
+            return f"{n} {unit}" + ("s" if n != 1 else "")
+    return f"{ms / 1000:g} seconds"
 
 
 async def _redis(work: Awaitable[T]) -> T:

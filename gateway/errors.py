@@ -81,7 +81,15 @@ class OtpInvalid(ApiError):
 
 
 class OtpLocked(ApiError):
+    """Too many wrong codes from this client address (for the phone, or for all phones)."""
+
     status, code = 429, "otp_locked"
+
+
+class OtpPhoneCap(ApiError):
+    """The phone has had its SMS-cost cap of codes (``SCANGATE_OTP_PHONE_CAP``)."""
+
+    status, code = 429, "otp_phone_cap"
 
 
 class PayloadTooLarge(ApiError):

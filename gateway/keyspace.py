@@ -45,3 +45,30 @@ def door_lookups_key(venue_id: str, who: str, window: int) -> str:
     ``token:<staff token id>``. Hash-tagged by venue, so both of a look-up's counters are
     in one slot (a staff token belongs to one venue)."""
     return f"{KEY_PREFIX}:{{door:{venue_id}}}:lookups:{who}:{window}"
+
+
+# -- one-time codes (gateway.otp) ------------------------------------------------------------
+# Keys name a phone and a client address only by their blind indexes. A phone's keys carry
+# the phone's index as their hash tag, a client address's keys the address's, so each
+# script call stays in one slot.
+
+
+def otp_phone_sent_key(phone_index: str) -> str:
+    """The codes sent to a phone within the SMS-cost cap's window (a sorted set by time)."""
+    return f"{KEY_PREFIX}:otp:{{{phone_index}}}:sent"
+
+
+def otp_pair_key(phone_index: str, address_index: str, what: str) -> str:
+    """What one client address did for one phone: ``sent`` (codes asked, by time),
+    ``wrong`` (wrong codes, by time), ``latest`` (the id of the latest code it asked)."""
+    return f"{KEY_PREFIX}:otp:{{{phone_index}}}:a:{address_index}:{what}"
+
+
+def otp_code_key(phone_index: str, code_id: str) -> str:
+    """One code of a phone: its HMAC, expiry and wrong tries left (a hash)."""
+    return f"{KEY_PREFIX}:otp:{{{phone_index}}}:code:{code_id}"
+
+
+def otp_address_key(address_index: str, what: str) -> str:
+    """What one client address did for every phone: ``sent`` or ``wrong``, by time."""
+    return f"{KEY_PREFIX}:otp:addr:{{{address_index}}}:{what}"

@@ -24,6 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .otp import CHECK_OUTCOMES, SEND_OUTCOMES
+
 LATENCY_BUCKETS_S: Final = (
     0.0005,
     0.001,
@@ -140,6 +142,26 @@ class Metrics:
         self.cases = Counter(
             "scangate_cases_total", "Confirmed cases recorded (not dry runs).", registry=r
         )
+        # One-time codes. Every outcome's series exists from the start, at 0, so that an
+        # alert's increase() sees the first refusal.
+        self.otp_sends = Counter(
+            "scangate_otp_sends_total",
+            "One-time codes asked for: sent, or the limit that refused them "
+            "(address_limit, phone_address_limit, phone_cap).",
+            ["outcome"],
+            registry=r,
+        )
+        self.otp_checks = Counter(
+            "scangate_otp_checks_total",
+            "One-time codes checked: ok, invalid, or the limit that refused them "
+            "(address_limit, phone_address_limit).",
+            ["outcome"],
+            registry=r,
+        )
+        for send in SEND_OUTCOMES:
+            self.otp_sends.labels(send)
+        for check in CHECK_OUTCOMES:
+            self.otp_checks.labels(check)
         # The hot path only adds to these plain counts; ``publish`` moves them into the
         # Prometheus values once a second and before every scrape. In multiprocess mode
         # each Prometheus increment is a locked write to a memory-mapped file, several per

@@ -28,7 +28,7 @@ from .cases import MAX_NOTE_CHARS
 from .context import JSON, MAX_BODY_BYTES
 from .declarations import CODE_IMAGE_TYPES
 from .events import EVENT_ID_PATTERN, EVENT_REASONS, KINDS, MAX_DEVICE_ID_CHARS
-from .otp import CODE_DIGITS, CODE_TTL_MS, MAX_WRONG_TRIES, SESSION_PREFIX
+from .otp import CHALLENGE, CODE_DIGITS, CODE_TTL_MS, REFERENCE_LENGTH, SESSION_PREFIX
 from .people import (
     ANSWER_KEYS,
     GENDERS,
@@ -129,8 +129,8 @@ ERROR: Final[Schema] = {
         "tries_left": {
             "type": "integer",
             "minimum": 0,
-            "maximum": MAX_WRONG_TRIES,
-            "description": "Wrong codes left before the phone is locked (otp_invalid).",
+            "description": "Wrong codes this client may still send for the phone before it "
+            "must wait, or (0) ask for a new code (otp_invalid).",
         },
     },
     "additionalProperties": False,
@@ -918,6 +918,15 @@ def _paths(max_events: int) -> dict[str, Schema]:
                             {
                                 "status": {"const": "sent"},
                                 "expires_in_s": {"const": CODE_TTL_MS // 1000},
+                                "challenge": {
+                                    "$ref": "#/components/schemas/Challenge",
+                                },
+                                "reference": {
+                                    "type": "string",
+                                    "pattern": f"^[A-Z]{{{REFERENCE_LENGTH}}}$",
+                                    "description": "Also in the SMS (tham chieu ...): tells "
+                                    "this request's SMS from any other.",
+                                },
                             }
                         ),
                         "The code is on its way",
@@ -926,9 +935,11 @@ def _paths(max_events: int) -> dict[str, Schema]:
                     **_unauthorized("no app token, or an unknown one"),
                     **_error(
                         429,
-                        "the phone is locked, or over its codes or the address's",
+                        "over the codes this address may ask, for all phones or for this one "
+                        "(rate_limited), or the phone has had the most codes allowed a day "
+                        "(otp_phone_cap, the SMS-cost cap)",
                         "rate_limited",
-                        "otp_locked",
+                        "otp_phone_cap",
                     ),
                     **_error(503, "Redis does not answer", "unavailable"),
                 },
@@ -959,7 +970,11 @@ def _paths(max_events: int) -> dict[str, Schema]:
                         "unauthorized",
                         "otp_invalid",
                     ),
-                    **_error(429, "too many wrong codes: the phone is locked", "otp_locked"),
+                    **_error(
+                        429,
+                        "too many wrong codes from this address, for this phone or for all",
+                        "otp_locked",
+                    ),
                     **_error(503, "Redis does not answer", "unavailable"),
                 },
             }
@@ -1282,7 +1297,16 @@ def openapi_document() -> dict[str, Any]:
                             "pattern": f"^[0-9]{{{CODE_DIGITS}}}$",
                             "description": "The digits of the SMS.",
                         },
+                        "challenge": {"$ref": "#/components/schemas/Challenge"},
                     },
+                },
+                "Challenge": {
+                    "type": "string",
+                    "pattern": f"^{CHALLENGE.pattern}$",
+                    "description": "Names one code: given by POST /v1/otp, sent back with "
+                    "the code to POST /v1/otp/verify, which then works from any address. "
+                    "Without it a code is checked against the latest code asked from the "
+                    "same client address.",
                 },
                 "Contact": CONTACT,
                 "AuditEntry": AUDIT_ENTRY,

@@ -14,6 +14,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from signing.keyring import APP_ID_PATTERN
 from storage.models import VENUE_KINDS
 
+from .addresses import Network, parse_networks
+
 _DURATION: Final = re.compile(r"([0-9]+)(ms|s|m|h|d)")
 MAX_DURATION_DIGITS: Final = 9  # 999999999d is far beyond any setting; more would overflow
 _UNIT_S: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -71,7 +73,23 @@ class Settings:
     # The http sender's body: {to} and {text} are replaced by JSON string contents.
     sms_template: str = '{"to": "{to}", "text": "{text}"}'
     sms_timeout_s: float = 5
-    otp_address_limit: int = 20  # OTP sends per client address per 15 minutes
+    # One-time codes (gateway.otp; a limit of 0 is off). Per client address (an IPv4
+    # address, or an IPv6 /64) over a sliding window: codes asked, codes asked for one
+    # phone, wrong codes, wrong codes for one phone. Sized for carrier-grade NAT, where
+    # many phones share one IPv4 address (README, "One-time codes").
+    otp_window_s: float = 15 * 60
+    otp_address_limit: int = 60
+    otp_phone_address_limit: int = 3
+    otp_address_guess_limit: int = 120
+    otp_phone_address_guess_limit: int = 5
+    otp_code_tries: int = 5  # wrong codes aimed at a code that end it
+    # The SMS-cost cap: codes sent to one phone from all addresses per cap window. The one
+    # lockout a stranger can cause (alerted on: ScangateOtpPhoneCap).
+    otp_phone_cap: int = 20
+    otp_phone_cap_window_s: float = 86400
+    # Peers (load balancers, reverse proxies) whose Forwarded / X-Forwarded-For name the
+    # client, as CIDRs: "10.0.0.0/8,2001:db8::/48". From any other peer both are ignored.
+    trusted_proxies: str = ""
     session_ttl_s: float = 30 * 60  # a verified phone's session
     person_code_ttl_s: float = 30 * 86400  # a personal code's validity
     # Maximum stay per venue kind, over max_stay_s: "hospital=24h,lodging=24h".
@@ -113,6 +131,11 @@ class Settings:
                 )
             stays[kind.strip()] = parse_duration_s(duration)
         return stays
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[Network, ...]:
+        """``trusted_proxies`` parsed."""
+        return parse_networks(self.trusted_proxies)
 
     @property
     def resolved_storage_url(self) -> str:
@@ -175,6 +198,7 @@ class Settings:
             raise SettingsError("SCANGATE_SMS=http needs SCANGATE_SMS_URL")
         if "{to}" not in self.sms_template or "{text}" not in self.sms_template:
             raise SettingsError("SCANGATE_SMS_TEMPLATE must contain {to} and {text}")
+        self._check_otp()
         try:
             _ = self.kind_max_stay_s
         except ValueError as exc:
@@ -183,6 +207,28 @@ class Settings:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise SettingsError(f"SCANGATE_TIMEZONE: unknown time zone {self.timezone!r}") from None
+
+    def _check_otp(self) -> None:
+        for name in _OTP_LIMITS:
+            if getattr(self, name) < 0:
+                raise SettingsError(f"SCANGATE_{name.upper()}: use 0 (off) or more")
+        if self.otp_code_tries < 1:
+            raise SettingsError("SCANGATE_OTP_CODE_TRIES: use at least 1")
+        if self.otp_window_s < 1 or self.otp_phone_cap_window_s < 1:
+            raise SettingsError("SCANGATE_OTP_WINDOW and SCANGATE_OTP_PHONE_CAP_WINDOW: 1s or more")
+        try:
+            _ = self.trusted_proxy_networks
+        except ValueError as exc:
+            raise SettingsError(f"SCANGATE_TRUSTED_PROXIES: {exc}") from None
+
+
+_OTP_LIMITS: Final = (
+    "otp_address_limit",
+    "otp_phone_address_limit",
+    "otp_address_guess_limit",
+    "otp_phone_address_guess_limit",
+    "otp_phone_cap",
+)
 
 
 def _convert(name: str, raw: str) -> object:
@@ -193,7 +239,8 @@ def _convert(name: str, raw: str) -> object:
         "backlog_high_water",
         "rate_limit",
         "flush_batch",
-        "otp_address_limit",
+        *_OTP_LIMITS,
+        "otp_code_tries",
         "redis_wait_replicas",
         "notice_max_attempts",
         "door_lookups_per_token",

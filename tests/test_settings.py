@@ -76,8 +76,32 @@ def test_environment_and_overrides() -> None:
         ({"SCANGATE_TIMEZONE": "Mars/Olympus"}, "SCANGATE_TIMEZONE"),
         ({"SCANGATE_SMS": "http"}, "SCANGATE_SMS_URL"),
         ({"SCANGATE_REDIS_CLUSTER": "maybe"}, "SCANGATE_REDIS_CLUSTER"),
+        ({"SCANGATE_TRUSTED_PROXIES": "10.0.0.0/33"}, "SCANGATE_TRUSTED_PROXIES"),
+        ({"SCANGATE_OTP_CODE_TRIES": "0"}, "SCANGATE_OTP_CODE_TRIES"),
+        ({"SCANGATE_OTP_PHONE_CAP": "lots"}, "SCANGATE_OTP_PHONE_CAP"),
+        ({"SCANGATE_OTP_WINDOW": "0s"}, "SCANGATE_OTP_WINDOW"),
+        ({"SCANGATE_TRUSTED_PROXIES": "10.0.0.0/8,lb.internal"}, "lb.internal"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_trusted_proxies_are_cidrs_or_addresses() -> None:
+    s = Settings.from_env({"SCANGATE_TRUSTED_PROXIES": " 10.0.0.0/8, 192.0.2.7 ,2001:db8::/48"})
+    assert [str(n) for n in s.trusted_proxy_networks] == [
+        "10.0.0.0/8",
+        "192.0.2.7/32",
+        "2001:db8::/48",
+    ]
+    assert Settings.from_env({}).trusted_proxy_networks == ()
+
+
+def test_otp_limits_default_to_the_readme_and_windows_can_be_shortened() -> None:
+    s = Settings.from_env({})
+    assert (s.otp_window_s, s.otp_address_limit, s.otp_phone_address_limit) == (900, 60, 3)
+    assert (s.otp_address_guess_limit, s.otp_phone_address_guess_limit) == (120, 5)
+    assert (s.otp_code_tries, s.otp_phone_cap, s.otp_phone_cap_window_s) == (5, 20, 86400)
+    short = Settings.from_env({"SCANGATE_OTP_WINDOW": "3s", "SCANGATE_OTP_PHONE_CAP_WINDOW": "1h"})
+    assert (short.otp_window_s, short.otp_phone_cap_window_s) == (3, 3600)

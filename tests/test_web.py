@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from gateway import Settings
+from gateway.addresses import address_bucket
 from gateway.errors import ApiError
 from gateway.events import EVENT_REASONS
-from gateway.otp import address_bucket
 from gateway.settings import SettingsError
 from gateway.web import is_web_route
 from gateway.web.pages import HERE, PAGES, Site

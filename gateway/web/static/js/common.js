@@ -71,7 +71,10 @@ export function explain(refusal) {
     return has(`js.fix.${field}`) ? t(`js.fix.${field}`) : t("js.err.invalid_field");
   }
   const minutes = Math.max(1, Math.ceil((body.retry_after_s || 60) / 60));
-  if (code === "otp_invalid") return t("js.err.otp_invalid", { tries: body.tries_left ?? 0 });
+  if (code === "otp_invalid") {
+    const tries = body.tries_left ?? 0;
+    return tries > 0 ? t("js.err.otp_invalid", { tries }) : t("js.err.otp_spent");
+  }
   if (has(`js.err.${code}`)) return t(`js.err.${code}`, { minutes });
   return t("js.err.unknown", { status: refusal.status });
 }
@@ -205,6 +208,9 @@ export function verifyPhone(onVerified) {
   const phoneInput = document.getElementById("otp-phone");
   const codeInput = document.getElementById("otp-code");
 
+  // The code asked for last: its challenge goes back with the digits, so the code works
+  // even when the phone changes network in between.
+  let challenge;
   const done = (session, restored = false) => {
     hide(section);
     onVerified(session, restored);
@@ -214,12 +220,16 @@ export function verifyPhone(onVerified) {
     clearFieldErrors(phoneForm);
     await busy(phoneForm, async () => {
       try {
-        await call("POST", "/web/api/otp", { body: { phone: phoneInput.value }, web: true });
+        const sent = await call("POST", "/web/api/otp", {
+          body: { phone: phoneInput.value },
+          web: true,
+        });
+        challenge = sent.challenge;
         hide(phoneForm);
         show(codeForm);
         codeInput.value = "";
         codeInput.focus();
-        say(region, t("js.otp.sent"), "ok");
+        say(region, t("js.otp.sent", { reference: sent.reference }), "ok");
       } catch (refusal) {
         refuse(phoneForm, region, refusal);
       }
@@ -231,7 +241,7 @@ export function verifyPhone(onVerified) {
     await busy(codeForm, async () => {
       try {
         const answer = await call("POST", "/web/api/otp/verify", {
-          body: { phone: phoneInput.value, code: codeInput.value.trim() },
+          body: { phone: phoneInput.value, code: codeInput.value.trim(), challenge },
           web: true,
         });
         const session = { ...answer, phone: phoneInput.value.trim() };
