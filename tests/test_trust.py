@@ -14,6 +14,7 @@ on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
@@ -502,3 +503,19 @@ async def test_officials_list_and_accept_claims_and_trace_by_id_from_the_cli(des
     actions = Counter(e.action for e in await desk.storage.audit_entries())
     assert actions["id_claims_read"] == 1 and actions["reveal"] == 1
     assert actions["id_claim_accept"] == 1 and actions["trace_national_id"] == 1
+
+
+def test_every_test_the_threat_model_names_exists() -> None:
+    """The README's threat model names its evidence; a renamed test must not leave it
+    pointing at nothing."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Threat model", 1)[1].split("\n## ", 1)[0]
+    named: list[tuple[str, str]] = []
+    current = ""  # a `::test` cell belongs to the file named last before it
+    for file, test in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)`", section):
+        current = file or current
+        named.append((current, test))
+    assert len(named) >= 25, named
+    for file, test in named:
+        source = (Path(__file__).parent / file).read_text(encoding="utf-8")
+        assert re.search(rf"^(async )?def {test}\(", source, re.M), f"{file}::{test}"
