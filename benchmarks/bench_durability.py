@@ -29,10 +29,10 @@ from pathlib import Path
 
 from results import write_section
 
-from gateway.buffer import RedisBuffer, connect_redis
-from gateway.embedded import RedisProcess, valkey_binary
-from gateway.events import ScanEvent, encode_event
-from gateway.keyspace import seen_field, shard_of
+from gateway.pipeline.buffer import RedisBuffer, connect_redis
+from gateway.pipeline.events import ScanEvent, encode_event
+from gateway.pipeline.keyspace import seen_field, shard_of
+from gateway.run.embedded import RedisProcess, valkey_binary
 
 SHARDS = 16
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -81,7 +81,7 @@ async def measure(
                     (seen_field("vhd", event.event_id), encode_event(event))
                 )
             started = time.perf_counter()
-            await buffer.append(by_shard, now_ms)
+            await buffer.append_encoded(by_shard, now_ms)
             latencies.append(time.perf_counter() - started)
 
     began = time.monotonic()

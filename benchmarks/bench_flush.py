@@ -28,7 +28,7 @@ copy of the file):
      uploads scanned up to three days ago). Shape ``rush``: ordinary visits (check-in and
      check-out, never-closed check-ins, orphan check-outs, double scans). Shape ``dense``:
      the same, but the dense tenth work their shifts through the rush (their history is
-     dense too). Flusher processes (the real ``gateway.flusher.Flusher`` under uvloop, as
+     dense too). Flusher processes (the real ``gateway.pipeline.flusher.Flusher`` under uvloop, as
      ``scangate flush`` runs it) are let go together and timed until every stream is
      empty: events committed per second, visits included, over each quarter of the drain;
      flatness is the last quarter's rate over the first's. CPU per event by process type
@@ -94,14 +94,14 @@ from history import (
 from prometheus_client import Histogram
 from results import cpu_model, write_section
 
-import gateway.flusher
-from gateway.buffer import RedisBuffer, connect_redis
-from gateway.embedded import RedisProcess, valkey_binary
-from gateway.events import encode_event
-from gateway.flusher import Flusher, pairing_rules
-from gateway.keyspace import EVENT_FIELD, seen_field, shard_of, stream_key
+import gateway.pipeline.flusher
 from gateway.metrics import FlusherMetrics
-from gateway.server import calm_collector
+from gateway.pipeline.buffer import RedisBuffer, connect_redis
+from gateway.pipeline.events import encode_event
+from gateway.pipeline.flusher import Flusher, pairing_rules
+from gateway.pipeline.keyspace import EVENT_FIELD, seen_field, shard_of, stream_key
+from gateway.run.embedded import RedisProcess, valkey_binary
+from gateway.run.server import calm_collector
 from gateway.settings import Settings
 from storage import ScanEvent, Storage
 from storage.postgres import PostgresStorage
@@ -225,7 +225,7 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     storage = await open_storage(spec)
     # What the flusher's first round would do before its first batch (make the next days'
     # partitions), done before "go": the drain measures flushing, not a start-up.
-    await storage.prepare_days(gateway.flusher.DAYS_AHEAD)
+    await storage.prepare_days(gateway.pipeline.flusher.DAYS_AHEAD)
     client = connect_redis(spec["redis_url"])
     metrics = FlusherMetrics()
     recorder = RecordingHistogram(
@@ -237,14 +237,14 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     metrics.scan_to_storage = recorder
     # The flusher observes a batch's latencies at once (gateway.metrics.observe_many):
     # record them on the way.
-    observe_many = gateway.flusher.observe_many
+    observe_many = gateway.pipeline.flusher.observe_many
 
     def record_many(histogram: Histogram, values: Sequence[float]) -> None:
         if histogram is recorder:
             recorder.values.extend(values)
         observe_many(histogram, values)
 
-    gateway.flusher.observe_many = record_many
+    gateway.pipeline.flusher.observe_many = record_many
     flusher = Flusher(client, storage, settings, metrics, consumer=spec["consumer"])
     await flusher.ensure_groups()
     calm_collector()  # as the flusher process of scangate serve / scangate flush does
@@ -533,7 +533,7 @@ async def produce(
                 (seen_field(e.app_id, e.event_id), encode_event(e))
             )
         if by_shard:
-            await buffer.append(by_shard, now_ms)
+            await buffer.append_encoded(by_shard, now_ms)
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
 
 
@@ -784,7 +784,7 @@ def report(
         "rush. Then "
         f"{sizes.latency_s:.0f} s of fresh scans through `RedisBuffer` at half the rate the "
         "drain sustained (its last quarter's, or its average if lower). Flusher processes "
-        "(`gateway.flusher.Flusher` under uvloop, as "
+        "(`gateway.pipeline.flusher.Flusher` under uvloop, as "
         f"`scangate flush` runs it): {flushers}; `SCANGATE_FLUSH_BATCH={args.batch}`, "
         f"`SCANGATE_FLUSH_MAX_AGE={args.max_age * 1000:.0f}ms`. SQLite WAL with "
         "`synchronous=FULL`; PostgreSQL "

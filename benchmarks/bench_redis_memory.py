@@ -21,10 +21,10 @@ from pathlib import Path
 
 from results import write_section
 
-from gateway.buffer import RedisBuffer, connect_redis
-from gateway.embedded import RedisProcess, valkey_binary
-from gateway.events import ScanEvent, encode_event
-from gateway.keyspace import seen_field, shard_of
+from gateway.pipeline.buffer import RedisBuffer, connect_redis
+from gateway.pipeline.events import ScanEvent, encode_event
+from gateway.pipeline.keyspace import seen_field, shard_of
+from gateway.run.embedded import RedisProcess, valkey_binary
 
 SHARDS = 16
 TARGET_BYTES = 300
@@ -56,7 +56,7 @@ async def measure(url: str, n_events: int) -> tuple[float, int]:
                 by_shard.setdefault(shard, []).append(
                     (seen_field("vhd", event.event_id), encode_event(event))
                 )
-            await buffer.append(by_shard, now_ms)
+            await buffer.append_encoded(by_shard, now_ms)
         after = int((await client.info("memory"))["used_memory"])
         total = sum(await buffer.poll_lengths())
         assert total == n_events, (total, n_events)

@@ -41,8 +41,8 @@ import psutil
 from results import cpu_model, write_section
 from setup_data import build_data_set, open_keyring
 
-from gateway.embedded import RedisProcess, valkey_binary
-from gateway.keyspace import stream_key
+from gateway.pipeline.keyspace import stream_key
+from gateway.run.embedded import RedisProcess, valkey_binary
 
 HERE = Path(__file__).resolve().parent
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -257,7 +257,7 @@ def main() -> int:
             port = free_port()
             genv = {**env, "SCANGATE_REDIS_URL": redis_server.url, "SCANGATE_SHARDS": str(SHARDS),
                     "SCANGATE_BACKLOG_HIGH_WATER": "100000000"}  # fmt: skip
-            gw_cmd = [sys.executable, "-m", "gateway.cli", "--data-dir", str(work), "serve",
+            gw_cmd = [sys.executable, "-m", "gateway", "--data-dir", str(work), "serve",
                       "--port", str(port), "--workers", "1", "--no-flusher"]  # fmt: skip
             print("gateway (1 worker, Valkey with AOF everysec):", file=sys.stderr)
             with pinned(gw_cmd, SERVER_CPU, genv, work / "gateway.log") as gw:

@@ -86,7 +86,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import numpy as np
 
-from gateway.flusher import pairing_rules
+from gateway.pipeline.flusher import pairing_rules
 from gateway.settings import Settings
 from storage import CLOSED_BY, Kind, PairingRules, ScanEvent, Visit, derive_visits, migrations
 from storage.postgres import PostgresStorage

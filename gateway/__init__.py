@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .settings import Settings, SettingsError, parse_duration_s
+from gateway.settings import Settings, SettingsError, parse_duration_s
 
 __all__ = ["Settings", "SettingsError", "parse_duration_s"]

@@ -12,7 +12,7 @@ import bisect
 import os
 from collections import Counter as Tally
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,8 +23,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
-
-from .otp import CHECK_OUTCOMES, SEND_OUTCOMES
 
 LATENCY_BUCKETS_S: Final = (
     0.0005,
@@ -42,6 +40,12 @@ LATENCY_BUCKETS_S: Final = (
     5.0,
 )
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+# What asking for and checking a one-time code come to (gateway.http.otp): the label values of
+# scangate_otp_sends_total and scangate_otp_checks_total, every one exported from the start.
+SendOutcome = Literal["sent", "address_limit", "phone_address_limit", "phone_cap"]
+CheckOutcome = Literal["ok", "invalid", "address_limit", "phone_address_limit"]
+SEND_OUTCOMES: Final[tuple[SendOutcome, ...]] = get_args(SendOutcome)
+CHECK_OUTCOMES: Final[tuple[CheckOutcome, ...]] = get_args(CheckOutcome)
 _DURATION_BOUNDS: Final = (*LATENCY_BUCKETS_S, float("inf"))
 
 
@@ -116,7 +120,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
-        # The door fallback (gateway.door): every person look-up by its outcome, refused
+        # The door fallback (gateway.http.door): every person look-up by its outcome, refused
         # ones included, per app. Per app there is this and an alert, never a limit: a
         # limit there would let one leaked staff token stop every door of the app.
         self.door_lookups = Counter(
@@ -126,7 +130,7 @@ class Metrics:
             ["app", "outcome"],
             registry=r,
         )
-        # Exposure notices (gateway.notifier) and the cases that make them.
+        # Exposure notices (gateway.outbox.notifier) and the cases that make them.
         self.notices = Counter(
             "scangate_notices_total",
             "Exposure notice delivery attempts by channel and outcome (delivered, retry, failed).",

@@ -4,21 +4,38 @@ called at the entry point (the CLI); everything else receives a ``Settings``."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
 import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from signing.keyring import APP_ID_PATTERN
 from storage.models import VENUE_KINDS
 
-from .addresses import Network, parse_networks
-
 _DURATION: Final = re.compile(r"([0-9]+)(ms|s|m|h|d)")
 MAX_DURATION_DIGITS: Final = 9  # 999999999d is far beyond any setting; more would overflow
 _UNIT_S: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``"10.0.0.0/8, 192.0.2.7, 2001:db8::/32"`` as networks (an address is a /32 or /128);
+    ValueError naming the entry that is not one."""
+    networks: list[Network] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or a CIDR (10.0.0.0/8)") from None
+    return tuple(networks)
+
 
 SmsSender = Literal["log", "http"]
 RedisFsync = Literal["everysec", "always"]
@@ -33,7 +50,7 @@ def parse_duration_s(text: str) -> float:
     m = _DURATION.fullmatch(text.strip())
     if m is None or len(m.group(1)) > MAX_DURATION_DIGITS:
         raise ValueError(f"{text!r} is not a duration (write it like 90s, 10m, 4h or 7d)")
-    return int(m.group(1)) * _UNIT_S[m.group(2)]
+    return float(int(m.group(1)) * _UNIT_S[m.group(2)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +90,7 @@ class Settings:
     # The http sender's body: {to} and {text} are replaced by JSON string contents.
     sms_template: str = '{"to": "{to}", "text": "{text}"}'
     sms_timeout_s: float = 5
-    # One-time codes (gateway.otp; a limit of 0 is off). Per client address (an IPv4
+    # One-time codes (gateway.http.otp; a limit of 0 is off). Per client address (an IPv4
     # address, or an IPv6 /64) over a sliding window: codes asked, codes asked for one
     # phone, wrong codes, wrong codes for one phone. Sized for carrier-grade NAT, where
     # many phones share one IPv4 address (README, "One-time codes").
@@ -96,7 +113,7 @@ class Settings:
     kind_max_stay: str = (
         "hospital=24h,lodging=24h,residential=24h,transport=12h,office=12h,school=12h"
     )
-    # Exposure notices (gateway.notifier): how long a worker holds a notice it is
+    # Exposure notices (gateway.outbox.notifier): how long a worker holds a notice it is
     # delivering, how often workers look for due ones, the first retry delay (doubling up
     # to 10 minutes) and how many tries before a notice is given up.
     notice_lease_s: float = 60
@@ -106,7 +123,7 @@ class Settings:
     # Webhooks may reach private, loopback and link-local addresses (development and tests
     # only: otherwise a webhook URL could be aimed at services inside the network).
     webhook_private: bool = False
-    # The door fallback (gateway.door): a manual scan is "now", its scanned_at within this
+    # The door fallback (gateway.http.door): a manual scan is "now", its scanned_at within this
     # of receipt; person look-ups allowed per staff token and per venue in each window.
     door_scan_window_s: float = 300
     door_lookup_window_s: float = 60
@@ -232,27 +249,35 @@ _OTP_LIMITS: Final = (
 
 
 def _convert(name: str, raw: str) -> object:
-    if name.endswith("_s"):
+    """A variable's text as the type the field is declared with: a ``float`` field is a
+    duration (``90s``, ``10m``; its name ends in ``_s``), an ``int`` a whole number, a
+    ``bool`` true or false, a ``Literal`` one of its values, a ``Path`` a path; text
+    otherwise."""
+    kind = _field_types()[name]
+    options = [t for t in typing.get_args(kind) if t is not type(None)]
+    if isinstance(kind, types.UnionType) and len(options) == 1:
+        kind = options[0]  # "X | None": the variable, when set, is an X
+    if kind is float:
         return parse_duration_s(raw)
-    if name in (
-        "shards",
-        "backlog_high_water",
-        "rate_limit",
-        "flush_batch",
-        *_OTP_LIMITS,
-        "otp_code_tries",
-        "redis_wait_replicas",
-        "notice_max_attempts",
-        "door_lookups_per_token",
-        "door_lookups_per_venue",
-    ):
+    if kind is int:
         if not raw.strip().isdecimal():
             raise ValueError(f"{raw!r} is not a whole number")
         return int(raw)
-    if name in ("redis_cluster", "webhook_private"):
+    if kind is bool:
         if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{raw!r} is not true or false")
         return raw.lower() in ("true", "1", "yes")
-    if name == "data_dir":
+    if typing.get_origin(kind) is Literal:
+        allowed = typing.get_args(kind)
+        if raw not in allowed:
+            raise ValueError(f"{raw!r}: use {' or '.join(allowed)}")
+        return raw
+    if kind is Path:
         return Path(raw)
     return raw
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Each settings field's declared type (the annotations are strings until resolved)."""
+    return typing.get_type_hints(Settings)

@@ -75,7 +75,7 @@ class PersonalData:
         # kind of value never helps forge or find another.
         self.otp_key = _derive(data_key, "otp")
         self.session_key = _derive(data_key, "session")
-        # The web pages' CSRF tokens (gateway.web.security).
+        # The web pages' CSRF tokens (gateway.http.web.security).
         self.web_key = _derive(data_key, "web")
 
     def encrypt(self, value: str, field: str, owner: str) -> bytes:

@@ -13,8 +13,8 @@ from .base import (
     PurgeResult,
     Storage,
     StorageError,
-    connect_storage,
 )
+from .connect import connect_storage
 from .models import CLOSED_BY, ContactRow, Kind, PairingRules, ScanEvent, Visit
 from .pairing import derive_visits
 from .tracing import TraceQuery

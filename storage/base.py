@@ -345,32 +345,3 @@ class Storage(Outbox, abc.ABC):
         for venue_id, start, end in candidate_windows(case_visits, query):
             candidates += await self.venue_visits(venue_id, start, end)
         return contacts_of(case_visits, candidates, query, depth, via, exclude)
-
-
-async def connect_storage(
-    url: str, *, timezone: str = "Asia/Ho_Chi_Minh", migrate: bool = True
-) -> Storage:
-    """Open the storage a URL names (``sqlite:///path`` or ``postgresql://...``) and apply
-    pending migrations (not with ``migrate=False``: a read-only replica for tracing)."""
-    storage: Storage
-    if url.startswith("sqlite:///"):
-        from .sqlite import SqliteStorage
-
-        storage = SqliteStorage(url.removeprefix("sqlite:///"))
-    elif url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresStorage
-
-        storage = await PostgresStorage.connect(url, timezone=timezone)
-    else:
-        raise StorageError(
-            "SCANGATE_STORAGE_URL must start with sqlite:/// or postgresql:// "
-            f"(got {url.split(':', 1)[0]!r})"
-        )
-    if not migrate:
-        return storage
-    try:
-        await storage.migrate()
-    except BaseException:
-        await storage.close()
-        raise
-    return storage

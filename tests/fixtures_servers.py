@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 import redis
 
-from gateway.embedded import RedisProcess
+from gateway.run.embedded import RedisProcess
 from storage import Storage, connect_storage
 from storage.postgres import PostgresStorage
 
@@ -69,7 +69,7 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
     """Start servers of a test's own: ``private_redis("redis", unix_socket=True)``.
 
     For tests that stop, restart or kill a server. Keyword arguments go to
-    :class:`~gateway.embedded.RedisProcess` (append-only file on by default, so data
+    :class:`~gateway.run.embedded.RedisProcess` (append-only file on by default, so data
     survives a restart). Every server started is stopped at teardown.
     """
     with contextlib.ExitStack() as cleanup:

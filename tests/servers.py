@@ -19,7 +19,7 @@ from typing import Any, Final, Literal, NoReturn
 import asyncpg
 import pytest
 
-from gateway.embedded import RedisProcess, ServerStartError, valkey_binary
+from gateway.run.embedded import RedisProcess, ServerStartError, valkey_binary
 
 ServerKind = Literal["valkey", "redis"]
 SERVER_KINDS: Final[tuple[ServerKind, ...]] = ("valkey", "redis")

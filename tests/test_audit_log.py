@@ -188,7 +188,7 @@ async def test_the_flushers_daily_purge_applies_the_audit_retention(
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(deployment.data_dir),
+            [sys.executable, "-m", "gateway", "--data-dir", str(deployment.data_dir),
              "flush"],
             env=env,
             stdout=subprocess.DEVNULL,

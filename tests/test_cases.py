@@ -25,8 +25,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.cases import merge_windows
-from gateway.notifier import ADVICE, sign, sms_text, without_diacritics
+from gateway.http.cases import merge_windows
+from gateway.outbox.notifier import ADVICE, sign, sms_text, without_diacritics
 from signing import Keyring, KeyringError
 from storage import PairingRules, ScanEvent, Storage, connect_storage
 from storage.outbox import CaseRecord, CaseWindow, NoticeRecord, notice_id
@@ -486,7 +486,7 @@ async def test_occupancy_counts_the_visits_in_progress(make_desk: DeskFactory) -
 
 def _cli(data_dir: Path, *args: str, **env: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
+        [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -500,7 +500,7 @@ def _cli(data_dir: Path, *args: str, **env: str) -> str:
 def _notify(data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), "notify"],
+            [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), "notify"],
             env=scangate_env(
                 SCANGATE_NOTICE_LEASE="6s",  # a delivery gets 2s of it
                 SCANGATE_NOTICE_POLL="100ms",

@@ -17,7 +17,7 @@ def run(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SCANGATE_")}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
+        [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -88,7 +88,7 @@ def test_apps_and_codes_round_trip(tmp_path: Path) -> None:
 
 def test_data_dir_comes_from_the_environment_too(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "apps", "add", "vhd"],
+        [sys.executable, "-m", "gateway", "apps", "add", "vhd"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -153,7 +153,7 @@ def test_every_command_has_help(tmp_path: Path) -> None:
 
 
 def test_serve_runs_two_flushers_on_postgresql_and_one_on_sqlite(tmp_path: Path) -> None:
-    from gateway.cli import default_flushers
+    from gateway.run.cli import default_flushers
     from gateway.settings import Settings
 
     assert default_flushers(Settings(data_dir=tmp_path)) == 1

@@ -10,7 +10,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.keyspace import stream_key
+from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 
 from .ledger import phase_s, until

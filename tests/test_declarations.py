@@ -26,9 +26,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from gateway import Settings
-from gateway.app import GATEWAY, create_app
-from gateway.flusher import Flusher
+from gateway.http.app import GATEWAY, create_app
 from gateway.metrics import FlusherMetrics
+from gateway.pipeline.flusher import Flusher
 from signing import Keyring
 from storage import Storage
 

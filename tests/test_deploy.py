@@ -17,8 +17,8 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from gateway import Settings, parse_duration_s
-from gateway.cli import build_parser
-from gateway.server import SHUTDOWN_DEADLINE_S
+from gateway.run.cli import build_parser
+from gateway.run.server import SHUTDOWN_DEADLINE_S
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"

@@ -22,11 +22,11 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from gateway import Settings
-from gateway.app import create_app
-from gateway.buffer import connect_redis
-from gateway.flusher import Flusher
-from gateway.keyspace import stream_key
+from gateway.http.app import create_app
 from gateway.metrics import FlusherMetrics
+from gateway.pipeline.buffer import connect_redis
+from gateway.pipeline.flusher import Flusher
+from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from storage import Storage, connect_storage
 
@@ -341,7 +341,7 @@ def start_flusher_process(settings: Settings) -> Any:
     log = settings.data_dir / f"flusher-{time.monotonic_ns()}.log"
     with log.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(settings.data_dir), "flush"],
+            [sys.executable, "-m", "gateway", "--data-dir", str(settings.data_dir), "flush"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -398,7 +398,7 @@ def start_serve(settings: Settings, port: int) -> Any:
             [
                 sys.executable,
                 "-m",
-                "gateway.cli",
+                "gateway",
                 "--data-dir",
                 str(settings.data_dir),
                 "serve",

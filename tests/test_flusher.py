@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import Settings
-from gateway.events import encode_event
-from gateway.flusher import Flusher, pairing_rules
-from gateway.keyspace import CONSUMER_GROUP, EVENT_FIELD, dead_letter_key, stream_key
 from gateway.metrics import FlusherMetrics
+from gateway.pipeline.events import encode_event
+from gateway.pipeline.flusher import Flusher, pairing_rules
+from gateway.pipeline.keyspace import CONSUMER_GROUP, EVENT_FIELD, dead_letter_key, stream_key
 from storage import ScanEvent, Storage, derive_visits
 from tests.fixtures_servers import open_test_storage
 
@@ -36,7 +36,7 @@ def flusher_settings(**over: Any) -> Settings:
 
 async def push(client: aioredis.Redis, events: list[ScanEvent]) -> None:
     """Put events straight into their shard streams, as the gateway's script does."""
-    from gateway.keyspace import shard_of
+    from gateway.pipeline.keyspace import shard_of
 
     pipe = client.pipeline(transaction=False)
     for e in events:

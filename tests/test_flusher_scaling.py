@@ -31,8 +31,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from gateway import Settings
-from gateway.flusher import pairing_rules
-from gateway.keyspace import CONSUMER_GROUP, stream_key
+from gateway.pipeline.flusher import pairing_rules
+from gateway.pipeline.keyspace import CONSUMER_GROUP, stream_key
 from signing import Keyring
 from storage import ScanEvent, Visit, connect_storage, derive_visits
 
@@ -80,7 +80,7 @@ async def consumers(redis_url: str) -> dict[str, Consumer]:
 
 
 def consumer_of(proc: Any) -> str:
-    """A flusher process's consumer name (``gateway.flusher.consumer_name``)."""
+    """A flusher process's consumer name (``gateway.pipeline.flusher.consumer_name``)."""
     return f"{socket.gethostname()}-{proc.pid}"
 
 

@@ -38,11 +38,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway import Settings
-from gateway.app import create_app
-from gateway.context import GATEWAY, Gateway
-from gateway.events import decode_event
-from gateway.keyspace import stream_key
-from gateway.people import ANSWER_KEYS
+from gateway.http.app import create_app
+from gateway.http.context import GATEWAY, Gateway
+from gateway.http.people import ANSWER_KEYS
+from gateway.pipeline.events import decode_event
+from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from signing.codes import format_code, parse_code
 from storage.models import ScanEvent

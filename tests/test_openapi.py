@@ -31,13 +31,13 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway import Settings
-from gateway.app import GATEWAY, create_app
-from gateway.context import Gateway
-from gateway.flusher import Flusher
+from gateway.http.app import GATEWAY, create_app
+from gateway.http.context import Gateway
+from gateway.http.openapi import openapi_document
+from gateway.http.people import ANSWER_KEYS
+from gateway.http.web import is_web_route
 from gateway.metrics import FlusherMetrics
-from gateway.openapi import openapi_document
-from gateway.people import ANSWER_KEYS
-from gateway.web import is_web_route
+from gateway.pipeline.flusher import Flusher
 from signing import Keyring
 
 from .servers import free_loopback_port

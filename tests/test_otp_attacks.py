@@ -29,7 +29,7 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from gateway import Settings
-from gateway.app import create_app
+from gateway.http.app import create_app
 from signing import Keyring
 
 from .fixtures_servers import STORAGE_KINDS

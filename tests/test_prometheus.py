@@ -31,7 +31,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from gateway import Settings
-from gateway.app import create_app
+from gateway.http.app import create_app
 from gateway.metrics import FlusherMetrics, Metrics
 from signing import Keyring
 
@@ -279,7 +279,7 @@ def served(
         "valkey", appendonly=False, extra_args=["--maxmemory", str(MAXMEMORY_BYTES)]
     )
     env = scangate_env(server.url, master_key)
-    cli = [sys.executable, "-m", "gateway.cli", "--data-dir", str(tmp_path)]
+    cli = [sys.executable, "-m", "gateway", "--data-dir", str(tmp_path)]
     added = subprocess.run(
         [*cli, "apps", "add", "vhd"], env=env, capture_output=True, timeout=60, check=True
     )

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from PIL import Image
 
-from gateway.report_chart import render_chart
+from gateway.http.report_chart import render_chart
 from storage import PairingRules, ScanEvent, Storage, Visit
 from storage.reports import (
     REPORT_BY,
@@ -377,7 +377,7 @@ async def test_the_report_over_http_in_each_format(make_desk: DeskFactory) -> No
 def test_the_report_on_the_command_line(tmp_path: Path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(tmp_path), "report", *args],
+            [sys.executable, "-m", "gateway", "--data-dir", str(tmp_path), "report", *args],
             capture_output=True,
             text=True,
             timeout=120,

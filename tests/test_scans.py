@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import Settings
-from gateway.app import GATEWAY, create_app
-from gateway.events import decode_event
-from gateway.keyspace import stream_key
+from gateway.http.app import GATEWAY, create_app
+from gateway.pipeline.events import decode_event
+from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from signing.codes import format_code, parse_code
 
@@ -386,7 +386,7 @@ async def test_a_new_app_added_by_the_cli_is_picked_up(world: World) -> None:
 
 def test_entries_are_compact() -> None:
     # A guard on the stream entry format: one field, a short JSON array.
-    from gateway.events import ScanEvent, encode_event
+    from gateway.pipeline.events import ScanEvent, encode_event
 
     value = encode_event(ScanEvent("vhd", "E" * 16, "checkin", "V1", "P1", 1, 2, None))
     assert orjson.loads(value) == ["vhd", "E" * 16, "i", "V1", "P1", 1, 2, None]

@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def cli(data_dir: Path, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
+        [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -79,7 +79,7 @@ class Served:
             [
                 sys.executable,
                 "-m",
-                "gateway.cli",
+                "gateway",
                 "--data-dir",
                 str(data_dir),
                 "serve",

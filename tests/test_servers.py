@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 import redis
 
-from gateway.embedded import (
+from gateway.run.embedded import (
     MAX_UNIX_SOCKET_PATH_BYTES,
     RedisProcess,
     ServerStartError,

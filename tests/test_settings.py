@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,28 @@ def test_otp_limits_default_to_the_readme_and_windows_can_be_shortened() -> None
     assert (s.otp_code_tries, s.otp_phone_cap, s.otp_phone_cap_window_s) == (5, 20, 86400)
     short = Settings.from_env({"SCANGATE_OTP_WINDOW": "3s", "SCANGATE_OTP_PHONE_CAP_WINDOW": "1h"})
     assert (short.otp_window_s, short.otp_phone_cap_window_s) == (3, 3600)
+
+
+def test_every_field_is_read_as_the_type_it_is_declared_with() -> None:
+    """Conversion goes by each field's annotation, so a new field needs no list to be
+    remembered: a float is a duration (and its name says so), an int a whole number, a
+    bool true or false."""
+    hints = typing.get_type_hints(Settings)
+    samples = {float: ("2d", 172800.0), int: ("7", 7), bool: ("yes", True)}
+    env = {"SCANGATE_REDIS_URL": "redis://127.0.0.1:6379/0"}  # a cluster needs one
+    expected: dict[str, object] = {}
+    for field in dataclasses.fields(Settings):
+        kind = hints[field.name]
+        if kind in samples:
+            if kind is float:
+                assert field.name.endswith("_s"), f"{field.name}: a duration's name ends in _s"
+            text, value = samples[kind]
+            env["SCANGATE_" + field.name.upper()] = text
+            expected[field.name] = value
+    assert len(expected) > 30
+    read = Settings.from_env(env)
+    for name, value in expected.items():
+        got = getattr(read, name)
+        assert (type(got), got) == (type(value), value), name
+    with pytest.raises(SettingsError, match=r"SCANGATE_SHARDS: '1\.5' is not a whole number"):
+        Settings.from_env({"SCANGATE_SHARDS": "1.5"})

@@ -35,7 +35,7 @@ def env_for(storage_url: str, redis_url: str, master_key: bytes) -> dict[str, st
 
 def cli(data_dir: Path, env: dict[str, str], *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
+        [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -50,7 +50,7 @@ def start_gateway(data_dir: Path, port: int, env: dict[str, str]) -> Any:
     log = data_dir / "serve.log"
     with log.open("wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), "serve",
+            [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), "serve",
              "--port", str(port), "--no-flusher"],
             env=env,
             stdout=out,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from gateway.outbox.sms import HttpSmsSender, LogSmsSender, SmsError, make_sms_sender
 from gateway.settings import Settings
-from gateway.sms import HttpSmsSender, LogSmsSender, SmsError, make_sms_sender
 
 PHONE = "+84901234567"
 TEXT = 'Mã OTP: "123456"\nHết hạn sau 5 phút \\ ok'
@@ -221,7 +221,7 @@ async def test_http_sender_gives_up_after_attempts_without_leaking(
     assert len(provider.bodies) == 3
     assert "500" in str(info.value)
     assert info.value.__cause__ is None
-    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.sms"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.outbox.sms"]
     assert warnings == [f"SMS provider answered 500 (attempt {n} of 3)" for n in (1, 2, 3)]
     assert_no_personal_data(str(info.value), repr(info.value), caplog.text)
 

@@ -35,10 +35,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import Settings
-from gateway.app import create_app
-from gateway.shared_keyring import DatabaseKeyringStore
+from gateway.http.app import create_app
 from signing import FileKeyringStore, Keyring, Sealer
 from storage import Storage
+from storage.keyring_store import DatabaseKeyringStore
 
 from .servers import free_loopback_port, scangate_env
 from .test_faults import wait_ready
@@ -76,7 +76,7 @@ class Deployment:
         directory = str(data_dir or self.data_dir)
         return await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "gateway.cli", "--data-dir", directory, *args],
+            [sys.executable, "-m", "gateway", "--data-dir", directory, *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -303,7 +303,7 @@ def start_serve(data_dir: Path, port: int, env: dict[str, str], *args: str) -> A
     log = data_dir / f"serve-{port}.log"
     with log.open("wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), "serve",
+            [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), "serve",
              "--port", str(port), *args],
             env=env,
             stdout=out,
@@ -584,7 +584,7 @@ def test_every_new_command_has_help(tmp_path: Path) -> None:
         ["audit", "--help"],
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(tmp_path), *args],
+            [sys.executable, "-m", "gateway", "--data-dir", str(tmp_path), *args],
             capture_output=True,
             text=True,
             timeout=60,

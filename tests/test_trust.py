@@ -458,7 +458,7 @@ def cli(desk: Desk, *args: str) -> subprocess.CompletedProcess[str]:
     if desk.settings.storage_url:
         env["SCANGATE_STORAGE_URL"] = desk.settings.storage_url
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--data-dir", str(desk.settings.data_dir), *args],
+        [sys.executable, "-m", "gateway", "--data-dir", str(desk.settings.data_dir), *args],
         capture_output=True,
         text=True,
         timeout=60,

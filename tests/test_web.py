@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from gateway import Settings
-from gateway.addresses import address_bucket
-from gateway.errors import ApiError
-from gateway.events import EVENT_REASONS
+from gateway.http.addresses import address_bucket
+from gateway.http.errors import ApiError
+from gateway.http.web import is_web_route
+from gateway.http.web.pages import HERE, PAGES, Site
+from gateway.pipeline.events import EVENT_REASONS
 from gateway.settings import SettingsError
-from gateway.web import is_web_route
-from gateway.web.pages import HERE, PAGES, Site
 from signing import Keyring
 from signing.codes import Code, CodeType
 

@@ -37,7 +37,7 @@ import pytest
 import zxingcpp
 from PIL import Image
 
-from gateway.people import ANSWER_KEYS
+from gateway.http.people import ANSWER_KEYS
 from signing import Sealer, load_master_key
 from signing.personal import PersonalData, open_data_key
 
@@ -112,7 +112,7 @@ class Site:
 
     def cli(self, *args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(self.data_dir), *args],
+            [sys.executable, "-m", "gateway", "--data-dir", str(self.data_dir), *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -189,7 +189,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
     def cli(*args: str) -> dict[str, Any]:
         done = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), *args],
+            [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -208,7 +208,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             [
                 sys.executable,
                 "-m",
-                "gateway.cli",
+                "gateway",
                 "--data-dir",
                 str(data_dir),
                 "serve",

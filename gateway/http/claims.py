@@ -1,0 +1,226 @@
+"""Identity claims for officials: the national ids claimed by more than one declaration,
+accepting one claim, and tracing by national id (HTTP and CLI share the functions here).
+
+A declaration binds (verified phone, national id) to a person as a claim; an ID card seen
+at a door is recorded under a pseudonymous person of its own (``gateway.http.door``). Neither
+is a fact, and neither locks anyone out: when several claims name one id they compete
+until an official accepts one (the others are rejected). Every read and every resolution
+here is audit-logged, by ids only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.http.context import GATEWAY, JSON, authenticate_admin, json_response, read_json
+from gateway.http.declarations import reveal_contacts
+from gateway.http.errors import InvalidRequest, NotFound
+from gateway.http.people import national_id
+from gateway.http.trace import trace_query
+from signing.codes import ID_PATTERN
+from signing.personal import PersonalData
+from storage import Storage
+from storage.registry import ClaimRecord
+from storage.times import format_time_ms
+from storage.tracing import rows_to_json
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def claim_json(claim: ClaimRecord, group: str) -> dict[str, Any]:
+    """A claim as officials see it: ids and times, never the national id or its index."""
+    return {
+        "claim_id": claim.claim_id,
+        "competing_group": group,
+        "person_id": claim.person_id,
+        "claimed_at": format_time_ms(claim.claimed_at_ms),
+        "state": claim.state,
+        "resolved_by": claim.resolved_by,
+        "resolved_at": (
+            format_time_ms(claim.resolved_at_ms) if claim.resolved_at_ms is not None else None
+        ),
+    }
+
+
+async def contested_claims(
+    storage: Storage,
+    personal: PersonalData,
+    actor: str,
+    *,
+    include_resolved: bool = False,
+    reveal: bool = False,
+) -> list[dict[str, Any]]:
+    """Claims on ids that more than one declaration claims, grouped (``competing_group``
+    is the first claim of the group); unresolved groups only unless ``include_resolved``.
+    With ``reveal``, each claimant's declared name and phone, decrypted (audit-logged)."""
+    claims = await storage.contested_claims(include_resolved)
+    listed: list[dict[str, Any]] = []
+    group_of: dict[str, str] = {}
+    for claim in claims:
+        group = group_of.setdefault(claim.national_id_index, claim.claim_id)
+        listed.append(claim_json(claim, group))
+    await storage.audit(actor, "id_claims_read", "contested", f"claims={len(listed)}")
+    if reveal and claims:
+        revealed = await reveal_contacts(
+            storage, personal, [c.person_id for c in claims], actor, "claims"
+        )
+        for item in listed:
+            item["full_name"], item["phone"] = revealed.get(item["person_id"], (None, None))
+    return listed
+
+
+async def accept_claim(storage: Storage, claim_id: str, actor: str) -> dict[str, Any]:
+    """Accept one claim and reject the others on its id; audit-logged."""
+    claim = await storage.id_claim(claim_id) if ID_PATTERN.fullmatch(claim_id) else None
+    if claim is None:
+        raise NotFound("no such claim")
+    await storage.accept_id_claim(claim_id, actor, _now_ms())
+    rejected = [
+        c.claim_id
+        for c in await storage.id_claims([claim.national_id_index])
+        if c.claim_id != claim_id and c.state == "rejected"
+    ]
+    await storage.audit(
+        actor,
+        "id_claim_accept",
+        claim_id,
+        f"person={claim.person_id} rejected={','.join(rejected) or '-'}",
+    )
+    return {"claim_id": claim_id, "person_id": claim.person_id, "rejected": rejected}
+
+
+async def trace_national_id(
+    storage: Storage,
+    personal: PersonalData,
+    id_number: str,
+    params: Mapping[str, str],
+    actor: str,
+    *,
+    reveal: bool = False,
+    read_from: Storage | None = None,
+) -> dict[str, Any]:
+    """Everyone an id number names, their visits and their contacts: every claimant (any
+    state) and the person its card was recorded under at the doors. Each person's trace is
+    audit-logged as a trace of that person, and the search itself as ``trace_national_id``
+    (the number is never logged)."""
+    index = personal.blind_index("national_id", id_number)
+    found: list[dict[str, Any]] = []
+    for claim in await storage.id_claims([index]):
+        found.append(
+            {
+                "person_id": claim.person_id,
+                "found_as": "claim",
+                "claim_id": claim.claim_id,
+                "state": claim.state,
+            }
+        )
+    card = await storage.door_card_holder([index])
+    if card is not None:
+        found.append({"person_id": card, "found_as": "door_card"})
+    await storage.audit(
+        actor, "trace_national_id", "-", f"persons={','.join(p['person_id'] for p in found)}"
+    )
+    now_ms = _now_ms()
+    visits: list[dict[str, Any]] = []
+    contacts: list[dict[str, Any]] = []
+    reader = read_from or storage
+    for person in found:
+        query = trace_query(person["person_id"], params, now_ms=now_ms)
+        for visit in await reader.person_visits(person["person_id"], query.window_start_ms, now_ms):
+            visits.append(
+                {
+                    "person_id": visit.person_id,
+                    "venue_id": visit.venue_id,
+                    "checkin_at": format_time_ms(visit.checkin_at_ms),
+                    "checkout_at": format_time_ms(visit.checkout_at_ms),
+                    "closed_by": visit.closed_by,
+                }
+            )
+        rows = await storage.trace(query, actor=actor, read_from=read_from)
+        revealed = None
+        if reveal and rows:
+            revealed = await reveal_contacts(
+                storage, personal, [r.person_id for r in rows], actor, person["person_id"]
+            )
+        for item in rows_to_json(rows, revealed):
+            contacts.append({"case_person_id": person["person_id"], **item})
+    return {"persons": found, "visits": visits, "contacts": contacts}
+
+
+# -- HTTP (admin token) ----------------------------------------------------------------------
+
+
+def _no_store(doc: Any) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(doc), headers={"Content-Type": JSON, "Cache-Control": "no-store"}
+    )
+
+
+def _flag(value: object, name: str) -> bool:
+    if value in (None, False, "0"):
+        return False
+    if value in (True, "1"):
+        return True
+    raise InvalidRequest(f"{name}: 0 or 1 (true or false in a body)")
+
+
+async def get_claims(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    storage = gateway.need_storage()
+    admin = await authenticate_admin(request, storage)
+    listed = await contested_claims(
+        storage,
+        gateway.need_personal(),
+        f"admin:{admin}",
+        include_resolved=_flag(request.query.get("all"), "all"),
+        reveal=_flag(request.query.get("reveal"), "reveal"),
+    )
+    return _no_store({"claims": listed})
+
+
+async def post_accept_claim(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    storage = gateway.need_storage()
+    admin = await authenticate_admin(request, storage)
+    return json_response(
+        await accept_claim(storage, request.match_info["claim_id"], f"admin:{admin}")
+    )
+
+
+async def post_trace_national_id(request: web.Request) -> web.Response:
+    """Trace by national id. The id comes in the body, never the URL: URLs end up in
+    access logs, proxies and browser history."""
+    gateway = request.app[GATEWAY]
+    storage = gateway.need_storage()
+    admin = await authenticate_admin(request, storage)
+    doc = await read_json(request)
+    if not isinstance(doc, dict):
+        raise InvalidRequest('expected {"national_id": ..., "days": ..., ...}')
+    id_number = national_id(doc.get("national_id"))
+    params = {k: str(doc[k]) for k in ("days", "margin", "min_overlap", "depth") if k in doc}
+    try:
+        found = await trace_national_id(
+            storage,
+            gateway.need_personal(),
+            id_number,
+            params,
+            f"admin:{admin}",
+            reveal=_flag(doc.get("reveal"), "reveal"),
+            read_from=gateway.trace_storage,
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return _no_store(found)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/claims", get_claims, name="claims")
+    app.router.add_post("/v1/claims/{claim_id}/accept", post_accept_claim, name="claim_accept")
+    app.router.add_post("/v1/trace/national-id", post_trace_national_id, name="trace_national_id")

@@ -1,0 +1,161 @@
+"""What the request handlers share: the per-application ``Gateway`` and the helpers that
+authenticate a request and read its JSON body."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from gateway.http.addresses import address_bucket, client_address
+from gateway.http.errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from gateway.http.last_use import LastUse
+from gateway.http.otp import OtpService
+from gateway.http.ratelimit import TokenBuckets
+from gateway.metrics import Metrics
+from gateway.outbox.sms import SmsSender
+from gateway.pipeline.buffer import RedisBuffer
+from gateway.pipeline.events import EventRules
+from gateway.settings import Network, Settings
+from signing import Keyring, Sealer
+from signing.personal import PersonalData, new_data_key, open_data_key, seal_data_key
+from storage import Storage
+
+MAX_BODY_BYTES: Final = 1024 * 1024
+JSON: Final = "application/json"
+# Set as a plain header: aiohttp's content_type setter parses and rebuilds it each time.
+JSON_HEADERS: Final = {"Content-Type": JSON}
+# For answers no cache may keep (what an official reads: traces, cases, the audit log).
+JSON_NO_STORE_HEADERS: Final = {"Content-Type": JSON, "Cache-Control": "no-store"}
+
+
+@dataclass
+class Gateway:
+    """What the handlers share: one per application."""
+
+    settings: Settings
+    keyring: Keyring
+    sealer: Sealer
+    metrics: Metrics
+    rules: EventRules
+    rate_limits: TokenBuckets | None
+    # SCANGATE_TRUSTED_PROXIES: the peers whose forwarding headers name the client.
+    trusted_proxies: tuple[Network, ...] = ()
+    buffer: RedisBuffer | None = None
+    storage: Storage | None = None
+    trace_storage: Storage | None = None  # SCANGATE_TRACE_STORAGE_URL, when set
+    # Open once storage is: the data key lives there.
+    personal: PersonalData | None = None
+    otp: OtpService | None = None
+    sms: SmsSender | None = None
+    # Registered venues whose codes are refused (refreshed from storage every 2 s).
+    revoked_venues: frozenset[str] = frozenset()
+    # Work started by a request that outlives it (an SMS being sent): kept referenced
+    # until done, and awaited on shutdown.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def need_storage(self) -> Storage:
+        assert self.storage is not None, "storage opens with the application"
+        return self.storage
+
+    def need_personal(self) -> PersonalData:
+        assert self.personal is not None, "the data key loads with storage"
+        return self.personal
+
+    def client_index(self, request: web.Request) -> str:
+        """The blind index of the request's client address bucket: what every per-address
+        limit counts (``gateway.http.addresses``), with nothing personal in the key."""
+        bucket = address_bucket(client_address(request, self.trusted_proxies))
+        return self.need_personal().blind_index("client_address", bucket)
+
+
+GATEWAY: Final = web.AppKey("gateway", Gateway)
+# Each app token's minute of last use in this process (gateway.http.last_use), written out in
+# the background by the application's cleanup context.
+TOKEN_USES: Final = web.AppKey("token_uses", LastUse)
+# Set on a request by the web pages' endpoints (gateway.http.web.endpoints), which act as the
+# configured web app: such a request carries no app token, and this is its caller.
+ACTING_APP: Final = web.RequestKey("acting_app", str)
+
+
+def authenticate(request: web.Request, keyring: Keyring) -> str:
+    """The app id of the request's bearer token (or of the web app, for the web pages).
+    A revoked token is refused like an unknown one; a use of a live one is noted."""
+    acting: str | None = request.get(ACTING_APP)
+    if acting is not None:
+        return acting
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("missing Authorization: Bearer <app token>")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token or len(token) > 256:
+        raise Unauthorized("use Authorization: Bearer <app token>")
+    found = keyring.token_for(token.strip())
+    if found is None:
+        raise Unauthorized("unknown or revoked token")
+    uses = request.app.get(TOKEN_USES)
+    if uses is not None:
+        uses.note(found.token_id, time.time())
+    return found.app_id
+
+
+async def authenticate_admin(request: web.Request, storage: Storage) -> str:
+    """The admin name of the request's bearer token (``scangate admins add``), looked up
+    in storage on every request (nothing cached), so ``scangate admins revoke`` holds at
+    once."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    admin = (
+        await storage.admin_for_token(token.strip())
+        if scheme.lower() == "bearer" and 0 < len(token) <= 256
+        else None
+    )
+    if admin is None:
+        raise Unauthorized("an admin token is needed: Authorization: Bearer <admin token>")
+    return admin
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON: 415 unless JSON, 413 over the limit, 400 when it does not parse."""
+    if request.content_type != JSON:
+        raise UnsupportedMediaType("send Content-Type: application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+    try:
+        body = await request.read()
+    except web.RequestPayloadError:
+        # A body that does not decode as its Content-Encoding says (or is cut short). The
+        # rest of it will not decode either: end it here, so aiohttp does not try to read
+        # it after the answer (and log the decoder's error), and close the connection.
+        request.content.feed_eof()
+        raise MalformedJson(
+            "the body could not be read (check Content-Encoding)",
+            headers={"Connection": "close"},
+        ) from None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJson(f"the body is not valid JSON: {exc.msg}") from None
+
+
+def json_response(doc: Any, status: int = 200, *, no_store: bool = False) -> web.Response:
+    headers = JSON_NO_STORE_HEADERS if no_store else JSON_HEADERS
+    return web.Response(status=status, body=orjson.dumps(doc), headers=headers)
+
+
+async def load_personal_data(storage: Storage, sealer: Sealer) -> PersonalData:
+    """The data key from storage, made (and sealed under the master key) on first use."""
+    sealed = await storage.sealed_data_key()
+    if sealed is None:
+        offered = seal_data_key(sealer, new_data_key())
+        sealed = await storage.offer_sealed_data_key(offered, int(time.time() * 1000))
+    return PersonalData(open_data_key(sealer, sealed))

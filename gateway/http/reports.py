@@ -1,0 +1,104 @@
+"""Daily reports for steering committees over HTTP (the CLI's ``scangate report`` shares
+``build_report``): JSON, CSV, or a PNG chart. The numbers come from ``storage.reports``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+
+from gateway.http.context import GATEWAY, authenticate_admin, json_response
+from gateway.http.errors import InvalidRequest
+from gateway.http.report_chart import render_chart
+from storage import Storage
+from storage.reports import (
+    MAX_REPORT_DAYS,
+    ReportBy,
+    ReportRow,
+    daily_report,
+    rows_to_csv,
+    rows_to_json,
+)
+
+ReportFormat = Literal["json", "csv", "png"]
+GROUPINGS: Final[tuple[ReportBy, ...]] = ("province", "venue_kind", "venue")
+FORMATS: Final[tuple[ReportFormat, ...]] = ("json", "csv", "png")
+
+
+def report_range(first: str, last: str) -> tuple[dt.date, dt.date]:
+    """The two days of a report; ValueError with a message fit for a ``detail``."""
+    try:
+        first_day, last_day = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+    except ValueError:
+        raise ValueError("from/to: days written YYYY-MM-DD") from None
+    if last_day < first_day:
+        raise ValueError("from/to: the last day is before the first")
+    if (last_day - first_day).days >= MAX_REPORT_DAYS:
+        raise ValueError(f"from/to: at most {MAX_REPORT_DAYS} days")
+    return first_day, last_day
+
+
+async def build_report(
+    storage: Storage, first_day: dt.date, last_day: dt.date, by: ReportBy, timezone: str
+) -> list[ReportRow]:
+    places: Mapping[str, tuple[str, str]] = await storage.venue_places()
+    return await daily_report(storage, first_day, last_day, by, ZoneInfo(timezone), places)
+
+
+def report_json(
+    rows: list[ReportRow], first_day: dt.date, last_day: dt.date, by: ReportBy, timezone: str
+) -> dict[str, Any]:
+    return {
+        "from": first_day.isoformat(),
+        "to": last_day.isoformat(),
+        "by": by,
+        "timezone": timezone,
+        "rows": rows_to_json(rows),
+    }
+
+
+async def get_daily_report(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    storage = gateway.need_storage()
+    admin = await authenticate_admin(request, storage)
+    query = request.query
+    by_text, fmt_text = query.get("by", "province"), query.get("format", "json")
+    if by_text not in GROUPINGS:
+        raise InvalidRequest("by: province, venue_kind or venue")
+    if fmt_text not in FORMATS:
+        raise InvalidRequest("format: json, csv or png")
+    by, fmt = GROUPINGS[GROUPINGS.index(by_text)], FORMATS[FORMATS.index(fmt_text)]
+    try:
+        first_day, last_day = report_range(query.get("from", ""), query.get("to", ""))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    timezone = gateway.settings.timezone
+    rows = await build_report(storage, first_day, last_day, by, timezone)
+    await storage.audit(f"admin:{admin}", "report", by, f"from={first_day} to={last_day}")
+    name = f"report-{by}-{first_day}-{last_day}"
+    if fmt == "csv":
+        return web.Response(
+            text=rows_to_csv(rows),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+        )
+    if fmt == "png":
+        # Drawing takes a while (matplotlib): off the event loop.
+        png = await asyncio.to_thread(render_chart, rows, by, first_day, last_day)
+        return web.Response(
+            body=png,
+            headers={
+                "Content-Type": "image/png",
+                "Content-Disposition": f'inline; filename="{name}.png"',
+            },
+        )
+    return json_response(report_json(rows, first_day, last_day, by, timezone))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/reports/daily", get_daily_report, name="daily_report")

@@ -1,0 +1,123 @@
+"""``POST /v1/scans``: the pipeline's source. Authenticate the app, parse the batch, check
+every event (``gateway.pipeline.events``), hand the accepted ones to the Redis buffer
+(``gateway.pipeline.buffer``, which shards and encodes them), and answer each event's
+verdict in request order. A 2xx is sent only after Redis has taken every accepted event.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter as Tally
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from gateway.http.context import GATEWAY, JSON_HEADERS, authenticate, read_json
+from gateway.http.errors import (
+    BacklogFull,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+)
+from gateway.metrics import Metrics
+from gateway.pipeline.buffer import BufferUnavailable
+from gateway.pipeline.events import Rejection, ScanEvent, check_event
+
+MAX_EVENTS: Final = 500
+RETRY_AFTER_UNAVAILABLE_S: Final = 1
+RETRY_AFTER_BACKLOG_S: Final = 5
+
+
+async def post_scans(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    app_id = authenticate(request, gateway.keyring)
+    doc = await read_json(request)
+    if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
+        raise InvalidRequest('expected {"events": [...]}')
+    raw_events: list[Any] = doc["events"]
+    if not raw_events:
+        raise InvalidRequest("events: send 1 to 500 events")
+    if len(raw_events) > MAX_EVENTS:
+        raise PayloadTooLarge(f"events: at most {MAX_EVENTS} per request")
+    if gateway.rate_limits is not None:
+        wait_s = gateway.rate_limits.take(app_id, len(raw_events), time.monotonic())
+        if wait_s:
+            raise RateLimited(
+                f"over {gateway.settings.rate_limit} events per second for this app",
+                retry_after_s=max(1, math.ceil(wait_s)),
+            )
+    buffer = gateway.buffer
+    assert buffer is not None
+    if sum(buffer.lengths) >= gateway.settings.backlog_high_water:
+        gateway.metrics.backpressure_rejections.inc()
+        raise BacklogFull(
+            "the buffer is over its high-water mark; retry later",
+            retry_after_s=RETRY_AFTER_BACKLOG_S,
+        )
+
+    now_ms = int(time.time() * 1000)
+    verifier = gateway.keyring.verifier(app_id)
+    revoked = gateway.revoked_venues
+    checked = [
+        check_event(raw, app_id, verifier, gateway.rules, now_ms, revoked) for raw in raw_events
+    ]
+    accepted = [verdict for verdict in checked if isinstance(verdict, ScanEvent)]
+    fresh: list[bool] = []
+    if accepted:
+        try:
+            fresh = await buffer.append(accepted, now_ms)
+        except BufferUnavailable as exc:
+            gateway.metrics.redis_errors.inc()
+            raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
+
+    return web.Response(body=_answer(app_id, checked, fresh, gateway.metrics), headers=JSON_HEADERS)
+
+
+def _answer(
+    app_id: str,
+    checked: list[ScanEvent | Rejection],
+    fresh: list[bool],
+    metrics: Metrics,
+) -> bytes:
+    """The response body, in request order, and the verdict counts for the metrics.
+    ``fresh`` says, for each ScanEvent among ``checked`` in turn, whether it was new."""
+    appended = iter(fresh)
+    results: list[dict[str, Any]] = []
+    tally: Tally[tuple[str, str, str, str]] = Tally()
+    accepted = duplicates = 0
+    for verdict in checked:
+        if isinstance(verdict, ScanEvent):
+            new = next(appended)
+            status = "accepted" if new else "duplicate"
+            if new:
+                accepted += 1
+            else:
+                duplicates += 1
+            results.append({"event_id": verdict.event_id, "status": status})
+            tally[(app_id, verdict.kind, status, "")] += 1
+        else:
+            results.append(
+                {
+                    "event_id": verdict.event_id,
+                    "status": "rejected",
+                    "reason": verdict.reason,
+                    "detail": verdict.detail,
+                }
+            )
+            tally[(app_id, verdict.kind, "rejected", verdict.reason)] += 1
+    metrics.count_events(tally)
+    return orjson.dumps(
+        {
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "rejected": len(checked) - accepted - duplicates,
+            "results": results,
+        }
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/scans", post_scans, name="scans")

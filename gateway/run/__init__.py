@@ -1,0 +1,2 @@
+"""Running scangate: the command line (``cli``), the process supervisor (``server``) and the
+embedded Valkey server (``embedded``)."""

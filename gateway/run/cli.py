@@ -1,0 +1,1203 @@
+"""The ``scangate`` command line.
+
+Output formats are a contract: JSON objects and arrays on stdout, one per line; a code
+alone on its line. Bad arguments and failed operations print one line to stderr and exit 2;
+``codes verify`` exits 1 for a code that does not verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+
+from gateway.settings import Settings, SettingsError, parse_duration_s
+from signing import (
+    Keyring,
+    Sealer,
+    SigningError,
+    load_master_key,
+    parse_code,
+    render_to_file,
+    token_id,
+)
+from signing.codes import ID_PATTERN
+from storage import Storage, StorageError, connect_storage
+from storage.models import VENUE_KINDS
+from storage.times import format_time_ms
+
+PROG = "scangate"
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+CLI_MAX_AUDIT_ENTRIES = 100_000
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+class UsageError(Exception):
+    """A bad argument or an operation that cannot be done; printed on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line instead of usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _emit(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value).decode("utf-8") + "\n")
+
+
+def _open_keyring(settings: Settings) -> Keyring:
+    master = load_master_key(settings.master_key, settings.data_dir)
+    from storage.keyring_store import keyring_store
+
+    return Keyring(
+        keyring_store(settings.resolved_storage_url, settings.keyring_path), Sealer(master)
+    )
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration_s(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _entity_id(text: str) -> str:
+    if not ID_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: an id is 1 to 16 characters of A-Z0-9")
+    return text
+
+
+# -- apps ------------------------------------------------------------------------------------
+
+
+def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
+    new = _open_keyring(settings).add_app(args.app_id, args.prefix, args.name)
+    _emit(
+        {
+            "app_id": new.app_id,
+            "prefix": new.prefix,
+            "kid": new.kid,
+            "token": new.token,
+            "token_id": new.token_id,
+        }
+    )
+    return 0
+
+
+def cmd_apps_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    kid = _open_keyring(settings).rotate(args.app_id)
+    _emit({"app_id": args.app_id, "kid": kid})
+    return 0
+
+
+def cmd_apps_retire(args: argparse.Namespace, settings: Settings) -> int:
+    _open_keyring(settings).retire(args.app_id, args.kid)
+    _emit({"app_id": args.app_id, "retired": args.kid.upper()})
+    return 0
+
+
+def cmd_apps_token(args: argparse.Namespace, settings: Settings) -> int:
+    token = _open_keyring(settings).add_token(args.app_id)
+    _emit({"app_id": args.app_id, "token": token, "token_id": token_id(token)})
+    return 0
+
+
+def cmd_apps_tokens(args: argparse.Namespace, settings: Settings) -> int:
+    tokens = _open_keyring(settings).list_tokens(args.app_id)
+
+    async def work(storage: Storage) -> int:
+        last_use = await storage.token_last_use([t.token_id for t in tokens])
+        _emit(
+            [
+                {
+                    "token_id": t.token_id,
+                    "created_at": format_time_ms(t.created_at * 1000),
+                    "last_used_at": _time_or_none(last_use.get(t.token_id)),
+                    "revoked_at": _time_or_none(
+                        None if t.revoked_at is None else t.revoked_at * 1000
+                    ),
+                }
+                for t in tokens
+            ]
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_apps_revoke_token(args: argparse.Namespace, settings: Settings) -> int:
+    # The keyring first: a leaked token must stop working even if storage is down.
+    app_id, already = _open_keyring(settings).revoke_token(args.token_id)
+
+    async def work(storage: Storage) -> int:
+        await storage.audit(
+            f"cli:{getpass.getuser()}",
+            "app_token_revoked",
+            args.token_id,
+            f"app_id={app_id}" + (" already" if already else ""),
+        )
+        _emit({"token_id": args.token_id, "app_id": app_id, "revoked": True, "already": already})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def _time_or_none(ms: int | None) -> str | None:
+    return None if ms is None else format_time_ms(ms)
+
+
+def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
+    _emit(
+        [
+            {
+                "app_id": a.app_id,
+                "prefix": a.prefix,
+                "active_kid": a.active_kid,
+                "kids": list(a.kids),
+                "tokens": a.tokens,
+                "created_at": a.created_at,
+            }
+            for a in _open_keyring(settings).list_apps()
+        ]
+    )
+    return 0
+
+
+# -- codes -----------------------------------------------------------------------------------
+
+
+def cmd_codes_issue(args: argparse.Namespace, settings: Settings) -> int:
+    keyring = _open_keyring(settings)
+    if args.venue is not None:
+        if args.ttl is not None:
+            raise UsageError("--ttl applies to person codes only")
+        code = keyring.issue(args.app, "venue", args.venue)
+    else:
+        code = keyring.issue(args.app, "person", args.person, ttl_s=int(args.ttl or 7 * 86400))
+    sys.stdout.write(code + "\n")
+    return 0
+
+
+def cmd_codes_verify(args: argparse.Namespace, settings: Settings) -> int:
+    verifier = _open_keyring(settings).verifier(args.app)
+    parsed = parse_code(args.code)
+    # Verify as the type the code says it is: this command answers "is this code good".
+    expected = parsed.type if parsed is not None else "venue"
+    result = verifier.verify(args.code, expected, time.time())
+    if isinstance(result, str):
+        _emit({"valid": False, "reason": result, "type": None, "id": None, "kid": None})
+        return EXIT_INVALID
+    _emit(
+        {
+            "valid": True,
+            "reason": None,
+            "type": result.type,
+            "id": result.id,
+            "kid": f"K{result.kid}",
+        }
+    )
+    return 0
+
+
+def cmd_codes_render(args: argparse.Namespace, settings: Settings) -> int:
+    if parse_code(args.code) is None:
+        raise UsageError("that is not a well-formed scangate code")
+    try:
+        render_to_file(args.code, Path(args.output))
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.run.server import ServeOptions, serve
+
+    if not 1 <= args.workers <= 64:
+        raise UsageError("--workers: use 1 to 64")
+    if not 0 < args.port < 65536:
+        raise UsageError("--port: use 1 to 65535")
+    if args.no_flusher:
+        flushers = 0
+    elif args.flushers is not None:
+        if not 0 <= args.flushers <= 16:
+            raise UsageError("--flushers: use 0 to 16")
+        flushers = args.flushers
+    else:
+        flushers = default_flushers(settings)
+    options = ServeOptions(host=args.host, port=args.port, workers=args.workers, flushers=flushers)
+    return serve(settings, options)
+
+
+def default_flushers(settings: Settings) -> int:
+    """One flusher on SQLite (one writer at a time anyway); two on PostgreSQL, whose
+    server works on one batch while the other flusher's Python prepares the next (the
+    benchmarks measured 17k events/s with two, against 13k with one)."""
+    return 1 if settings.resolved_storage_url.startswith("sqlite:") else 2
+
+
+# -- storage, flusher, tracing ---------------------------------------------------------------
+
+
+def _run_storage(settings: Settings, work: Callable[[Storage], Awaitable[int]]) -> int:
+    """Open storage (migrations applied), run ``work`` on it, close it."""
+
+    async def run() -> int:
+        storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
+        try:
+            return await work(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        _emit({"storage": storage.kind, "migrated": True})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_flush(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.run.server import run_flusher
+
+    if settings.redis_url is None:
+        raise UsageError("scangate flush needs SCANGATE_REDIS_URL (serve runs its own flusher)")
+    return run_flusher(settings, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+
+
+def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.trace import trace_query
+    from storage.tracing import rows_to_csv, rows_to_json
+
+    if (args.person_id is None) == (args.national_id is None):
+        raise UsageError("give PERSON_ID or --national-id NUMBER (one of them)")
+    if args.national_id is not None:
+        return _trace_national_id(args, settings)
+    try:
+        query = trace_query(
+            args.person_id,
+            {
+                "days": str(args.days),
+                "margin": args.margin,
+                "min_overlap": args.min_overlap,
+                "depth": str(args.depth),
+            },
+            now_ms=int(time.time() * 1000),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(storage: Storage) -> int:
+        replica = None
+        if settings.trace_storage_url:
+            replica = await connect_storage(
+                settings.trace_storage_url, timezone=settings.timezone, migrate=False
+            )
+        try:
+            rows = await storage.trace(query, actor=actor, read_from=replica)
+        finally:
+            if replica is not None:
+                await replica.close()
+        revealed = None
+        if args.reveal:
+            from gateway.http.declarations import reveal_contacts
+
+            personal = await _personal_data(storage, settings)
+            revealed = await reveal_contacts(
+                storage, personal, [r.person_id for r in rows], actor, args.person_id
+            )
+        if args.format == "csv":
+            sys.stdout.write(rows_to_csv(rows, revealed))
+        else:
+            _emit(rows_to_json(rows, revealed))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.claims import trace_national_id
+    from gateway.http.errors import InvalidField
+    from gateway.http.people import national_id
+
+    if args.format != "json":
+        raise UsageError("--national-id answers in JSON only (persons, visits, contacts)")
+    try:
+        id_number = national_id(args.national_id, "--national-id")
+    except InvalidField as exc:
+        raise UsageError(f"--national-id: {exc.detail}") from None
+    params = {
+        "days": str(args.days),
+        "margin": args.margin,
+        "min_overlap": args.min_overlap,
+        "depth": str(args.depth),
+    }
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        try:
+            found = await trace_national_id(
+                storage,
+                personal,
+                id_number,
+                params,
+                f"cli:{getpass.getuser()}",
+                reveal=args.reveal,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        _emit(found)
+        return 0
+
+    return _run_storage(settings, work)
+
+
+# -- identity claims ---------------------------------------------------------------------------
+
+
+def cmd_claims_list(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.claims import contested_claims
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        listed = await contested_claims(
+            storage,
+            personal,
+            f"cli:{getpass.getuser()}",
+            include_resolved=args.all,
+            reveal=args.reveal,
+        )
+        _emit({"claims": listed})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_claims_accept(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.claims import accept_claim
+    from gateway.http.errors import NotFound
+
+    async def work(storage: Storage) -> int:
+        try:
+            _emit(await accept_claim(storage, args.claim_id, f"cli:{getpass.getuser()}"))
+        except NotFound:
+            raise UsageError(f"no claim {args.claim_id}") from None
+        return 0
+
+    return _run_storage(settings, work)
+
+
+async def _personal_data(storage: Storage, settings: Settings) -> Any:
+    from gateway.http.context import load_personal_data
+
+    sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
+    return await load_personal_data(storage, sealer)
+
+
+def cmd_venues_add(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.errors import ApiError
+    from gateway.http.people import parse_venue
+    from gateway.http.venues import register_venue
+
+    keyring = _open_keyring(settings)
+    doc = {
+        "name": args.name,
+        "phone": args.phone,
+        "address": args.address,
+        "province": args.province,
+        "kind": args.kind,
+    }
+    try:
+        form = parse_venue(doc)
+    except ApiError as exc:
+        raise UsageError(exc.detail) from None
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        _emit(await register_venue(storage, keyring, personal, args.app, form))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        venue = await storage.venue(args.venue_id)
+        if venue is None:
+            raise UsageError(f"no registered venue {args.venue_id}")
+        changed = await storage.revoke_venue(args.venue_id, int(time.time() * 1000))
+        await storage.audit(f"cli:{getpass.getuser()}", "venue_revoked", args.venue_id)
+        _emit({"venue_id": args.venue_id, "revoked": True, "already": not changed})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_staff_token(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.venues import new_staff_token
+
+    async def work(storage: Storage) -> int:
+        venue = await storage.venue(args.venue_id)
+        if venue is None:
+            raise UsageError(f"no registered venue {args.venue_id}")
+        _emit(await new_staff_token(storage, venue))
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_revoke_staff_token(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        if not await storage.revoke_staff_token(args.token_id, int(time.time() * 1000)):
+            raise UsageError(f"no live staff token {args.token_id}")
+        _emit({"token_id": args.token_id, "revoked": True})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_venues_poster(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.venues import poster
+
+    suffix = args.output.suffix.lower().lstrip(".")
+    if suffix not in ("svg", "png", "pdf"):
+        raise UsageError(f"{args.output.name}: the output must end in .svg, .png or .pdf")
+    keyring = _open_keyring(settings)
+
+    async def work(storage: Storage) -> int:
+        venue = await storage.venue(args.venue_id)
+        if venue is None or (args.app is not None and venue.app_id != args.app):
+            raise UsageError(f"no venue {args.venue_id} registered by app {args.app}")
+        args.output.write_bytes(poster(keyring, venue, suffix))
+        _emit({"venue_id": venue.venue_id, "file": str(args.output)})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+# -- cases, notices and reports --------------------------------------------------------------
+
+
+def cmd_apps_set_webhook(args: argparse.Namespace, settings: Settings) -> int:
+    secret = _open_keyring(settings).set_webhook(args.app_id, args.url)
+    _emit({"app_id": args.app_id, "url": args.url, "secret": secret})
+    return 0
+
+
+def cmd_cases_add(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.cases import audit_preview, check_case_request, plan_case, record_case
+    from gateway.http.errors import ApiError
+
+    now_ms = int(time.time() * 1000)
+    raw = args.confirmed_at
+    try:
+        person_id, confirmed_at_ms, note = check_case_request(
+            {
+                "person_id": args.person_id,
+                "confirmed_at": int(raw) if raw.isdecimal() else raw,
+                "note": args.note,
+            },
+            now_ms,
+            int(settings.clock_skew_s * 1000),
+            int(settings.retention_s * 1000),
+        )
+    except ApiError as exc:
+        raise UsageError(exc.detail) from None
+    keyring = _open_keyring(settings)
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(storage: Storage) -> int:
+        known = None if args.dry_run else await storage.case_confirmed(person_id, confirmed_at_ms)
+        if known is not None:  # the same case again: the one already recorded
+            _emit({"case_id": known.case_id, "contacts": known.contacts, "notices": known.notices})
+            return 0
+        personal = await _personal_data(storage, settings)
+        plan = await plan_case(storage, keyring, personal, person_id, confirmed_at_ms, note, actor)
+        if args.dry_run:
+            await audit_preview(storage, plan)
+            _emit(plan.preview())
+            return 0
+        await record_case(storage, plan)
+        _emit(
+            {"case_id": plan.case.case_id, "contacts": plan.contacts, "notices": len(plan.notices)}
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_cases_show(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.cases import read_case
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        shown = await read_case(storage, personal, args.case_id, f"cli:{getpass.getuser()}")
+        if shown is None:
+            raise UsageError(f"no case {args.case_id}")
+        _emit(shown)
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.report_chart import render_chart
+    from gateway.http.reports import build_report, report_json, report_range
+    from storage.reports import rows_to_csv
+
+    try:
+        first_day, last_day = report_range(args.first, args.last)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.format == "png" and args.output is None:
+        raise UsageError("--format png writes a file: give -o FILE.png")
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(storage: Storage) -> int:
+        rows = await build_report(storage, first_day, last_day, args.by, settings.timezone)
+        await storage.audit(actor, "report", args.by, f"from={first_day} to={last_day}")
+        if args.format == "png":
+            args.output.write_bytes(render_chart(rows, args.by, first_day, last_day))
+            _emit({"file": str(args.output), "rows": len(rows)})
+            return 0
+        if args.format == "csv":
+            text = rows_to_csv(rows)
+        else:
+            text = (
+                orjson.dumps(
+                    report_json(rows, first_day, last_day, args.by, settings.timezone)
+                ).decode()
+                + "\n"
+            )
+        if args.output is None:
+            sys.stdout.write(text)
+        else:
+            args.output.write_text(text, encoding="utf-8", newline="")
+            _emit({"file": str(args.output), "rows": len(rows)})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
+    """The outbox worker alone, until SIGTERM or SIGINT (serve's workers run one each)."""
+    from gateway.background import Periodic
+    from gateway.outbox.notifier import Notifier, run_until
+    from gateway.outbox.sms import make_sms_sender
+    from gateway.run.server import stop_on_signals
+
+    keyring = _open_keyring(settings)
+
+    async def work(storage: Storage) -> int:
+        personal = await _personal_data(storage, settings)
+        sms = make_sms_sender(settings)
+        notifier = Notifier(storage, keyring, personal, sms, settings)
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+
+        async def refresh_keyring() -> None:  # webhooks set with the CLI reach us in 2 s
+            await asyncio.to_thread(keyring.refresh)
+
+        refresher = Periodic("keyring-refresh", refresh_keyring, 2.0)
+        logging.getLogger(__name__).info("notifier %s delivering notices", notifier.owner)
+        try:
+            await run_until(stop, notifier, settings.notice_poll_s)
+        finally:
+            await refresher.stop()
+            await notifier.close()
+            await sms.close()
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", args.name):
+        raise UsageError("NAME: 1 to 64 characters of A-Za-z0-9_.@-")
+
+    async def work(storage: Storage) -> int:
+        token = await storage.add_admin(args.name)
+        await storage.audit(f"cli:{getpass.getuser()}", "admin_added", args.name)
+        _emit({"name": args.name, "token": token})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_admins_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        _emit(
+            [
+                {
+                    "name": a.name,
+                    "created_at": format_time_ms(a.created_at_ms),
+                    "revoked_at": _time_or_none(a.revoked_at_ms),
+                }
+                for a in await storage.admins()
+            ]
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(storage: Storage) -> int:
+        revoked = await storage.revoke_admin(args.name)
+        if revoked is None:
+            raise UsageError(f"no admin {args.name!r}")
+        await storage.audit(f"cli:{getpass.getuser()}", "admin_revoked", args.name)
+        _emit({"name": args.name, "revoked": True, "already": not revoked})
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.audit import audit_query, entries_json, next_after, read_audit_log
+
+    given = {
+        "since": args.since,
+        "actor": args.actor,
+        "action": args.action,
+        "after": args.after,
+        "limit": args.limit,
+    }
+    try:
+        query = audit_query(
+            {k: v for k, v in given.items() if v is not None},
+            int(time.time() * 1000),
+            max_limit=CLI_MAX_AUDIT_ENTRIES,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def work(storage: Storage) -> int:
+        records = await read_audit_log(storage, query, f"cli:{getpass.getuser()}")
+        _emit(entries_json(records))
+        following = next_after(records, query)
+        if following is not None:
+            sys.stderr.write(f"{PROG}: more entries: add --after {following}\n")
+        return 0
+
+    return _run_storage(settings, work)
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    cutoff_ms = int((time.time() - settings.retention_s) * 1000)
+    audit_cutoff_ms = int((time.time() - settings.audit_retention_s) * 1000)
+
+    async def work(storage: Storage) -> int:
+        from gateway.pipeline.flusher import pairing_rules, with_venue_stays
+
+        # The flusher's rules: what retention keeps at its cutoff depends on the stays.
+        rules = with_venue_stays(pairing_rules(settings), settings, await storage.venue_kinds())
+        result = await storage.purge(cutoff_ms, rules)
+        cases = await storage.purge_cases(cutoff_ms)
+        audit_entries = await storage.purge_audit(audit_cutoff_ms)
+        _emit(
+            {
+                "cutoff": format_time_ms(cutoff_ms),
+                "events": result.events,
+                "visits": result.visits,
+                "partitions_dropped": result.partitions_dropped,
+                "cases": cases,
+                "audit_cutoff": format_time_ms(audit_cutoff_ms),
+                "audit_entries": audit_entries,
+            }
+        )
+        return 0
+
+    return _run_storage(settings, work)
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="keyring, master key file, SQLite file, ... (default: $SCANGATE_DATA_DIR "
+        "or ./scangate-data)",
+    )
+
+    parser = _Parser(
+        prog=PROG,
+        parents=[common],
+        description="scangate: scan ingestion gateway for QR health check-in. Verifies "
+        "check-in/check-out scans signed with per-app keys, de-duplicates them, buffers them "
+        "in Redis streams and pairs them into visits for contact tracing.",
+        epilog="Each command has its own --help. Settings come from SCANGATE_* variables "
+        "(see README).",
+    )
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=_Parser)
+    groups.required = True
+
+    def leaf(sub: Any, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, parents=[common], help=help_, description=help_
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    p: argparse.ArgumentParser = groups.add_parser(
+        "serve",
+        parents=[common],
+        help="run the HTTP gateway (embedded Valkey unless SCANGATE_REDIS_URL is set)",
+        description="Run the HTTP gateway: the /v1 API (see /openapi.json), the web pages "
+        "(/, /khai-bao, ...), /healthz, /readyz, /metrics; each worker also delivers "
+        "exposure notices. With SCANGATE_REDIS_URL unset it starts a Valkey server under "
+        "the data dir (append-only file on) and stops it on exit. SIGTERM stops accepting, "
+        "finishes requests in flight and exits 0.",
+    )
+    p.set_defaults(handler=cmd_serve)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes sharing the port with SO_REUSEPORT (default 1)",
+    )
+    p.add_argument(
+        "--flushers",
+        type=int,
+        metavar="N",
+        help="flusher processes to start (default 1 on SQLite, 2 on PostgreSQL)",
+    )
+    p.add_argument(
+        "--no-flusher",
+        action="store_true",
+        help="start no flusher process (run scangate flush elsewhere); same as --flushers 0",
+    )
+
+    leaf(
+        groups,
+        "migrate",
+        cmd_migrate,
+        "apply pending schema migrations to SCANGATE_STORAGE_URL (also done at start-up)",
+    )
+    p = leaf(
+        groups,
+        "flush",
+        cmd_flush,
+        "run a flusher: move buffered scans from Redis into storage until SIGTERM",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this flusher's Prometheus metrics on HOST:PORT",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 in a container)",
+    )
+    p = leaf(
+        groups,
+        "trace",
+        cmd_trace,
+        "contacts of a person: one row per pair of overlapping visits (audit-logged)",
+    )
+    p.add_argument(
+        "person_id", metavar="PERSON_ID", type=_entity_id, nargs="?", help="the case's person id"
+    )
+    p.add_argument(
+        "--national-id",
+        metavar="NUMBER",
+        help="instead of PERSON_ID: everyone this id number names (every claimant, and the "
+        "person its ID card was recorded under at the doors), with their visits; JSON only",
+    )
+    p.add_argument("--days", type=int, default=14, help="how far back (default 14)")
+    p.add_argument(
+        "--margin",
+        default="60m",
+        metavar="DURATION",
+        help="widen the case's visits by this on both sides (default 60m)",
+    )
+    p.add_argument(
+        "--min-overlap",
+        default="10m",
+        metavar="DURATION",
+        help="shortest overlap that counts (default 10m)",
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2 adds the contacts of each contact (default 1)",
+    )
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument(
+        "--reveal",
+        action="store_true",
+        help="add each contact's full_name and phone (decrypted; the reveal is audit-logged)",
+    )
+    leaf(
+        groups,
+        "purge",
+        cmd_purge,
+        "delete events, visits and cases older than SCANGATE_RETENTION, and audit entries "
+        "older than SCANGATE_AUDIT_RETENTION (the flusher does it daily); a visit still open "
+        "at the cutoff stays until a later purge",
+    )
+    p = leaf(
+        groups,
+        "audit",
+        cmd_audit,
+        "read the audit log (who traced, revealed, read or changed what): a JSON array of "
+        "{id, at, actor, action, subject, detail}, oldest first; this read is logged too",
+    )
+    p.add_argument(
+        "--since",
+        metavar="DURATION_OR_TIME",
+        help="entries from this long ago (7d, 12h) or from this time (RFC 3339 with an "
+        "offset, or epoch ms); default 1d",
+    )
+    p.add_argument("--actor", metavar="NAME", help="only this actor, e.g. admin:officer1, cli:root")
+    p.add_argument(
+        "--action",
+        metavar="NAME",
+        help="only this action, e.g. trace, reveal, case_read, admin_revoked",
+    )
+    p.add_argument(
+        "--after",
+        metavar="ID",
+        help="entries after this id (a full page says on stderr which id to continue after)",
+    )
+    p.add_argument(
+        "--limit",
+        metavar="N",
+        help=f"at most N entries (default 100, at most {CLI_MAX_AUDIT_ENTRIES})",
+    )
+    venues = groups.add_parser(
+        "venues",
+        help="venues: register, revoke, door-staff tokens, posters",
+        description="Venues: register, revoke, door-staff tokens, posters.",
+    )
+    venues_sub = venues.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    venues_sub.required = True
+    p = leaf(
+        venues_sub,
+        "add",
+        cmd_venues_add,
+        "register a venue for an app; prints {venue_id, code}",
+    )
+    p.add_argument("--app", required=True, metavar="APP_ID", help="the app that issues its code")
+    p.add_argument("--name", required=True, help="the venue's name, as on its poster")
+    p.add_argument("--phone", required=True, help="a Vietnamese mobile number (kept encrypted)")
+    p.add_argument("--address", required=True)
+    p.add_argument("--province", required=True)
+    p.add_argument(
+        "--kind",
+        default="other",
+        choices=VENUE_KINDS,
+        help="what the venue is; some kinds have a longer maximum stay (default other)",
+    )
+    p = leaf(
+        venues_sub,
+        "revoke",
+        cmd_venues_revoke,
+        "refuse the venue's code from now on (gateways pick it up within 2 s)",
+    )
+    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p = leaf(
+        venues_sub,
+        "staff-token",
+        cmd_venues_staff_token,
+        "a token for manual check-ins at this venue only; prints {token, token_id, venue_id}",
+    )
+    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p = leaf(
+        venues_sub,
+        "revoke-staff-token",
+        cmd_venues_revoke_staff_token,
+        "revoke a door-staff token by its token_id",
+    )
+    p.add_argument("token_id", metavar="TOKEN_ID", type=_entity_id)
+    p = leaf(
+        venues_sub,
+        "poster",
+        cmd_venues_poster,
+        "write the venue's printable A4 poster (.svg, .png or .pdf)",
+    )
+    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p.add_argument("--app", metavar="APP_ID", help="check the venue belongs to this app")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+
+    claims = groups.add_parser(
+        "claims",
+        help="national ids claimed by more than one declaration: list, accept one",
+        description="A declaration claims a national id for the person it makes; several "
+        "claims on one id compete (none is refused) until an official accepts one, which "
+        "rejects the others. Reads and decisions are audit-logged.",
+    )
+    claims_sub = claims.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    claims_sub.required = True
+    p = leaf(
+        claims_sub,
+        "list",
+        cmd_claims_list,
+        "claims on ids claimed more than once, grouped; unresolved ones unless --all",
+    )
+    p.add_argument("--all", action="store_true", help="also the groups already resolved")
+    p.add_argument(
+        "--reveal",
+        action="store_true",
+        help="add each claimant's declared full_name and phone (decrypted; audit-logged)",
+    )
+    p = leaf(
+        claims_sub,
+        "accept",
+        cmd_claims_accept,
+        "accept a claim: it stands, every other claim on the same id is rejected",
+    )
+    p.add_argument("claim_id", metavar="CLAIM_ID", type=_entity_id)
+
+    admins = groups.add_parser(
+        "admins",
+        help="health officials' admin tokens",
+        description="Admin tokens of health officials: tracing, cases, reports and the audit "
+        "log over HTTP. Tokens are checked against storage on every request.",
+    )
+    admins_sub = admins.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    admins_sub.required = True
+    p = leaf(
+        admins_sub,
+        "add",
+        cmd_admins_add,
+        "register an admin; prints {name, token} (the token only now)",
+    )
+    p.add_argument("name", metavar="NAME")
+    leaf(
+        admins_sub,
+        "list",
+        cmd_admins_list,
+        "list admins as a JSON array of {name, created_at, revoked_at}, never their tokens",
+    )
+    p = leaf(
+        admins_sub,
+        "revoke",
+        cmd_admins_revoke,
+        "refuse the admin's token from now on (401 on its next request); prints {name, "
+        "revoked, already}. Adding the name again issues a new token",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    apps = groups.add_parser(
+        "apps",
+        help="apps that issue codes: keys and tokens",
+        description="Apps that issue codes: keys and tokens.",
+    )
+    apps_sub = apps.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    apps_sub.required = True
+    p = leaf(
+        apps_sub,
+        "add",
+        cmd_apps_add,
+        "register an app; prints {app_id, prefix, kid, token, token_id} (the token only now)",
+    )
+    p.add_argument("app_id", metavar="APP_ID", help="2 to 16 characters of a-z0-9")
+    p.add_argument(
+        "--prefix",
+        metavar="PFX",
+        help="code prefix, 1 to 16 of A-Z0-9 (default: APP_ID upper-cased)",
+    )
+    p.add_argument(
+        "--name",
+        metavar="NAME",
+        help='the name people see on posters, e.g. "Vietnam Health Declaration"',
+    )
+    p = leaf(
+        apps_sub,
+        "rotate",
+        cmd_apps_rotate,
+        "add a signing key and make it active; older codes keep verifying",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "retire",
+        cmd_apps_retire,
+        "remove a signing key: its codes, printed posters included, stop verifying",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p.add_argument("kid", metavar="KID", help="key id as printed, e.g. K1")
+    p = leaf(
+        apps_sub,
+        "token",
+        cmd_apps_token,
+        "mint another API token for an app; prints {app_id, token, token_id} (the token only now)",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "tokens",
+        cmd_apps_tokens,
+        "list an app's API tokens as a JSON array of {token_id, created_at, last_used_at, "
+        "revoked_at}, never the tokens; last use is to the minute, written by each gateway "
+        "every SCANGATE_LAST_USE_FLUSH",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p = leaf(
+        apps_sub,
+        "revoke-token",
+        cmd_apps_revoke_token,
+        "refuse an API token from now on (401 on every gateway within 2 s, within 5 s on "
+        "hosts sharing PostgreSQL); prints {token_id, app_id, revoked, already}",
+    )
+    p.add_argument(
+        "token_id",
+        metavar="TOKEN_ID",
+        help="as apps tokens lists it (tok_ and 12 hex digits: the first 12 of the token's "
+        "SHA-256, so a leaked token tells its id)",
+    )
+    leaf(apps_sub, "list", cmd_apps_list, "list apps as a JSON array (no secrets)")
+
+    p = leaf(
+        apps_sub,
+        "set-webhook",
+        cmd_apps_set_webhook,
+        "where the app's exposure notices are POSTed; prints {app_id, url, secret} "
+        "(the signing secret only now; setting it again makes a new one)",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p.add_argument("url", metavar="URL", help="https://... (http:// only to localhost)")
+
+    cases = groups.add_parser(
+        "cases",
+        help="confirmed cases: exposure notices to their contacts",
+        description="Record a confirmed case: its contacts (the trace over the 14 days "
+        "before confirmation) are notified through their apps' webhooks, or by SMS.",
+    )
+    cases_sub = cases.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    cases_sub.required = True
+    p = leaf(
+        cases_sub,
+        "add",
+        cmd_cases_add,
+        "record a case and queue its notices; prints {case_id, contacts, notices} (audit-logged)",
+    )
+    p.add_argument("person_id", metavar="PERSON_ID", type=_entity_id)
+    p.add_argument(
+        "--confirmed-at",
+        required=True,
+        metavar="TIME",
+        help="RFC 3339 with an offset (2026-11-25T09:30:00+07:00) or epoch milliseconds",
+    )
+    p.add_argument("--note", help="free text for officials (stored encrypted)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the contacts and the notices that would be sent; store and send nothing",
+    )
+    p = leaf(
+        cases_sub,
+        "show",
+        cmd_cases_show,
+        "a case and each notice's delivery state (audit-logged as case_read)",
+    )
+    p.add_argument("case_id", metavar="CASE_ID", type=_entity_id)
+    p = leaf(
+        groups,
+        "report",
+        cmd_report,
+        "daily report per province, venue kind or venue: scans, check-ins, persons, visits, "
+        "median stay, peak occupancy (days in SCANGATE_TIMEZONE)",
+    )
+    p.add_argument("--from", dest="first", required=True, metavar="YYYY-MM-DD", help="first day")
+    p.add_argument(
+        "--to", dest="last", required=True, metavar="YYYY-MM-DD", help="last day (at most 92)"
+    )
+    p.add_argument("--by", choices=("province", "venue_kind", "venue"), default="province")
+    p.add_argument(
+        "--format",
+        choices=("json", "csv", "png"),
+        default="json",
+        help="png: a chart for a steering committee (needs -o)",
+    )
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
+    leaf(
+        groups,
+        "notify",
+        cmd_notify,
+        "deliver exposure notices from the outbox until SIGTERM (serve's workers do too)",
+    )
+
+    codes = groups.add_parser(
+        "codes",
+        help="issue, verify and render codes",
+        description="Issue, verify and render venue and person codes.",
+    )
+    codes_sub = codes.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    codes_sub.required = True
+    p = leaf(codes_sub, "issue", cmd_codes_issue, "issue a code; prints the code alone")
+    p.add_argument("--app", required=True, metavar="APP_ID")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--venue", type=_entity_id, metavar="ID", help="venue id (A-Z0-9, 1-16)")
+    who.add_argument("--person", type=_entity_id, metavar="ID", help="person id (A-Z0-9, 1-16)")
+    p.add_argument(
+        "--ttl",
+        type=_duration,
+        metavar="DURATION",
+        help="person codes: validity, e.g. 7d (default 7d)",
+    )
+    p = leaf(
+        codes_sub,
+        "verify",
+        cmd_codes_verify,
+        "verify a code with an app's keys; prints {valid, reason, type, id, kid}; "
+        "exit 0 valid, 1 not",
+    )
+    p.add_argument("--app", required=True, metavar="APP_ID")
+    p.add_argument("code", metavar="CODE")
+    p = leaf(codes_sub, "render", cmd_codes_render, "render a code as a QR image")
+    p.add_argument("code", metavar="CODE")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.svg or FILE.png")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            os.environ if env is None else env,
+            data_dir=Path(args.data_dir) if "data_dir" in args else None,
+        )
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except (UsageError, SigningError, SettingsError, StorageError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""``scangate serve``: a supervisor process and N gateway worker processes.
+
+The supervisor starts the embedded Valkey server when no Redis URL is configured, points
+prometheus_client's multiprocess directory at a fresh folder (so ``/metrics`` of any worker
+reports all of them), starts the workers (each binds the same port with SO_REUSEPORT),
+restarts a worker that dies, and on SIGTERM or SIGINT stops the workers gracefully (each
+stops accepting, finishes requests in flight within the shutdown deadline, exits), then the
+embedded server, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any, Final
+
+from gateway.settings import Settings
+from signing import Keyring, Sealer, load_master_key
+from storage.keyring_store import keyring_store
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_DEADLINE_S: Final = 20.0
+WORKER_START_TIMEOUT_S: Final = 60.0
+RESTART_BACKOFF_S: Final = 1.0
+GC_GEN0_THRESHOLD: Final = 20_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    flushers: int = 1
+    shutdown_deadline_s: float = SHUTDOWN_DEADLINE_S
+
+
+def serve(settings: Settings, options: ServeOptions) -> int:
+    """Run until SIGTERM or SIGINT; the exit status."""
+    from gateway.run.embedded import (  # imported here: only serve needs it
+        RedisProcess,
+        valkey_binary,
+    )
+
+    stop_requested = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Open the keyring once here: a missing or wrong master key fails now, on one line,
+    # not in every worker; and a generated key file is made once, not raced for.
+    store = keyring_store(settings.resolved_storage_url, settings.keyring_path)
+    try:
+        Keyring(store, Sealer(load_master_key(settings.master_key, settings.data_dir)))
+    finally:
+        store.close()
+    metrics_dir = settings.data_dir / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+
+    embedded: RedisProcess | None = None
+    if settings.redis_url is None:
+        embedded = RedisProcess(
+            valkey_binary(),
+            settings.data_dir / "valkey",
+            unix_socket=True,
+            appendonly=True,
+            appendfsync=settings.redis_fsync,
+        )
+        embedded.start()
+        log.info("embedded Valkey started (%s, append-only file on)", embedded.url)
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
+
+    ctx = multiprocessing.get_context("spawn")
+    ready: Any = ctx.Queue()
+    workers: dict[int, BaseProcess] = {}
+
+    # Slots 0..N-1 are gateway workers; slots -1..-M are the flushers.
+    def start_worker(slot: int) -> None:
+        if slot < 0:
+            proc = ctx.Process(
+                target=run_flusher, args=(settings,), name=f"scangate-flusher-{-slot}"
+            )
+        else:
+            proc = ctx.Process(
+                target=run_worker, args=(settings, options, ready), name=f"scangate-worker-{slot}"
+            )
+        proc.start()
+        workers[slot] = proc
+
+    try:
+        for slot in range(options.workers):
+            start_worker(slot)
+        if not _await_ready(ready, options.workers, lambda: stop_requested):
+            log.error("workers did not start; stopping")
+            return 1
+        for slot in range(1, options.flushers + 1):
+            start_worker(-slot)
+        log.info(
+            "scangate listening on http://%s:%d (%d worker%s)",
+            options.host,
+            options.port,
+            options.workers,
+            "" if options.workers == 1 else "s",
+        )
+        while not stop_requested:
+            time.sleep(0.2)
+            for slot, proc in list(workers.items()):
+                if not proc.is_alive() and not stop_requested:
+                    log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
+                    _forget_dead_process(proc.pid)
+                    time.sleep(RESTART_BACKOFF_S)
+                    start_worker(slot)
+        log.info(
+            "stopping: finishing requests in flight (deadline %.0fs)", options.shutdown_deadline_s
+        )
+        return 0
+    finally:
+        _stop_all(list(workers.values()), options.shutdown_deadline_s + 5)
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded Valkey stopped")
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _await_ready(ready: Any, n: int, stopping: Any) -> bool:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    started = 0
+    while started < n and time.monotonic() < deadline and not stopping():
+        try:
+            kind, detail = ready.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if kind != "ready":
+            log.error("a worker failed to start: %s", detail)
+            return False
+        started += 1
+    return started == n
+
+
+def _stop_all(procs: list[BaseProcess], deadline_s: float) -> None:
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + deadline_s
+    for proc in procs:
+        proc.join(max(0.0, end - time.monotonic()))
+        if proc.is_alive():
+            log.warning("worker %s did not stop in time: killing it", proc.pid)
+            proc.kill()
+            proc.join(5)
+
+
+def _forget_dead_process(pid: int | None) -> None:
+    if pid is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+# -- worker process --------------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
+    """One gateway process: serve until SIGTERM/SIGINT, then shut down gracefully."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    try:
+        import uvloop
+
+        uvloop.run(_serve_worker(settings, options, ready))
+    except OSError as exc:
+        # The port is taken, or the address cannot be bound: the supervisor says so on one
+        # line; a traceback would add nothing.
+        ready.put(("failed", f"{exc.strerror or exc}"))
+        raise SystemExit(1) from None
+    except Exception as exc:
+        ready.put(("failed", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
+    from aiohttp import web
+
+    from gateway.http.app import create_app
+
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+
+    app = create_app(settings, workers=options.workers)
+    calm_collector()
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=options.shutdown_deadline_s, handle_signals=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, options.host, options.port, reuse_port=True, backlog=2048)
+    await site.start()
+    ready.put(("ready", os.getpid()))
+    await stop.wait()
+    # Stop accepting, let requests in flight finish (bounded by shutdown_timeout), close.
+    await runner.cleanup()
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set ``stop`` on the first SIGTERM or SIGINT; ignore any that follow.
+
+    A second signal comes from an impatient operator or a service manager that signals
+    every process of the group, and lands while the process is already stopping, often in
+    its tear-down. Not ``loop.add_signal_handler``: closing the loop puts the default
+    actions back, and so does the interpreter's exit for a handler written in Python, so
+    that second SIGTERM would kill a process that was stopping cleanly (status -15, not 0).
+    An ignored signal stays ignored to the end."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def calm_collector() -> None:
+    """Everything made so far lives as long as the process: keep the collector off it, and
+    collect the young generation less often (a request allocates hundreds of objects, a
+    flushed batch hundreds of thousands)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+
+
+# -- flusher process -------------------------------------------------------------------------
+
+
+def run_flusher(
+    settings: Settings, metrics_port: int | None = None, metrics_host: str = "127.0.0.1"
+) -> int:
+    """A flusher process: flush until SIGTERM/SIGINT, finishing the batch in hand."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    import uvloop
+
+    return uvloop.run(_flush_until_stopped(settings, metrics_port, metrics_host))
+
+
+async def _flush_until_stopped(
+    settings: Settings, metrics_port: int | None, metrics_host: str
+) -> int:
+    from gateway.metrics import FlusherMetrics
+    from gateway.pipeline.buffer import connect_redis
+    from gateway.pipeline.flusher import Flusher
+    from storage import connect_storage
+
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    assert settings.redis_url is not None
+    metrics = FlusherMetrics()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+    storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
+    client = connect_redis(settings.redis_url, settings.redis_cluster)
+    calm_collector()
+    try:
+        await Flusher(client, storage, settings, metrics).run(stop)
+    finally:
+        await client.aclose()
+        await storage.close()
+    return 0
