@@ -33,6 +33,7 @@ from gateway.http.people import (
     MAX_RELATIONSHIP_CHARS,
     MAX_VENUE_NAME_CHARS,
 )
+from gateway.http.scans import MAX_EVENTS
 from gateway.http.venues import POSTER_TYPES, STAFF_TOKEN_PREFIX
 from gateway.pipeline.events import EVENT_ID_PATTERN, EVENT_REASONS, KINDS, MAX_DEVICE_ID_CHARS
 from signing.codes import ID_PATTERN, MAX_CODE_CHARS, PREFIX_PATTERN
@@ -1198,9 +1199,6 @@ def _paths(max_events: int) -> dict[str, Schema]:
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route ``create_app`` registers: a fresh copy, so a
     caller that changes it (tools resolve references in place) changes nothing else."""
-    # Imported here: gateway.app imports this module to register the route.
-    from gateway.http.scans import MAX_EVENTS
-
     document = {
         "openapi": OPENAPI_VERSION,
         "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
