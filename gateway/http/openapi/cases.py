@@ -1,0 +1,152 @@
+"""Confirmed cases: an official records one and its contacts are notified
+(``POST /v1/cases``), reads one back with each notice's delivery state, and apps fetch the
+venue windows where cases were present, without person ids (``GET /v1/risky-venues``)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from gateway.http.cases import MAX_NOTE_CHARS
+from gateway.http.openapi.schemas import (
+    ADMIN,
+    APP,
+    NO_STORE,
+    TIMESTAMP,
+    VENUE_ID_MEMBER,
+    Schema,
+    _body_errors,
+    _error,
+    _json,
+    _json_body,
+    _object,
+    _path_param,
+    _query,
+    _unauthorized,
+)
+from storage.times import MAX_EPOCH_MS
+
+CASE_REQUEST: Final[Schema] = {
+    "type": "object",
+    "required": ["person_id", "confirmed_at"],
+    "properties": {
+        "person_id": {"$ref": "#/components/schemas/Id"},
+        "confirmed_at": {
+            "oneOf": [
+                TIMESTAMP,
+                {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS},
+            ]
+        },
+        "note": {"type": "string", "maxLength": MAX_NOTE_CHARS},
+    },
+}
+
+SCHEMAS: Final[dict[str, Schema]] = {"CaseRequest": CASE_REQUEST}
+
+PATHS: Final[dict[str, Schema]] = {
+    "/v1/cases": {
+        "post": {
+            "operationId": "postCase",
+            "summary": "Record a confirmed case; its contacts are notified (audit-logged)",
+            "description": "Contacts: the trace over the 14 days before confirmed_at. "
+            "Each is notified through every app with a webhook that posted their scans, "
+            "else by SMS when a phone is on record. dry_run=1 stores and sends nothing.",
+            "security": ADMIN,
+            "parameters": [
+                _query(
+                    "dry_run",
+                    {"enum": [0, 1], "default": 0},
+                    "1: list the contacts and notices; create and send nothing.",
+                )
+            ],
+            "requestBody": _json_body("CaseRequest"),
+            "responses": {
+                "201": _json(
+                    _object(
+                        {
+                            "case_id": {"$ref": "#/components/schemas/Id"},
+                            "contacts": {"type": "integer", "minimum": 0},
+                            "notices": {"type": "integer", "minimum": 0},
+                        }
+                    ),
+                    "The case is recorded and its notices queued",
+                ),
+                "200": _json(
+                    {
+                        "oneOf": [
+                            _object(
+                                {
+                                    "contacts": {"type": "integer", "minimum": 0},
+                                    "notices": {"type": "integer", "minimum": 0},
+                                    "unreachable": {"type": "integer", "minimum": 0},
+                                    "exposures": {
+                                        "type": "array",
+                                        "items": {"type": "object"},
+                                    },
+                                }
+                            ),
+                            _object(
+                                {
+                                    "case_id": {"$ref": "#/components/schemas/Id"},
+                                    "contacts": {"type": "integer", "minimum": 0},
+                                    "notices": {"type": "integer", "minimum": 0},
+                                }
+                            ),
+                        ]
+                    },
+                    "The dry run's preview; or, for a case already recorded with this "
+                    "person and confirmed_at, that case (nothing is sent again)",
+                ),
+                **_body_errors("malformed_json", "invalid_request", "invalid_field"),
+                **_unauthorized("no admin token, or an unknown one"),
+            },
+        }
+    },
+    "/v1/cases/{case_id}": {
+        "get": {
+            "operationId": "getCase",
+            "summary": "A case and each notice's delivery state (audit-logged)",
+            "description": "Every read, found or not, is written to the audit log as case_read.",
+            "security": ADMIN,
+            "parameters": [_path_param("case_id", {"$ref": "#/components/schemas/Id"})],
+            "responses": {
+                "200": _json({"type": "object"}, "The case", NO_STORE),
+                **_unauthorized("no admin token, or an unknown one"),
+                **_error(404, "no such case", "not_found"),
+            },
+        }
+    },
+    "/v1/risky-venues": {
+        "get": {
+            "operationId": "getRiskyVenues",
+            "summary": "Venue windows where cases were present, without person ids",
+            "description": "For matching on the device. Overlapping windows at a venue "
+            "are merged; times are epoch milliseconds.",
+            "security": APP,
+            "parameters": [
+                _query(
+                    "since",
+                    {"type": "integer", "minimum": 0},
+                    "Windows ending at or after this (epoch ms; default 14 days ago).",
+                )
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "array",
+                        "items": _object(
+                            {
+                                **VENUE_ID_MEMBER,
+                                "from": {"type": "integer"},
+                                "to": {"type": "integer"},
+                                "level": {"enum": ["high", "low"]},
+                            }
+                        ),
+                    },
+                    "The windows",
+                ),
+                **_error(400, "since is not epoch milliseconds", "invalid_request"),
+                **_unauthorized("no app token, or an unknown one"),
+            },
+        }
+    },
+}

@@ -1,0 +1,314 @@
+"""What officials do with an admin token: trace a person's contacts (by id, or by a
+national id number), settle national ids claimed more than once, read the audit log, and the
+daily reports. Every read of personal data is audit-logged."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from gateway.http.audit import DEFAULT_LIMIT, MAX_FILTER_CHARS, MAX_LIMIT
+from gateway.http.context import JSON
+from gateway.http.openapi.schemas import (
+    ADMIN,
+    NO_STORE,
+    PERSON_ID,
+    TIMESTAMP,
+    Schema,
+    _body_errors,
+    _error,
+    _json,
+    _object,
+    _path_param,
+    _query,
+    _unauthorized,
+)
+
+CLAIM: Final[Schema] = _object(
+    {
+        "claim_id": {"$ref": "#/components/schemas/Id"},
+        "competing_group": {"$ref": "#/components/schemas/Id"},
+        "person_id": {"$ref": "#/components/schemas/Id"},
+        "claimed_at": TIMESTAMP,
+        "state": {"enum": ["open", "accepted", "rejected"]},
+        "resolved_by": {"type": ["string", "null"]},
+        "resolved_at": {"anyOf": [TIMESTAMP, {"type": "null"}]},
+        "full_name": {"type": ["string", "null"]},
+        "phone": {"type": ["string", "null"]},
+    },
+    required=["claim_id", "competing_group", "person_id", "claimed_at", "state"],
+)
+
+CONTACT: Final[Schema] = _object(
+    {
+        "person_id": {"$ref": "#/components/schemas/Id"},
+        "venue_id": {"$ref": "#/components/schemas/Id"},
+        "overlap_start": TIMESTAMP,
+        "overlap_end": TIMESTAMP,
+        "overlap_minutes": {"type": "number", "minimum": 0},
+        "depth": {"enum": [1, 2]},
+        "via": {
+            "$ref": "#/components/schemas/Id",
+            "description": "Depth-2 rows: the depth-1 contact they came through.",
+        },
+        "full_name": {"type": ["string", "null"], "description": "With reveal=1."},
+        "phone": {"type": ["string", "null"], "description": "With reveal=1."},
+    },
+    required=["person_id", "venue_id", "overlap_start", "overlap_end", "overlap_minutes", "depth"],
+)
+
+AUDIT_ENTRY: Final[Schema] = _object(
+    {
+        "id": {"type": "integer", "minimum": 1, "description": "In the order of writing."},
+        "at": TIMESTAMP,
+        "actor": {"type": "string", "description": "admin:NAME, cli:USER, ..."},
+        "action": {"type": "string", "description": "trace, reveal, case_read, ..."},
+        "subject": {"type": "string", "description": "Whom or what it was about."},
+        "detail": {"type": "string"},
+    }
+)
+
+SCHEMAS: Final[dict[str, Schema]] = {"Contact": CONTACT, "AuditEntry": AUDIT_ENTRY}
+
+PATHS: Final[dict[str, Schema]] = {
+    "/v1/trace/{person_id}": {
+        "get": {
+            "operationId": "getTrace",
+            "summary": "Contacts of a person (audit-logged)",
+            "security": [{"adminToken": []}],
+            "parameters": [
+                PERSON_ID,
+                _query(
+                    "days",
+                    {"type": "integer", "minimum": 1, "maximum": 60, "default": 14},
+                    "How many days back.",
+                ),
+                _query(
+                    "margin",
+                    {"type": "string", "pattern": r"^\s*[0-9]+(?:ms|s|m|h|d)\s*$"},
+                    "Widen each visit by this much (default 60m, at most 24h).",
+                ),
+                _query(
+                    "min_overlap",
+                    {"type": "string", "pattern": r"^\s*[0-9]+(?:ms|s|m|h|d)\s*$"},
+                    "Shortest overlap that counts (default 10m, at most 24h).",
+                ),
+                _query(
+                    "depth", {"enum": [1, 2], "default": 1}, "1, or 2 for contacts of contacts."
+                ),
+                _query(
+                    "reveal",
+                    {"enum": [0, 1], "default": 0},
+                    "1 adds full_name and phone to each row (audit-logged).",
+                ),
+                _query(
+                    "format",
+                    {"enum": ["json", "csv"], "default": "json"},
+                    "csv: the same rows as a CSV file (as scangate trace --format csv).",
+                ),
+            ],
+            "responses": {
+                "200": {
+                    "description": "One row per pair of overlapping visits",
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Contact"},
+                            }
+                        },
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                },
+                **_error(400, "a parameter breaks its rule", "invalid_request"),
+                **_unauthorized("no admin token, or an unknown one"),
+            },
+        }
+    },
+    "/v1/trace/national-id": {
+        "post": {
+            "operationId": "traceNationalId",
+            "summary": "Everyone an id number names, their visits and contacts",
+            "description": "Every claimant and the person the id's card was recorded "
+            "under at the doors. The number goes in the body, never in a URL. "
+            "Audit-logged (the number is not).",
+            "security": ADMIN,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON: {
+                        "schema": _object(
+                            {
+                                "national_id": {"type": "string"},
+                                "days": {"type": "integer", "minimum": 1, "maximum": 60},
+                                "margin": {"type": "string"},
+                                "min_overlap": {"type": "string"},
+                                "depth": {"enum": [1, 2]},
+                                "reveal": {"type": "boolean"},
+                            },
+                            required=["national_id"],
+                        )
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    _object(
+                        {
+                            "persons": {"type": "array", "items": {"type": "object"}},
+                            "visits": {"type": "array", "items": {"type": "object"}},
+                            "contacts": {"type": "array", "items": {"type": "object"}},
+                        }
+                    ),
+                    "Persons found, their visits, and each one's contacts",
+                    {"Cache-Control": {"schema": {"const": "no-store"}}},
+                ),
+                **_body_errors("malformed_json", "invalid_request", "invalid_field"),
+                **_unauthorized("no admin token, or an unknown one"),
+            },
+        }
+    },
+    "/v1/claims": {
+        "get": {
+            "operationId": "getClaims",
+            "summary": "Claims on national ids claimed more than once (audit-logged)",
+            "security": ADMIN,
+            "parameters": [
+                _query("all", {"enum": [0, 1], "default": 0}, "1 adds resolved groups."),
+                _query(
+                    "reveal",
+                    {"enum": [0, 1], "default": 0},
+                    "1 adds each claimant's full_name and phone (audit-logged).",
+                ),
+            ],
+            "responses": {
+                "200": _json(
+                    _object({"claims": {"type": "array", "items": CLAIM}}),
+                    "The claims, grouped by id (competing_group)",
+                    {"Cache-Control": {"schema": {"const": "no-store"}}},
+                ),
+                **_body_errors("invalid_request"),
+                **_unauthorized("no admin token, or an unknown one"),
+            },
+        }
+    },
+    "/v1/claims/{claim_id}/accept": {
+        "post": {
+            "operationId": "acceptClaim",
+            "summary": "Accept a claim; every other claim on its id is rejected",
+            "security": ADMIN,
+            "parameters": [_path_param("claim_id", {"$ref": "#/components/schemas/Id"})],
+            "responses": {
+                "200": _json(
+                    _object(
+                        {
+                            "claim_id": {"$ref": "#/components/schemas/Id"},
+                            "person_id": {"$ref": "#/components/schemas/Id"},
+                            "rejected": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Id"},
+                            },
+                        }
+                    ),
+                    "Accepted (audit-logged)",
+                ),
+                **_unauthorized("no admin token, or an unknown one"),
+                **_error(404, "no such claim", "not_found"),
+            },
+        }
+    },
+    "/v1/audit": {
+        "get": {
+            "operationId": "getAudit",
+            "summary": "A page of the audit log, oldest first (this read is logged too)",
+            "description": "Entries written at or after since, by id. A full page "
+            "gives next_after: ask again with after=next_after for the next one. Entries "
+            "older than SCANGATE_AUDIT_RETENTION (default one year) are deleted.",
+            "security": ADMIN,
+            "parameters": [
+                _query(
+                    "since",
+                    {"type": "string", "maxLength": 40},
+                    "A duration back from now (7d, 12h), or a time (RFC 3339 with an "
+                    "offset, or epoch ms); default 1d.",
+                ),
+                _query(
+                    "actor",
+                    {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_CHARS},
+                    "Only this actor (admin:NAME, cli:USER).",
+                ),
+                _query(
+                    "action",
+                    {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_CHARS},
+                    "Only this action (trace, reveal, case_read, ...).",
+                ),
+                _query(
+                    "after",
+                    {"type": "integer", "minimum": 0},
+                    "Entries with an id above this (a previous page's next_after).",
+                ),
+                _query(
+                    "limit",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_LIMIT,
+                        "default": DEFAULT_LIMIT,
+                    },
+                    "At most this many entries.",
+                ),
+            ],
+            "responses": {
+                "200": _json(
+                    _object(
+                        {
+                            "entries": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/AuditEntry"},
+                            },
+                            "next_after": {"type": ["integer", "null"]},
+                        }
+                    ),
+                    "The page",
+                    NO_STORE,
+                ),
+                **_error(400, "a parameter breaks its rule", "invalid_request"),
+                **_unauthorized("no admin token, or an unknown or revoked one"),
+            },
+        }
+    },
+    "/v1/reports/daily": {
+        "get": {
+            "operationId": "getDailyReport",
+            "summary": "Per day and group: scans, check-ins, persons, visits, median "
+            "stay, peak occupancy",
+            "description": "Days in SCANGATE_TIMEZONE, at most 92.",
+            "security": ADMIN,
+            "parameters": [
+                _query("from", {"type": "string", "format": "date"}, "First day."),
+                _query("to", {"type": "string", "format": "date"}, "Last day."),
+                _query(
+                    "by",
+                    {"enum": ["province", "venue_kind", "venue"], "default": "province"},
+                    "How venues are grouped.",
+                ),
+                _query(
+                    "format",
+                    {"enum": ["json", "csv", "png"], "default": "json"},
+                    "png: a chart.",
+                ),
+            ],
+            "responses": {
+                "200": {
+                    "description": "The report",
+                    "content": {
+                        JSON: {"schema": {"type": "object"}},
+                        "text/csv": {"schema": {"type": "string"}},
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                **_error(400, "a parameter breaks its rule", "invalid_request"),
+                **_unauthorized("no admin token, or an unknown one"),
+            },
+        }
+    },
+}
