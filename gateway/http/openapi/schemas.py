@@ -14,7 +14,7 @@ from signing.codes import ID_PATTERN, MAX_CODE_CHARS, PREFIX_PATTERN
 
 Schema = dict[str, Any]
 
-# Where the closed sets of error codes come from: gateway.errors.
+# Where the closed sets of error codes come from: gateway.http.errors.
 _AUTH: Final = ("unauthorized",)
 _TOO_LARGE: Final = ("payload_too_large",)
 _NOT_JSON: Final = ("unsupported_media_type",)
@@ -37,7 +37,7 @@ CODE: Final[Schema] = {
     "description": "A signed code, PREFIX:BODY (BODY: uppercase Base32, no padding).",
 }
 TIMESTAMP: Final[Schema] = {"type": "string", "format": "date-time"}
-# Vietnamese mobile numbers, with the separators gateway.people.normalise_phone drops.
+# Vietnamese mobile numbers, with the separators gateway.http.people.normalise_phone drops.
 _SEP = r"[\s.()-]*"
 PHONE: Final[Schema] = {
     "type": "string",
