@@ -1197,7 +1197,3 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     except (UsageError, SigningError, SettingsError, StorageError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
