@@ -15,78 +15,47 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
 
 import orjson
 
-from gateway.settings import Settings, SettingsError, parse_duration_s
+from gateway.settings import Settings, SettingsError
 from signing import (
-    Keyring,
-    Sealer,
     SigningError,
-    load_master_key,
     parse_code,
     render_to_file,
     token_id,
 )
-from signing.codes import ID_PATTERN
 from storage import Storage, StorageError, connect_storage
 from storage.models import VENUE_KINDS
 from storage.times import format_time_ms
 
-PROG = "scangate"
-EXIT_INVALID = 1
-EXIT_USAGE = 2
+from .common import (
+    EXIT_INVALID,
+    EXIT_USAGE,
+    PROG,
+    Handler,
+    OneLineParser,
+    UsageError,
+    common_options,
+    duration,
+    emit,
+    entity_id,
+    leaf,
+    open_keyring,
+    personal_data,
+    run_storage,
+)
+
 CLI_MAX_AUDIT_ENTRIES = 100_000
-
-Handler = Callable[[argparse.Namespace, Settings], int]
-
-
-class UsageError(Exception):
-    """A bad argument or an operation that cannot be done; printed on one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line instead of usage plus error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _emit(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value).decode("utf-8") + "\n")
-
-
-def _open_keyring(settings: Settings) -> Keyring:
-    master = load_master_key(settings.master_key, settings.data_dir)
-    from storage.keyring_store import keyring_store
-
-    return Keyring(
-        keyring_store(settings.resolved_storage_url, settings.keyring_path), Sealer(master)
-    )
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration_s(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _entity_id(text: str) -> str:
-    if not ID_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: an id is 1 to 16 characters of A-Z0-9")
-    return text
-
 
 # -- apps ------------------------------------------------------------------------------------
 
 
 def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
-    new = _open_keyring(settings).add_app(args.app_id, args.prefix, args.name)
-    _emit(
+    new = open_keyring(settings).add_app(args.app_id, args.prefix, args.name)
+    emit(
         {
             "app_id": new.app_id,
             "prefix": new.prefix,
@@ -99,29 +68,29 @@ def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apps_rotate(args: argparse.Namespace, settings: Settings) -> int:
-    kid = _open_keyring(settings).rotate(args.app_id)
-    _emit({"app_id": args.app_id, "kid": kid})
+    kid = open_keyring(settings).rotate(args.app_id)
+    emit({"app_id": args.app_id, "kid": kid})
     return 0
 
 
 def cmd_apps_retire(args: argparse.Namespace, settings: Settings) -> int:
-    _open_keyring(settings).retire(args.app_id, args.kid)
-    _emit({"app_id": args.app_id, "retired": args.kid.upper()})
+    open_keyring(settings).retire(args.app_id, args.kid)
+    emit({"app_id": args.app_id, "retired": args.kid.upper()})
     return 0
 
 
 def cmd_apps_token(args: argparse.Namespace, settings: Settings) -> int:
-    token = _open_keyring(settings).add_token(args.app_id)
-    _emit({"app_id": args.app_id, "token": token, "token_id": token_id(token)})
+    token = open_keyring(settings).add_token(args.app_id)
+    emit({"app_id": args.app_id, "token": token, "token_id": token_id(token)})
     return 0
 
 
 def cmd_apps_tokens(args: argparse.Namespace, settings: Settings) -> int:
-    tokens = _open_keyring(settings).list_tokens(args.app_id)
+    tokens = open_keyring(settings).list_tokens(args.app_id)
 
     async def work(storage: Storage) -> int:
         last_use = await storage.token_last_use([t.token_id for t in tokens])
-        _emit(
+        emit(
             [
                 {
                     "token_id": t.token_id,
@@ -136,12 +105,12 @@ def cmd_apps_tokens(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_apps_revoke_token(args: argparse.Namespace, settings: Settings) -> int:
     # The keyring first: a leaked token must stop working even if storage is down.
-    app_id, already = _open_keyring(settings).revoke_token(args.token_id)
+    app_id, already = open_keyring(settings).revoke_token(args.token_id)
 
     async def work(storage: Storage) -> int:
         await storage.audit(
@@ -150,10 +119,10 @@ def cmd_apps_revoke_token(args: argparse.Namespace, settings: Settings) -> int:
             args.token_id,
             f"app_id={app_id}" + (" already" if already else ""),
         )
-        _emit({"token_id": args.token_id, "app_id": app_id, "revoked": True, "already": already})
+        emit({"token_id": args.token_id, "app_id": app_id, "revoked": True, "already": already})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def _time_or_none(ms: int | None) -> str | None:
@@ -161,7 +130,7 @@ def _time_or_none(ms: int | None) -> str | None:
 
 
 def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
-    _emit(
+    emit(
         [
             {
                 "app_id": a.app_id,
@@ -171,7 +140,7 @@ def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
                 "tokens": a.tokens,
                 "created_at": a.created_at,
             }
-            for a in _open_keyring(settings).list_apps()
+            for a in open_keyring(settings).list_apps()
         ]
     )
     return 0
@@ -181,7 +150,7 @@ def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_codes_issue(args: argparse.Namespace, settings: Settings) -> int:
-    keyring = _open_keyring(settings)
+    keyring = open_keyring(settings)
     if args.venue is not None:
         if args.ttl is not None:
             raise UsageError("--ttl applies to person codes only")
@@ -193,15 +162,15 @@ def cmd_codes_issue(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_codes_verify(args: argparse.Namespace, settings: Settings) -> int:
-    verifier = _open_keyring(settings).verifier(args.app)
+    verifier = open_keyring(settings).verifier(args.app)
     parsed = parse_code(args.code)
     # Verify as the type the code says it is: this command answers "is this code good".
     expected = parsed.type if parsed is not None else "venue"
     result = verifier.verify(args.code, expected, time.time())
     if isinstance(result, str):
-        _emit({"valid": False, "reason": result, "type": None, "id": None, "kid": None})
+        emit({"valid": False, "reason": result, "type": None, "id": None, "kid": None})
         return EXIT_INVALID
-    _emit(
+    emit(
         {
             "valid": True,
             "reason": None,
@@ -255,25 +224,12 @@ def default_flushers(settings: Settings) -> int:
 # -- storage, flusher, tracing ---------------------------------------------------------------
 
 
-def _run_storage(settings: Settings, work: Callable[[Storage], Awaitable[int]]) -> int:
-    """Open storage (migrations applied), run ``work`` on it, close it."""
-
-    async def run() -> int:
-        storage = await connect_storage(settings.resolved_storage_url, timezone=settings.timezone)
-        try:
-            return await work(storage)
-        finally:
-            await storage.close()
-
-    return asyncio.run(run())
-
-
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     async def work(storage: Storage) -> int:
-        _emit({"storage": storage.kind, "migrated": True})
+        emit({"storage": storage.kind, "migrated": True})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_flush(args: argparse.Namespace, settings: Settings) -> int:
@@ -322,17 +278,17 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
         if args.reveal:
             from gateway.http.declarations import reveal_contacts
 
-            personal = await _personal_data(storage, settings)
+            personal = await personal_data(storage, settings)
             revealed = await reveal_contacts(
                 storage, personal, [r.person_id for r in rows], actor, args.person_id
             )
         if args.format == "csv":
             sys.stdout.write(rows_to_csv(rows, revealed))
         else:
-            _emit(rows_to_json(rows, revealed))
+            emit(rows_to_json(rows, revealed))
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
@@ -354,7 +310,7 @@ def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
     }
 
     async def work(storage: Storage) -> int:
-        personal = await _personal_data(storage, settings)
+        personal = await personal_data(storage, settings)
         try:
             found = await trace_national_id(
                 storage,
@@ -366,10 +322,10 @@ def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        _emit(found)
+        emit(found)
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 # -- identity claims ---------------------------------------------------------------------------
@@ -379,7 +335,7 @@ def cmd_claims_list(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.claims import contested_claims
 
     async def work(storage: Storage) -> int:
-        personal = await _personal_data(storage, settings)
+        personal = await personal_data(storage, settings)
         listed = await contested_claims(
             storage,
             personal,
@@ -387,10 +343,10 @@ def cmd_claims_list(args: argparse.Namespace, settings: Settings) -> int:
             include_resolved=args.all,
             reveal=args.reveal,
         )
-        _emit({"claims": listed})
+        emit({"claims": listed})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_claims_accept(args: argparse.Namespace, settings: Settings) -> int:
@@ -399,19 +355,12 @@ def cmd_claims_accept(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         try:
-            _emit(await accept_claim(storage, args.claim_id, f"cli:{getpass.getuser()}"))
+            emit(await accept_claim(storage, args.claim_id, f"cli:{getpass.getuser()}"))
         except NotFound:
             raise UsageError(f"no claim {args.claim_id}") from None
         return 0
 
-    return _run_storage(settings, work)
-
-
-async def _personal_data(storage: Storage, settings: Settings) -> Any:
-    from gateway.http.context import load_personal_data
-
-    sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
-    return await load_personal_data(storage, sealer)
+    return run_storage(settings, work)
 
 
 def cmd_venues_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -419,7 +368,7 @@ def cmd_venues_add(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.people import parse_venue
     from gateway.http.venues import register_venue
 
-    keyring = _open_keyring(settings)
+    keyring = open_keyring(settings)
     doc = {
         "name": args.name,
         "phone": args.phone,
@@ -433,11 +382,11 @@ def cmd_venues_add(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(exc.detail) from None
 
     async def work(storage: Storage) -> int:
-        personal = await _personal_data(storage, settings)
-        _emit(await register_venue(storage, keyring, personal, args.app, form))
+        personal = await personal_data(storage, settings)
+        emit(await register_venue(storage, keyring, personal, args.app, form))
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_venues_revoke(args: argparse.Namespace, settings: Settings) -> int:
@@ -447,10 +396,10 @@ def cmd_venues_revoke(args: argparse.Namespace, settings: Settings) -> int:
             raise UsageError(f"no registered venue {args.venue_id}")
         changed = await storage.revoke_venue(args.venue_id, int(time.time() * 1000))
         await storage.audit(f"cli:{getpass.getuser()}", "venue_revoked", args.venue_id)
-        _emit({"venue_id": args.venue_id, "revoked": True, "already": not changed})
+        emit({"venue_id": args.venue_id, "revoked": True, "already": not changed})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_venues_staff_token(args: argparse.Namespace, settings: Settings) -> int:
@@ -460,20 +409,20 @@ def cmd_venues_staff_token(args: argparse.Namespace, settings: Settings) -> int:
         venue = await storage.venue(args.venue_id)
         if venue is None:
             raise UsageError(f"no registered venue {args.venue_id}")
-        _emit(await new_staff_token(storage, venue))
+        emit(await new_staff_token(storage, venue))
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_venues_revoke_staff_token(args: argparse.Namespace, settings: Settings) -> int:
     async def work(storage: Storage) -> int:
         if not await storage.revoke_staff_token(args.token_id, int(time.time() * 1000)):
             raise UsageError(f"no live staff token {args.token_id}")
-        _emit({"token_id": args.token_id, "revoked": True})
+        emit({"token_id": args.token_id, "revoked": True})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_venues_poster(args: argparse.Namespace, settings: Settings) -> int:
@@ -482,25 +431,25 @@ def cmd_venues_poster(args: argparse.Namespace, settings: Settings) -> int:
     suffix = args.output.suffix.lower().lstrip(".")
     if suffix not in ("svg", "png", "pdf"):
         raise UsageError(f"{args.output.name}: the output must end in .svg, .png or .pdf")
-    keyring = _open_keyring(settings)
+    keyring = open_keyring(settings)
 
     async def work(storage: Storage) -> int:
         venue = await storage.venue(args.venue_id)
         if venue is None or (args.app is not None and venue.app_id != args.app):
             raise UsageError(f"no venue {args.venue_id} registered by app {args.app}")
         args.output.write_bytes(poster(keyring, venue, suffix))
-        _emit({"venue_id": venue.venue_id, "file": str(args.output)})
+        emit({"venue_id": venue.venue_id, "file": str(args.output)})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 # -- cases, notices and reports --------------------------------------------------------------
 
 
 def cmd_apps_set_webhook(args: argparse.Namespace, settings: Settings) -> int:
-    secret = _open_keyring(settings).set_webhook(args.app_id, args.url)
-    _emit({"app_id": args.app_id, "url": args.url, "secret": secret})
+    secret = open_keyring(settings).set_webhook(args.app_id, args.url)
+    emit({"app_id": args.app_id, "url": args.url, "secret": secret})
     return 0
 
 
@@ -523,41 +472,41 @@ def cmd_cases_add(args: argparse.Namespace, settings: Settings) -> int:
         )
     except ApiError as exc:
         raise UsageError(exc.detail) from None
-    keyring = _open_keyring(settings)
+    keyring = open_keyring(settings)
     actor = f"cli:{getpass.getuser()}"
 
     async def work(storage: Storage) -> int:
         known = None if args.dry_run else await storage.case_confirmed(person_id, confirmed_at_ms)
         if known is not None:  # the same case again: the one already recorded
-            _emit({"case_id": known.case_id, "contacts": known.contacts, "notices": known.notices})
+            emit({"case_id": known.case_id, "contacts": known.contacts, "notices": known.notices})
             return 0
-        personal = await _personal_data(storage, settings)
+        personal = await personal_data(storage, settings)
         plan = await plan_case(storage, keyring, personal, person_id, confirmed_at_ms, note, actor)
         if args.dry_run:
             await audit_preview(storage, plan)
-            _emit(plan.preview())
+            emit(plan.preview())
             return 0
         await record_case(storage, plan)
-        _emit(
+        emit(
             {"case_id": plan.case.case_id, "contacts": plan.contacts, "notices": len(plan.notices)}
         )
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_cases_show(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.cases import read_case
 
     async def work(storage: Storage) -> int:
-        personal = await _personal_data(storage, settings)
+        personal = await personal_data(storage, settings)
         shown = await read_case(storage, personal, args.case_id, f"cli:{getpass.getuser()}")
         if shown is None:
             raise UsageError(f"no case {args.case_id}")
-        _emit(shown)
+        emit(shown)
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
@@ -578,7 +527,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         await storage.audit(actor, "report", args.by, f"from={first_day} to={last_day}")
         if args.format == "png":
             args.output.write_bytes(render_chart(rows, args.by, first_day, last_day))
-            _emit({"file": str(args.output), "rows": len(rows)})
+            emit({"file": str(args.output), "rows": len(rows)})
             return 0
         if args.format == "csv":
             text = rows_to_csv(rows)
@@ -593,10 +542,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
             sys.stdout.write(text)
         else:
             args.output.write_text(text, encoding="utf-8", newline="")
-            _emit({"file": str(args.output), "rows": len(rows)})
+            emit({"file": str(args.output), "rows": len(rows)})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
@@ -606,10 +555,10 @@ def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.outbox.sms import make_sms_sender
     from gateway.run.server import stop_on_signals
 
-    keyring = _open_keyring(settings)
+    keyring = open_keyring(settings)
 
     async def work(storage: Storage) -> int:
-        personal = await _personal_data(storage, settings)
+        personal = await personal_data(storage, settings)
         sms = make_sms_sender(settings)
         notifier = Notifier(storage, keyring, personal, sms, settings)
         stop = asyncio.Event()
@@ -628,7 +577,7 @@ def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
             await sms.close()
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -638,15 +587,15 @@ def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
     async def work(storage: Storage) -> int:
         token = await storage.add_admin(args.name)
         await storage.audit(f"cli:{getpass.getuser()}", "admin_added", args.name)
-        _emit({"name": args.name, "token": token})
+        emit({"name": args.name, "token": token})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_admins_list(args: argparse.Namespace, settings: Settings) -> int:
     async def work(storage: Storage) -> int:
-        _emit(
+        emit(
             [
                 {
                     "name": a.name,
@@ -658,7 +607,7 @@ def cmd_admins_list(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
@@ -667,10 +616,10 @@ def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
         if revoked is None:
             raise UsageError(f"no admin {args.name!r}")
         await storage.audit(f"cli:{getpass.getuser()}", "admin_revoked", args.name)
-        _emit({"name": args.name, "revoked": True, "already": not revoked})
+        emit({"name": args.name, "revoked": True, "already": not revoked})
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
@@ -694,13 +643,13 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         records = await read_audit_log(storage, query, f"cli:{getpass.getuser()}")
-        _emit(entries_json(records))
+        emit(entries_json(records))
         following = next_after(records, query)
         if following is not None:
             sys.stderr.write(f"{PROG}: more entries: add --after {following}\n")
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
@@ -715,7 +664,7 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
         result = await storage.purge(cutoff_ms, rules)
         cases = await storage.purge_cases(cutoff_ms)
         audit_entries = await storage.purge_audit(audit_cutoff_ms)
-        _emit(
+        emit(
             {
                 "cutoff": format_time_ms(cutoff_ms),
                 "events": result.events,
@@ -728,43 +677,28 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
 
-    return _run_storage(settings, work)
+    return run_storage(settings, work)
 
 
 # -- parser ----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument(
-        "--data-dir",
-        default=argparse.SUPPRESS,
-        help="keyring, master key file, SQLite file, ... (default: $SCANGATE_DATA_DIR "
-        "or ./scangate-data)",
-    )
-
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
-        parents=[common],
+        parents=[common_options()],
         description="scangate: scan ingestion gateway for QR health check-in. Verifies "
         "check-in/check-out scans signed with per-app keys, de-duplicates them, buffers them "
         "in Redis streams and pairs them into visits for contact tracing.",
         epilog="Each command has its own --help. Settings come from SCANGATE_* variables "
         "(see README).",
     )
-    groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=_Parser)
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=OneLineParser)
     groups.required = True
-
-    def leaf(sub: Any, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(
-            name, parents=[common], help=help_, description=help_
-        )
-        p.set_defaults(handler=handler)
-        return p
 
     p: argparse.ArgumentParser = groups.add_parser(
         "serve",
-        parents=[common],
+        parents=[common_options()],
         help="run the HTTP gateway (embedded Valkey unless SCANGATE_REDIS_URL is set)",
         description="Run the HTTP gateway: the /v1 API (see /openapi.json), the web pages "
         "(/, /khai-bao, ...), /healthz, /readyz, /metrics; each worker also delivers "
@@ -825,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
         "contacts of a person: one row per pair of overlapping visits (audit-logged)",
     )
     p.add_argument(
-        "person_id", metavar="PERSON_ID", type=_entity_id, nargs="?", help="the case's person id"
+        "person_id", metavar="PERSON_ID", type=entity_id, nargs="?", help="the case's person id"
     )
     p.add_argument(
         "--national-id",
@@ -901,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="venues: register, revoke, door-staff tokens, posters",
         description="Venues: register, revoke, door-staff tokens, posters.",
     )
-    venues_sub = venues.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    venues_sub = venues.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
     venues_sub.required = True
     p = leaf(
         venues_sub,
@@ -926,28 +860,28 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_venues_revoke,
         "refuse the venue's code from now on (gateways pick it up within 2 s)",
     )
-    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p.add_argument("venue_id", metavar="VENUE_ID", type=entity_id)
     p = leaf(
         venues_sub,
         "staff-token",
         cmd_venues_staff_token,
         "a token for manual check-ins at this venue only; prints {token, token_id, venue_id}",
     )
-    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p.add_argument("venue_id", metavar="VENUE_ID", type=entity_id)
     p = leaf(
         venues_sub,
         "revoke-staff-token",
         cmd_venues_revoke_staff_token,
         "revoke a door-staff token by its token_id",
     )
-    p.add_argument("token_id", metavar="TOKEN_ID", type=_entity_id)
+    p.add_argument("token_id", metavar="TOKEN_ID", type=entity_id)
     p = leaf(
         venues_sub,
         "poster",
         cmd_venues_poster,
         "write the venue's printable A4 poster (.svg, .png or .pdf)",
     )
-    p.add_argument("venue_id", metavar="VENUE_ID", type=_entity_id)
+    p.add_argument("venue_id", metavar="VENUE_ID", type=entity_id)
     p.add_argument("--app", metavar="APP_ID", help="check the venue belongs to this app")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
 
@@ -958,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
         "claims on one id compete (none is refused) until an official accepts one, which "
         "rejects the others. Reads and decisions are audit-logged.",
     )
-    claims_sub = claims.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    claims_sub = claims.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
     claims_sub.required = True
     p = leaf(
         claims_sub,
@@ -978,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_claims_accept,
         "accept a claim: it stands, every other claim on the same id is rejected",
     )
-    p.add_argument("claim_id", metavar="CLAIM_ID", type=_entity_id)
+    p.add_argument("claim_id", metavar="CLAIM_ID", type=entity_id)
 
     admins = groups.add_parser(
         "admins",
@@ -986,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Admin tokens of health officials: tracing, cases, reports and the audit "
         "log over HTTP. Tokens are checked against storage on every request.",
     )
-    admins_sub = admins.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    admins_sub = admins.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
     admins_sub.required = True
     p = leaf(
         admins_sub,
@@ -1015,7 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="apps that issue codes: keys and tokens",
         description="Apps that issue codes: keys and tokens.",
     )
-    apps_sub = apps.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    apps_sub = apps.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
     apps_sub.required = True
     p = leaf(
         apps_sub,
@@ -1096,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Record a confirmed case: its contacts (the trace over the 14 days "
         "before confirmation) are notified through their apps' webhooks, or by SMS.",
     )
-    cases_sub = cases.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    cases_sub = cases.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
     cases_sub.required = True
     p = leaf(
         cases_sub,
@@ -1104,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_cases_add,
         "record a case and queue its notices; prints {case_id, contacts, notices} (audit-logged)",
     )
-    p.add_argument("person_id", metavar="PERSON_ID", type=_entity_id)
+    p.add_argument("person_id", metavar="PERSON_ID", type=entity_id)
     p.add_argument(
         "--confirmed-at",
         required=True,
@@ -1123,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_cases_show,
         "a case and each notice's delivery state (audit-logged as case_read)",
     )
-    p.add_argument("case_id", metavar="CASE_ID", type=_entity_id)
+    p.add_argument("case_id", metavar="CASE_ID", type=entity_id)
     p = leaf(
         groups,
         "report",
@@ -1155,16 +1089,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="issue, verify and render codes",
         description="Issue, verify and render venue and person codes.",
     )
-    codes_sub = codes.add_subparsers(dest="command", metavar="ACTION", parser_class=_Parser)
+    codes_sub = codes.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
     codes_sub.required = True
     p = leaf(codes_sub, "issue", cmd_codes_issue, "issue a code; prints the code alone")
     p.add_argument("--app", required=True, metavar="APP_ID")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--venue", type=_entity_id, metavar="ID", help="venue id (A-Z0-9, 1-16)")
-    who.add_argument("--person", type=_entity_id, metavar="ID", help="person id (A-Z0-9, 1-16)")
+    who.add_argument("--venue", type=entity_id, metavar="ID", help="venue id (A-Z0-9, 1-16)")
+    who.add_argument("--person", type=entity_id, metavar="ID", help="person id (A-Z0-9, 1-16)")
     p.add_argument(
         "--ttl",
-        type=_duration,
+        type=duration,
         metavar="DURATION",
         help="person codes: validity, e.g. 7d (default 7d)",
     )
