@@ -36,10 +36,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# What add_subparsers returns, for the functions that add each group's commands. argparse
+# names it only privately, and it is generic only in the type stubs.
 if TYPE_CHECKING:
-    # What add_subparsers returns; argparse names it only privately, and it is generic
-    # only in the type stubs, so the alias exists for the type checker alone.
     Subcommands: TypeAlias = argparse._SubParsersAction[OneLineParser]
+else:
+    Subcommands = argparse._SubParsersAction
 
 
 def common_options() -> OneLineParser:
