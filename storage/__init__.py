@@ -12,9 +12,9 @@ from .base import (
     BatchResult,
     PurgeResult,
     Storage,
-    StorageError,
 )
 from .connect import connect_storage
+from .errors import StorageError, StorageUnavailable
 from .models import CLOSED_BY, ContactRow, Kind, PairingRules, ScanEvent, Visit
 from .pairing import derive_visits
 from .tracing import TraceQuery
@@ -33,6 +33,7 @@ __all__ = [
     "ScanEvent",
     "Storage",
     "StorageError",
+    "StorageUnavailable",
     "TraceQuery",
     "Visit",
     "connect_storage",

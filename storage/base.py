@@ -27,10 +27,6 @@ K = TypeVar("K")
 ADMIN_TOKEN_PREFIX: Final = "sgadm_"  # noqa: S105 - a label, not a secret
 
 
-class StorageError(Exception):
-    """Storage cannot do what was asked (unreachable, bad URL, ...); the message says why."""
-
-
 class BatchResult(NamedTuple):
     inserted: int
     duplicates: int

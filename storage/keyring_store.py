@@ -23,6 +23,8 @@ import asyncpg
 
 from signing import FileKeyringStore, KeyringStore
 
+from .errors import translated_errors
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -56,7 +58,9 @@ class DatabaseKeyringStore:
             raise
 
     def _call(self, work: Coroutine[Any, Any, T]) -> T:
-        with self._lock:
+        """Run ``work`` on the store's loop and wait for it: a lost connection or a timeout
+        comes out as ``StorageUnavailable``, as from the rest of storage."""
+        with self._lock, translated_errors("PostgreSQL"):
             return asyncio.run_coroutine_threadsafe(work, self._loop).result(CALL_TIMEOUT_S)
 
     def version(self) -> str:

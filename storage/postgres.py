@@ -17,12 +17,13 @@ converted in SQL, which saves building a datetime per value in Python.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -37,7 +38,6 @@ from .base import (
     BatchResult,
     PurgeResult,
     Storage,
-    StorageError,
     VisitChanges,
     earliest_scans,
     hash_admin_token,
@@ -46,8 +46,10 @@ from .base import (
     rederive_changes,
     with_new,
 )
+from .errors import StorageError, StorageUnavailable, is_unavailable, translated_errors
 from .models import PairingRules, ScanEvent, Visit
 
+BACKEND: Final = "PostgreSQL"
 MIGRATION_LOCK: Final = 0x5C4A_0001
 PARTITION_LOCK: Final = 0x5C4A_0002
 POOL_MAX: Final = 8
@@ -141,14 +143,41 @@ class PostgresStorage(Storage):
                 command_timeout=COMMAND_TIMEOUT_S,
                 server_settings=settings,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            error = StorageUnavailable if is_unavailable(exc) else StorageError
+            raise error(f"cannot connect to PostgreSQL: {exc}") from exc
         return cls(pool, timezone)
+
+    # -- reaching the server: every call of this backend comes through these three, so they
+    # are where a lost connection, a timeout or a server shutting down become
+    # StorageUnavailable.
+
+    @contextlib.asynccontextmanager
+    async def _transaction(
+        self, acquire_timeout_s: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (waited for up to ``acquire_timeout_s``) in a transaction."""
+        with translated_errors(BACKEND):
+            async with (
+                self._pool.acquire(timeout=acquire_timeout_s) as conn,
+                conn.transaction(),
+            ):
+                yield conn
+
+    async def _fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with translated_errors(BACKEND):
+            return [tuple(r) for r in await self._pool.fetch(sql, *args)]
+
+    async def _execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; the number of rows it changed."""
+        with translated_errors(BACKEND):
+            status = await self._pool.execute(sql, *args)
+        return int(status.split()[-1])  # "UPDATE 1", "INSERT 0 1"
 
     # -- schema ----------------------------------------------------------------------------
 
     async def migrate(self) -> list[int]:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -188,7 +217,7 @@ class PostgresStorage(Storage):
         ]
         if not missing:
             return
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
             for table, options, day in missing:
                 name = f"{table}_p{day:%Y%m%d}"
@@ -236,23 +265,19 @@ class PostgresStorage(Storage):
                     result = await self._store(group, len(group), rules)
                     inserted += result.inserted
                     persons += result.persons
-        except (
-            OSError,
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-            asyncpg.PostgresConnectionError,
-        ):
-            # The server went away under us (asyncpg can then keep a connection whose
-            # protocol state is confused, MagicStack/asyncpg#784): replace every pooled
-            # connection rather than trust one of them again.
-            await self._pool.expire_connections()
+        except StorageUnavailable as exc:
+            if isinstance(exc.__cause__, _CONNECTION_LOST):
+                # The server went away under us (asyncpg can then keep a connection whose
+                # protocol state is confused, MagicStack/asyncpg#784): replace every pooled
+                # connection rather than trust one of them again.
+                await self._pool.expire_connections()
             raise
         return BatchResult(inserted, len(events) - inserted, persons)
 
     async def _store(
         self, unique: list[ScanEvent], received: int, rules: PairingRules
     ) -> BatchResult:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+        async with self._transaction(ACQUIRE_TIMEOUT_S) as conn:
             # The batch goes in by binary COPY into a staging table of this session, then by
             # set-based statements from there: far less client work per event than arrays
             # of parameters, and the times stay epoch ms until PostgreSQL converts them.
@@ -377,16 +402,15 @@ class PostgresStorage(Storage):
     # -- the registry's primitives ----------------------------------------------------------
 
     async def _registry_fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in await self._pool.fetch(sql, *args)]
+        return await self._fetch(sql, *args)
 
     async def _registry_execute(self, sql: str, *args: Any) -> int:
-        status = await self._pool.execute(sql, *args)
-        return int(status.split()[-1])  # "UPDATE 1", "INSERT 0 1"
+        return await self._execute(sql, *args)
 
     async def _registry_transaction(
         self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
     ) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             for sql, rows in statements:
                 if rows:
                     await conn.executemany(sql, rows)
@@ -394,7 +418,7 @@ class PostgresStorage(Storage):
     async def app_event_ids(
         self, app_id: str, person_id: str, venue_id: str, start_ms: int, end_ms: int
     ) -> list[str]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "SELECT event_id FROM scan_events WHERE person_id = $1 "
             f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} "
             "AND app_id = $4 AND venue_id = $5 ORDER BY scanned_at, event_id",
@@ -407,7 +431,7 @@ class PostgresStorage(Storage):
         return [str(r[0]) for r in rows]
 
     async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "SELECT DISTINCT app_id FROM scan_events WHERE person_id = $1 "
             f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} ORDER BY app_id",
             person_id,
@@ -436,7 +460,7 @@ class PostgresStorage(Storage):
 
     async def scan_counts(self, start_ms: int, end_ms: int) -> list[tuple[str, str, str, int]]:
         # The bounds are on scanned_at itself, so only the range's day partitions are read.
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "SELECT venue_id, person_id, kind, count(*) FROM scan_events "
             f"WHERE scanned_at >= {_ts('$1')} AND scanned_at < {_ts('$2')} "
             "GROUP BY venue_id, person_id, kind",
@@ -454,7 +478,7 @@ class PostgresStorage(Storage):
         return await self._visits("true")
 
     async def _visits(self, where: str, *params: Any) -> list[Visit]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"{_VISIT_SELECT} WHERE {where} "
             "ORDER BY person_id, source_at, venue_id, checkin_at, closed_by",
             *params,
@@ -462,10 +486,11 @@ class PostgresStorage(Storage):
         return [Visit(*r) for r in rows]
 
     async def count_events(self) -> int:
-        return int(await self._pool.fetchval("SELECT count(*) FROM scan_events"))
+        rows = await self._fetch("SELECT count(*) FROM scan_events")
+        return int(rows[0][0])
 
     async def event_identities(self) -> list[tuple[str, str]]:
-        rows = await self._pool.fetch("SELECT app_id, event_id FROM scan_events")
+        rows = await self._fetch("SELECT app_id, event_id FROM scan_events")
         return [(r[0], r[1]) for r in rows]
 
     # -- retention -------------------------------------------------------------------------
@@ -481,7 +506,7 @@ class PostgresStorage(Storage):
             "visits": self.day_of(keep_end_ms - rules.horizon_ms),
         }
         dropped = events = visits = 0
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
             for table, _column, _options in migrations.POSTGRES_DAY_PARTITIONED:
                 children = await conn.fetch(
@@ -528,7 +553,7 @@ class PostgresStorage(Storage):
     async def add_admin(self, name: str) -> str:
         token = new_admin_token()
         # A revoked name is taken over by the new token; a live one is left alone.
-        status = await self._pool.execute(
+        changed = await self._execute(
             "INSERT INTO admins (name, token_sha256, created_at) VALUES ($1, $2, now()) "
             "ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256, "
             "created_at = excluded.created_at, revoked_at = NULL "
@@ -536,26 +561,26 @@ class PostgresStorage(Storage):
             name,
             hash_admin_token(token),
         )
-        if status.split()[-1] == "0":  # "INSERT 0 0": a live admin has the name
+        if changed == 0:  # "INSERT 0 0": a live admin has the name
             raise StorageError(f"admin {name!r} already exists")
         return token
 
     async def admin_for_token(self, token: str) -> str | None:
-        name = await self._pool.fetchval(
+        rows = await self._fetch(
             "SELECT name FROM admins WHERE token_sha256 = $1 AND revoked_at IS NULL",
             hash_admin_token(token),
         )
-        return None if name is None else str(name)
+        return str(rows[0][0]) if rows else None
 
     async def admins(self) -> list[AdminRecord]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"SELECT name, {_MS.format('created_at')}, {_MS.format('revoked_at')} "
             "FROM admins ORDER BY name"
         )
         return [AdminRecord(*r) for r in rows]
 
     async def revoke_admin(self, name: str) -> bool | None:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             status = await conn.execute(
                 "UPDATE admins SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
                 name,
@@ -566,7 +591,7 @@ class PostgresStorage(Storage):
             return None if known is None else False
 
     async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None:
-        await self._pool.execute(
+        await self._execute(
             "INSERT INTO audit_log (at, actor, action, subject, detail) "
             "VALUES (now(), $1, $2, $3, $4)",
             actor,
@@ -576,7 +601,7 @@ class PostgresStorage(Storage):
         )
 
     async def audit_entries(self) -> list[AuditEntry]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"SELECT {_MS.format('at')}, actor, action, subject, detail FROM audit_log ORDER BY id"
         )
         return [AuditEntry(*r) for r in rows]
@@ -591,7 +616,7 @@ class PostgresStorage(Storage):
                 params.append(value)
                 where.append(f"{column} = ${len(params)}")
         params.append(query.limit)
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"SELECT id, {_MS.format('at')}, actor, action, subject, detail FROM audit_log "
             f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ${len(params)}",
             *params,
@@ -599,16 +624,13 @@ class PostgresStorage(Storage):
         return [AuditRecord(*r) for r in rows]
 
     async def purge_audit(self, cutoff_ms: int) -> int:
-        status = await self._pool.execute(
-            f"DELETE FROM audit_log WHERE at < {_ts('$1')}", cutoff_ms
-        )
-        return int(status.split()[-1])
+        return await self._execute(f"DELETE FROM audit_log WHERE at < {_ts('$1')}", cutoff_ms)
 
     async def ping(self) -> bool:
         try:
             await self._pool.fetchval("SELECT 1", timeout=2)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            return False
+            return False  # a probe: whatever the reason, the answer is "not ready"
         return True
 
     async def close(self) -> None:
@@ -616,7 +638,7 @@ class PostgresStorage(Storage):
 
     async def drop_everything(self) -> None:
         """For tests on a shared database: remove every table this backend made."""
-        async with self._pool.acquire() as conn:
+        async with self._transaction() as conn:
             await conn.execute(
                 "DROP TABLE IF EXISTS scan_events, visits, scan_event_ids, admins, audit_log, "
                 "declarations, person_phones, persons, staff_tokens, venues, data_keys, "
@@ -624,6 +646,15 @@ class PostgresStorage(Storage):
                 "schema_migrations CASCADE"
             )
         self._known_days.clear()
+
+
+# What a lost connection raises, unlike a timeout or a server that refuses new work.
+_CONNECTION_LOST: Final = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+)
 
 
 class _RowAddress(NamedTuple):

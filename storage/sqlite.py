@@ -25,7 +25,6 @@ from .base import (
     BatchResult,
     PurgeResult,
     Storage,
-    StorageError,
     VisitChanges,
     earliest_scans,
     hash_admin_token,
@@ -34,10 +33,12 @@ from .base import (
     rederive_changes,
     with_new,
 )
+from .errors import StorageError, StorageUnavailable, translated_errors
 from .models import PairingRules, ScanEvent, Visit
 from .registry import sqlite_params
 
 T = TypeVar("T")
+BACKEND: Final = "SQLite"
 BUSY_TIMEOUT_MS: Final = 30_000
 _EVENT_COLUMNS: Final = (
     "app_id, event_id, kind, venue_id, person_id, scanned_at, received_at, device_id"
@@ -63,20 +64,27 @@ class SqliteStorage(Storage):
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        # 64 MiB of page cache rather than the default 2 MiB: a batch touches the person and
-        # venue indexes at random places, and re-reading those pages from the OS on every
-        # batch cost a fifth of the SQLite flush rate at 100,000 stored events.
-        self._db.execute("PRAGMA cache_size=-65536")
+        # Another process may hold the file's write lock while WAL mode is set.
+        with translated_errors(BACKEND):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # 64 MiB of page cache rather than the default 2 MiB: a batch touches the person
+            # and venue indexes at random places, and re-reading those pages from the OS on
+            # every batch cost a fifth of the SQLite flush rate at 100,000 stored events.
+            self._db.execute("PRAGMA cache_size=-65536")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the connection, on the worker thread: every call of this backend
+        comes through here, so this is where a locked or unreadable database becomes
+        ``StorageUnavailable``."""
+
         def locked() -> T:
             with self._lock:
                 return fn(self._db)
 
-        return await asyncio.to_thread(locked)
+        with translated_errors(BACKEND):
+            return await asyncio.to_thread(locked)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one write transaction."""
@@ -344,7 +352,7 @@ class SqliteStorage(Storage):
     async def ping(self) -> bool:
         try:
             await self._run(lambda db: db.execute("SELECT 1").fetchone())
-        except sqlite3.Error:
+        except (StorageUnavailable, sqlite3.Error):
             return False
         return True
 
