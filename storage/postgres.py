@@ -50,7 +50,6 @@ from .errors import StorageError, StorageUnavailable, is_unavailable, translated
 from .models import PairingRules, ScanEvent, Visit
 
 BACKEND: Final = "PostgreSQL"
-MIGRATION_LOCK: Final = 0x5C4A_0001
 PARTITION_LOCK: Final = 0x5C4A_0002
 POOL_MAX: Final = 8
 COMMAND_TIMEOUT_S: Final = 60.0
@@ -178,20 +177,7 @@ class PostgresStorage(Storage):
 
     async def migrate(self) -> list[int]:
         async with self._transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
-            )
-            done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            applied = []
-            for version, statements in migrations.POSTGRES:
-                if version in done:
-                    continue
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute("INSERT INTO schema_migrations VALUES ($1, now())", version)
-                applied.append(version)
+            applied = await migrations.apply_postgres(conn)
         # Today and the next days exist before their first scan arrives; the flusher
         # keeps a week ahead from then on.
         await self.prepare_days(2)

@@ -104,23 +104,7 @@ class SqliteStorage(Storage):
     # -- schema ----------------------------------------------------------------------------
 
     async def migrate(self) -> list[int]:
-        def apply(db: sqlite3.Connection) -> list[int]:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-            )
-            done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            applied = []
-            for version, statements in migrations.SQLITE:
-                if version in done:
-                    continue
-                for statement in statements:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, _now_ms()))
-                applied.append(version)
-            return applied
-
-        return await self._write(apply)
+        return await self._write(migrations.apply_sqlite)
 
     # -- batches ---------------------------------------------------------------------------
 
