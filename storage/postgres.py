@@ -1,18 +1,23 @@
 """PostgreSQL storage through asyncpg, tables partitioned by day.
 
+Here: the pool and the primitives that run the SQL both backends share (``storage.sql``),
+where asyncpg's errors become ``storage.errors``; migrating and day partitions; storing
+batches; retention. The reads, the registry, the outbox and the audit log are the shared
+SQL of their own modules.
+
 Days are days in the configured time zone (``SCANGATE_TIMEZONE``): a UTC day would cut
 Vietnam's morning rush in two, and retention drops whole days. Partitions are created as
 days come (a cache of known ones avoids asking each batch), under an advisory lock so
 concurrent flushers do not race on the DDL.
 
 A batch of 1,000 events or more is four transactions, one per quarter of the person lock
-stripes; a smaller one is one. Each copies its
-events into a staging table, inserts their identities into ``scan_event_ids`` (the unique
-key; ``ON CONFLICT DO NOTHING`` tells new from already stored), locks the persons with new
-events (advisory transaction locks on stripes of persons, in a sorted order so two
-flushers never deadlock), reads what pairing resumes from, inserts the new events and
-writes the visits that change. Times cross the wire as epoch milliseconds and are
-converted in SQL, which saves building a datetime per value in Python.
+stripes; a smaller one is one. Each copies its events into a staging table, inserts their
+identities into ``scan_event_ids`` (the unique key; ``ON CONFLICT DO NOTHING`` tells new
+from already stored), locks the persons with new events (advisory transaction locks on
+stripes of persons, in a sorted order so two flushers never deadlock), reads what pairing
+resumes from, inserts the new events and writes the visits that change. Times cross the
+wire as epoch milliseconds and are converted in SQL, which saves building a datetime per
+value in Python.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import random
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final, NamedTuple
@@ -30,23 +34,17 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from . import migrations
-from .base import (
-    AdminRecord,
-    AuditEntry,
-    AuditQuery,
-    AuditRecord,
+from .base import Storage
+from .errors import StorageError, StorageUnavailable, is_unavailable, translated_errors
+from .events import (
     BatchResult,
     PurgeResult,
-    Storage,
     VisitChanges,
     earliest_scans,
-    hash_admin_token,
     kept_visits_end_ms,
-    new_admin_token,
     rederive_changes,
     with_new,
 )
-from .errors import StorageError, StorageUnavailable, is_unavailable, translated_errors
 from .models import PairingRules, ScanEvent, Visit
 
 BACKEND: Final = "PostgreSQL"
@@ -67,13 +65,6 @@ STRIPE_GROUPS: Final = 4
 SPLIT_BATCH_FROM: Final = 1000  # events; smaller batches commit at once
 
 _MS: Final = "(extract(epoch from {}) * 1000)::bigint"
-_VISIT_SELECT: Final = (
-    "SELECT person_id, venue_id, "
-    + ", ".join(_MS.format(c) for c in ("checkin_at", "checkout_at"))
-    + ", closed_by, "
-    + _MS.format("source_at")
-    + " FROM visits"
-)
 _EVENT_SELECT: Final = (
     "SELECT e.app_id, e.event_id, e.kind, e.venue_id, e.person_id, "
     + _MS.format("e.scanned_at")
@@ -147,9 +138,9 @@ class PostgresStorage(Storage):
             raise error(f"cannot connect to PostgreSQL: {exc}") from exc
         return cls(pool, timezone)
 
-    # -- reaching the server: every call of this backend comes through these three, so they
-    # are where a lost connection, a timeout or a server shutting down become
-    # StorageUnavailable.
+    # -- reaching the server: every call of this backend comes through _transaction, _fetch
+    # or _execute (the primitives of storage.sql), so they are where a lost connection, a
+    # timeout or a server shutting down become StorageUnavailable.
 
     @contextlib.asynccontextmanager
     async def _transaction(
@@ -168,10 +159,28 @@ class PostgresStorage(Storage):
             return [tuple(r) for r in await self._pool.fetch(sql, *args)]
 
     async def _execute(self, sql: str, *args: Any) -> int:
-        """Run one statement; the number of rows it changed."""
         with translated_errors(BACKEND):
             status = await self._pool.execute(sql, *args)
         return int(status.split()[-1])  # "UPDATE 1", "INSERT 0 1"
+
+    async def _execute_in_transaction(
+        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
+        async with self._transaction() as conn:
+            for sql, rows in statements:
+                if rows:
+                    await conn.executemany(sql, rows)
+
+    # Events, visits, admins and the audit log keep timestamptz here (see storage.sql).
+
+    def _epoch_ms(self, column: str) -> str:
+        return _MS.format(column)
+
+    def _time(self, param: str) -> str:
+        return _ts(param)
+
+    def _now(self) -> str:
+        return "now()"
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -385,100 +394,6 @@ class PostgresStorage(Storage):
                 f"{_ts('checkout_at')}, closed_by, {_ts('source_at')} FROM batch_visits"
             )
 
-    # -- the registry's primitives ----------------------------------------------------------
-
-    async def _registry_fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        return await self._fetch(sql, *args)
-
-    async def _registry_execute(self, sql: str, *args: Any) -> int:
-        return await self._execute(sql, *args)
-
-    async def _registry_transaction(
-        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
-    ) -> None:
-        async with self._transaction() as conn:
-            for sql, rows in statements:
-                if rows:
-                    await conn.executemany(sql, rows)
-
-    async def app_event_ids(
-        self, app_id: str, person_id: str, venue_id: str, start_ms: int, end_ms: int
-    ) -> list[str]:
-        rows = await self._fetch(
-            "SELECT event_id FROM scan_events WHERE person_id = $1 "
-            f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} "
-            "AND app_id = $4 AND venue_id = $5 ORDER BY scanned_at, event_id",
-            person_id,
-            start_ms,
-            end_ms,
-            app_id,
-            venue_id,
-        )
-        return [str(r[0]) for r in rows]
-
-    async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
-        rows = await self._fetch(
-            "SELECT DISTINCT app_id FROM scan_events WHERE person_id = $1 "
-            f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} ORDER BY app_id",
-            person_id,
-            start_ms,
-            end_ms,
-        )
-        return [str(r[0]) for r in rows]
-
-    # -- reading ---------------------------------------------------------------------------
-
-    async def person_visits(self, person_id: str, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            f"person_id = $1 AND checkout_at >= {_ts('$2')} AND checkin_at <= {_ts('$3')}",
-            person_id,
-            start_ms,
-            end_ms,
-        )
-
-    async def venue_visits(self, venue_id: str, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            f"venue_id = $1 AND checkin_at <= {_ts('$3')} AND checkout_at >= {_ts('$2')}",
-            venue_id,
-            start_ms,
-            end_ms,
-        )
-
-    async def scan_counts(self, start_ms: int, end_ms: int) -> list[tuple[str, str, str, int]]:
-        # The bounds are on scanned_at itself, so only the range's day partitions are read.
-        rows = await self._fetch(
-            "SELECT venue_id, person_id, kind, count(*) FROM scan_events "
-            f"WHERE scanned_at >= {_ts('$1')} AND scanned_at < {_ts('$2')} "
-            "GROUP BY venue_id, person_id, kind",
-            start_ms,
-            end_ms,
-        )
-        return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
-
-    async def visits_between(self, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            f"checkin_at < {_ts('$2')} AND checkout_at > {_ts('$1')}", start_ms, end_ms
-        )
-
-    async def all_visits(self) -> list[Visit]:
-        return await self._visits("true")
-
-    async def _visits(self, where: str, *params: Any) -> list[Visit]:
-        rows = await self._fetch(
-            f"{_VISIT_SELECT} WHERE {where} "
-            "ORDER BY person_id, source_at, venue_id, checkin_at, closed_by",
-            *params,
-        )
-        return [Visit(*r) for r in rows]
-
-    async def count_events(self) -> int:
-        rows = await self._fetch("SELECT count(*) FROM scan_events")
-        return int(rows[0][0])
-
-    async def event_identities(self) -> list[tuple[str, str]]:
-        rows = await self._fetch("SELECT app_id, event_id FROM scan_events")
-        return [(r[0], r[1]) for r in rows]
-
     # -- retention -------------------------------------------------------------------------
 
     async def purge(self, cutoff_ms: int, rules: PairingRules) -> PurgeResult:
@@ -534,84 +449,6 @@ class PostgresStorage(Storage):
             )
         return PurgeResult(events, visits, dropped)
 
-    # -- admins and audit ------------------------------------------------------------------
-
-    async def add_admin(self, name: str) -> str:
-        token = new_admin_token()
-        # A revoked name is taken over by the new token; a live one is left alone.
-        changed = await self._execute(
-            "INSERT INTO admins (name, token_sha256, created_at) VALUES ($1, $2, now()) "
-            "ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256, "
-            "created_at = excluded.created_at, revoked_at = NULL "
-            "WHERE admins.revoked_at IS NOT NULL",
-            name,
-            hash_admin_token(token),
-        )
-        if changed == 0:  # "INSERT 0 0": a live admin has the name
-            raise StorageError(f"admin {name!r} already exists")
-        return token
-
-    async def admin_for_token(self, token: str) -> str | None:
-        rows = await self._fetch(
-            "SELECT name FROM admins WHERE token_sha256 = $1 AND revoked_at IS NULL",
-            hash_admin_token(token),
-        )
-        return str(rows[0][0]) if rows else None
-
-    async def admins(self) -> list[AdminRecord]:
-        rows = await self._fetch(
-            f"SELECT name, {_MS.format('created_at')}, {_MS.format('revoked_at')} "
-            "FROM admins ORDER BY name"
-        )
-        return [AdminRecord(*r) for r in rows]
-
-    async def revoke_admin(self, name: str) -> bool | None:
-        async with self._transaction() as conn:
-            status = await conn.execute(
-                "UPDATE admins SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
-                name,
-            )
-            if status != "UPDATE 0":
-                return True
-            known = await conn.fetchval("SELECT 1 FROM admins WHERE name = $1", name)
-            return None if known is None else False
-
-    async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None:
-        await self._execute(
-            "INSERT INTO audit_log (at, actor, action, subject, detail) "
-            "VALUES (now(), $1, $2, $3, $4)",
-            actor,
-            action,
-            subject,
-            detail,
-        )
-
-    async def audit_entries(self) -> list[AuditEntry]:
-        rows = await self._fetch(
-            f"SELECT {_MS.format('at')}, actor, action, subject, detail FROM audit_log ORDER BY id"
-        )
-        return [AuditEntry(*r) for r in rows]
-
-    async def read_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        # A statement per combination of filters (not "$3 IS NULL OR actor = $3"), so
-        # each one's plan can use the index of its filter.
-        where = [f"at >= {_ts('$1')}", "id > $2"]
-        params: list[object] = [query.since_ms, query.after_id]
-        for column, value in (("actor", query.actor), ("action", query.action)):
-            if value is not None:
-                params.append(value)
-                where.append(f"{column} = ${len(params)}")
-        params.append(query.limit)
-        rows = await self._fetch(
-            f"SELECT id, {_MS.format('at')}, actor, action, subject, detail FROM audit_log "
-            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ${len(params)}",
-            *params,
-        )
-        return [AuditRecord(*r) for r in rows]
-
-    async def purge_audit(self, cutoff_ms: int) -> int:
-        return await self._execute(f"DELETE FROM audit_log WHERE at < {_ts('$1')}", cutoff_ms)
-
     async def ping(self) -> bool:
         try:
             await self._pool.fetchval("SELECT 1", timeout=2)
@@ -657,7 +494,3 @@ def _lock_stripe(person_id: str) -> int:
     """A person's lock stripe, stable across processes (``hash()`` is salted)."""
     digest = hashlib.blake2b(person_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % PERSON_LOCK_STRIPES
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
