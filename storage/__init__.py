@@ -1,20 +1,14 @@
-"""Durable storage: the storage interface and its backends (SQLite, PostgreSQL), schema
-migrations, pairing into visits, tracing and retention. May import ``signing``, never
-``gateway``."""
+"""Durable storage: the storage interface (split by concern: events and visits, registry,
+outbox, audit) and its backends (SQLite, PostgreSQL), schema migrations, pairing into
+visits, tracing, reports and retention. May import ``signing``, never ``gateway``."""
 
 from __future__ import annotations
 
-from .base import (
-    AdminRecord,
-    AuditEntry,
-    AuditQuery,
-    AuditRecord,
-    BatchResult,
-    PurgeResult,
-    Storage,
-    StorageError,
-)
+from .audit import AdminRecord, AuditEntry, AuditQuery, AuditRecord
+from .base import Storage
 from .connect import connect_storage
+from .errors import StorageError, StorageUnavailable
+from .events import BatchResult, PurgeResult
 from .models import CLOSED_BY, ContactRow, Kind, PairingRules, ScanEvent, Visit
 from .pairing import derive_visits
 from .tracing import TraceQuery
@@ -33,6 +27,7 @@ __all__ = [
     "ScanEvent",
     "Storage",
     "StorageError",
+    "StorageUnavailable",
     "TraceQuery",
     "Visit",
     "connect_storage",

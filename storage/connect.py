@@ -3,7 +3,8 @@ backend, so the interface (``storage.base``) never imports its implementations."
 
 from __future__ import annotations
 
-from storage.base import Storage, StorageError
+from storage.base import Storage
+from storage.errors import StorageError
 from storage.postgres import PostgresStorage
 from storage.sqlite import SqliteStorage
 

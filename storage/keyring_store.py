@@ -7,6 +7,13 @@ asyncpg connection on an event loop of its own thread and waits for each call, b
 by a timeout. The document is the same sealed JSON as the file's: its keys stay sealed
 under the master key in the database too. A change bumps ``version``, which every
 gateway polls (off its event loop) every 2 seconds.
+
+Its table, ``keyring_document``, is made by the PostgreSQL migrations (migration 8), and
+the store applies pending migrations itself when it opens. The keyring opens before
+storage does, or without it: ``scangate serve`` loads it once before any worker connects
+storage, ``create_app`` opens it before its storage cleanup context runs, and the CLI's
+keyring commands never open storage at all. Migrating here makes the table exist
+whichever comes first; the migration lock makes the other one find the work done.
 """
 
 from __future__ import annotations
@@ -23,17 +30,17 @@ import asyncpg
 
 from signing import FileKeyringStore, KeyringStore
 
+from . import migrations
+from .errors import translated_errors
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEYRING_LOCK: Final = 0x5C4A_0004
 CALL_TIMEOUT_S: Final = 10.0
-_TABLE: Final = (
-    "CREATE TABLE IF NOT EXISTS keyring_document ("
-    " id integer PRIMARY KEY CHECK (id = 1),"
-    " document bytea NOT NULL,"
-    " version bigint NOT NULL)"
-)
+# Migrating a large database, or waiting for another process that migrates it, can take
+# minutes: a call's usual bound would abandon the migration halfway.
+MIGRATE_TIMEOUT_S: Final = 600.0
 
 
 class DatabaseKeyringStore:
@@ -50,14 +57,25 @@ class DatabaseKeyringStore:
             self._conn: asyncpg.Connection = self._call(
                 asyncpg.connect(url, timeout=CALL_TIMEOUT_S, server_settings={"jit": "off"})
             )
-            self._call(self._conn.execute(_TABLE))
+            self._call(self._migrate(), MIGRATE_TIMEOUT_S)
         except BaseException:
+            conn = getattr(self, "_conn", None)
+            if conn is not None:
+                # Terminated, not closed: a migration that timed out may still run on it,
+                # and the server rolls that back when the connection goes.
+                self._loop.call_soon_threadsafe(conn.terminate)
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
 
-    def _call(self, work: Coroutine[Any, Any, T]) -> T:
-        with self._lock:
-            return asyncio.run_coroutine_threadsafe(work, self._loop).result(CALL_TIMEOUT_S)
+    def _call(self, work: Coroutine[Any, Any, T], timeout_s: float = CALL_TIMEOUT_S) -> T:
+        """Run ``work`` on the store's loop and wait for it: a lost connection or a timeout
+        comes out as ``StorageUnavailable``, as from the rest of storage."""
+        with self._lock, translated_errors("PostgreSQL"):
+            return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout_s)
+
+    async def _migrate(self) -> None:
+        async with self._conn.transaction():
+            await migrations.apply_postgres(self._conn)
 
     def version(self) -> str:
         found = self._call(self._conn.fetchval("SELECT version FROM keyring_document"))

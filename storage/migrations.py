@@ -1,7 +1,9 @@
-"""Schema migrations, per backend: an ordered list of (version, statements).
+"""Schema migrations, per backend: an ordered list of (version, statements), and the two
+functions that apply them (``apply_sqlite``, ``apply_postgres``).
 
 Applied by ``scangate migrate`` and at start-up, each version once, recorded in
-``schema_migrations``. Never edit a released version: add the next one.
+``schema_migrations``; on PostgreSQL also by the shared keyring's store when it opens
+(``storage.keyring_store``). Never edit a released version: add the next one.
 
 SQLite keeps times as integer epoch milliseconds; PostgreSQL as ``timestamptz``, with
 ``scan_events`` and ``visits`` partitioned by day (partitions are created as days come,
@@ -11,9 +13,18 @@ column, so on PostgreSQL the (app_id, event_id) key lives in ``scan_event_ids``.
 
 from __future__ import annotations
 
-from typing import Final
+import time
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    import asyncpg
 
 Migration = tuple[int, tuple[str, ...]]
+# Held while PostgreSQL migrates: storage in every process and the keyring store all
+# migrate at start-up, and only the first may apply a version.
+MIGRATION_LOCK: Final = 0x5C4A_0001
 
 
 def _registry(blob: str, big: str, serial_pk: str) -> tuple[str, ...]:
@@ -229,6 +240,17 @@ def _tokens_and_audit(moment: str) -> tuple[str, ...]:
     )
 
 
+# Migration 8 on PostgreSQL: the shared keyring's document (one row; storage.keyring_store).
+# The store used to make this table itself, with this same statement, before it was part
+# of the migrations: IF NOT EXISTS adopts such a table as it is, with the keyring in it.
+KEYRING_DOCUMENT: Final = (
+    "CREATE TABLE IF NOT EXISTS keyring_document ("
+    " id integer PRIMARY KEY CHECK (id = 1),"
+    " document bytea NOT NULL,"
+    " version bigint NOT NULL)"
+)
+
+
 SQLITE: Final[tuple[Migration, ...]] = (
     (
         1,
@@ -356,6 +378,7 @@ POSTGRES: Final[tuple[Migration, ...]] = (
     ),
     (6, _identity("bytea", "bigint", "boolean")),
     (7, _tokens_and_audit("timestamptz")),
+    (8, (KEYRING_DOCUMENT,)),
 )
 
 # The tables partitioned by day on PostgreSQL, with their partition column and the storage
@@ -364,3 +387,43 @@ POSTGRES_DAY_PARTITIONED: Final = (
     ("scan_events", "scanned_at", ""),
     ("visits", "source_at", f" WITH (fillfactor = {VISITS_FILLFACTOR})"),
 )
+
+
+def apply_sqlite(db: sqlite3.Connection) -> list[int]:
+    """Apply the pending SQLite migrations, inside the caller's write transaction; the
+    versions applied now."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+    )
+    done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, statements in SQLITE:
+        if version in done:
+            continue
+        for statement in statements:
+            db.execute(statement)
+        now_ms = int(time.time() * 1000)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, now_ms))
+        applied.append(version)
+    return applied
+
+
+async def apply_postgres(conn: asyncpg.Connection) -> list[int]:
+    """Apply the pending PostgreSQL migrations, inside the caller's transaction and under
+    ``MIGRATION_LOCK``; the versions applied now."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+    )
+    done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, statements in POSTGRES:
+        if version in done:
+            continue
+        for statement in statements:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO schema_migrations VALUES ($1, now())", version)
+        applied.append(version)
+    return applied

@@ -1,5 +1,5 @@
 """Confirmed cases, the venue windows they make risky, and the outbox of exposure notices,
-written once for both backends (the registry's SQL conventions and primitives).
+written once for both backends (``storage.sql``).
 
 The outbox is how a notice is never lost and never sent twice by scangate:
 
@@ -17,13 +17,12 @@ The outbox is how a notice is never lost and never sent twice by scangate:
 
 from __future__ import annotations
 
-import abc
 import base64
 import hashlib
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
-from .registry import Registry
+from .sql import SharedSql
 
 
 class CaseRecord(NamedTuple):
@@ -86,8 +85,8 @@ def _numbered(n: int) -> str:
     return ", ".join(f"${i}" for i in range(1, n + 1))
 
 
-class Outbox(Registry, abc.ABC):
-    """Mixed into each ``Storage`` backend, after the registry."""
+class Outbox(SharedSql):
+    """Cases and the notices' outbox, of ``Storage``."""
 
     # How a claim locks the rows it picks: PostgreSQL skips rows another claimer holds
     # (else concurrent workers pick the same first rows and all but one come back short);
@@ -98,7 +97,7 @@ class Outbox(Registry, abc.ABC):
         self, case: CaseRecord, windows: Sequence[CaseWindow], notices: Sequence[NoticeRecord]
     ) -> None:
         """The case, its windows and its notices, all or nothing."""
-        await self._registry_transaction(
+        await self._execute_in_transaction(
             [
                 (
                     f"INSERT INTO cases ({_CASE_COLUMNS}) VALUES ({_numbered(len(case))})",
@@ -120,7 +119,7 @@ class Outbox(Registry, abc.ABC):
     async def case_confirmed(self, person_id: str, confirmed_at_ms: int) -> CaseRecord | None:
         """The case already recorded for this person and confirmation time (a request
         repeated after a timeout must not notify everyone twice)."""
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_CASE_COLUMNS} FROM cases WHERE person_id = $1 AND confirmed_at = $2",
             person_id,
             confirmed_at_ms,
@@ -130,12 +129,10 @@ class Outbox(Registry, abc.ABC):
     async def purge_cases(self, cutoff_ms: int) -> int:
         """Delete cases recorded before ``cutoff_ms``, with their windows and notices (they
         name contacts and times: kept no longer than the visits they came from)."""
-        old = await self._registry_fetch(
-            "SELECT case_id FROM cases WHERE created_at < $1", cutoff_ms
-        )
+        old = await self._fetch("SELECT case_id FROM cases WHERE created_at < $1", cutoff_ms)
         ids = [(r[0],) for r in old]
         if ids:
-            await self._registry_transaction(
+            await self._execute_in_transaction(
                 [
                     ("DELETE FROM notices WHERE case_id = $1", ids),
                     ("DELETE FROM case_windows WHERE case_id = $1", ids),
@@ -145,13 +142,11 @@ class Outbox(Registry, abc.ABC):
         return len(ids)
 
     async def case(self, case_id: str) -> CaseRecord | None:
-        rows = await self._registry_fetch(
-            f"SELECT {_CASE_COLUMNS} FROM cases WHERE case_id = $1", case_id
-        )
+        rows = await self._fetch(f"SELECT {_CASE_COLUMNS} FROM cases WHERE case_id = $1", case_id)
         return CaseRecord(*rows[0]) if rows else None
 
     async def case_notices(self, case_id: str) -> list[NoticeRecord]:
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_NOTICE_COLUMNS} FROM notices WHERE case_id = $1 "
             "ORDER BY exposure_start, person_id, venue_id, channel, app_id",
             case_id,
@@ -160,7 +155,7 @@ class Outbox(Registry, abc.ABC):
 
     async def risky_windows(self, since_ms: int) -> list[CaseWindow]:
         """Windows that end at or after ``since_ms``, of every case."""
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             "SELECT venue_id, from_at, to_at, level FROM case_windows WHERE to_at >= $1 "
             "ORDER BY venue_id, from_at",
             since_ms,
@@ -177,14 +172,14 @@ class Outbox(Registry, abc.ABC):
         one writer at a time."""
         # Most rounds find nothing due: find that out with a read, so an idle outbox never
         # takes a write lock (on SQLite, one shared with the flusher) every poll.
-        due = await self._registry_fetch(
+        due = await self._fetch(
             "SELECT 1 FROM notices WHERE state = 'pending' AND next_attempt_at <= $1 "
             "AND (lease_until IS NULL OR lease_until < $1) LIMIT 1",
             now_ms,
         )
         if not due:
             return []
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             "UPDATE notices SET lease_owner = $1, lease_until = $2, attempts = attempts + 1 "
             "WHERE notice_id IN ("
             "  SELECT notice_id FROM notices WHERE state = 'pending' AND next_attempt_at <= $3"
@@ -201,7 +196,7 @@ class Outbox(Registry, abc.ABC):
 
     async def notice_delivered(self, notice_id: str, owner: str, now_ms: int) -> bool:
         """Mark delivered, if ``owner`` still holds the lease (else another worker may)."""
-        changed = await self._registry_execute(
+        changed = await self._execute(
             "UPDATE notices SET state = 'delivered', delivered_at = $3, lease_owner = NULL, "
             "lease_until = NULL, last_error = NULL "
             "WHERE notice_id = $1 AND lease_owner = $2 AND state = 'pending'",
@@ -216,7 +211,7 @@ class Outbox(Registry, abc.ABC):
     ) -> bool:
         """Release the lease after a failed try: to try again at ``next_attempt_at_ms``, or
         for good (``None``: state ``failed``)."""
-        changed = await self._registry_execute(
+        changed = await self._execute(
             "UPDATE notices SET lease_owner = NULL, lease_until = NULL, last_error = $3, "
             "state = CASE WHEN CAST($4 AS bigint) IS NULL THEN 'failed' ELSE 'pending' END, "
             "next_attempt_at = COALESCE(CAST($4 AS bigint), next_attempt_at) "
@@ -229,7 +224,7 @@ class Outbox(Registry, abc.ABC):
         return changed == 1
 
     async def pending_notices(self) -> int:
-        rows = await self._registry_fetch("SELECT count(*) FROM notices WHERE state = 'pending'")
+        rows = await self._fetch("SELECT count(*) FROM notices WHERE state = 'pending'")
         return int(rows[0][0])
 
 

@@ -1,54 +1,53 @@
 """PostgreSQL storage through asyncpg, tables partitioned by day.
 
+Here: the pool and the primitives that run the SQL both backends share (``storage.sql``),
+where asyncpg's errors become ``storage.errors``; migrating and day partitions; storing
+batches; retention. The reads, the registry, the outbox and the audit log are the shared
+SQL of their own modules.
+
 Days are days in the configured time zone (``SCANGATE_TIMEZONE``): a UTC day would cut
 Vietnam's morning rush in two, and retention drops whole days. Partitions are created as
 days come (a cache of known ones avoids asking each batch), under an advisory lock so
 concurrent flushers do not race on the DDL.
 
 A batch of 1,000 events or more is four transactions, one per quarter of the person lock
-stripes; a smaller one is one. Each copies its
-events into a staging table, inserts their identities into ``scan_event_ids`` (the unique
-key; ``ON CONFLICT DO NOTHING`` tells new from already stored), locks the persons with new
-events (advisory transaction locks on stripes of persons, in a sorted order so two
-flushers never deadlock), reads what pairing resumes from, inserts the new events and
-writes the visits that change. Times cross the wire as epoch milliseconds and are
-converted in SQL, which saves building a datetime per value in Python.
+stripes; a smaller one is one. Each copies its events into a staging table, inserts their
+identities into ``scan_event_ids`` (the unique key; ``ON CONFLICT DO NOTHING`` tells new
+from already stored), locks the persons with new events (advisory transaction locks on
+stripes of persons, in a sorted order so two flushers never deadlock), reads what pairing
+resumes from, inserts the new events and writes the visits that change. Times cross the
+wire as epoch milliseconds and are converted in SQL, which saves building a datetime per
+value in Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import random
-import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final, NamedTuple
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from . import migrations
-from .base import (
-    AdminRecord,
-    AuditEntry,
-    AuditQuery,
-    AuditRecord,
+from .base import Storage
+from .errors import StorageError, StorageUnavailable, is_unavailable, translated_errors
+from .events import (
     BatchResult,
     PurgeResult,
-    Storage,
-    StorageError,
     VisitChanges,
     earliest_scans,
-    hash_admin_token,
     kept_visits_end_ms,
-    new_admin_token,
     rederive_changes,
     with_new,
 )
 from .models import PairingRules, ScanEvent, Visit
 
-MIGRATION_LOCK: Final = 0x5C4A_0001
+BACKEND: Final = "PostgreSQL"
 PARTITION_LOCK: Final = 0x5C4A_0002
 POOL_MAX: Final = 8
 COMMAND_TIMEOUT_S: Final = 60.0
@@ -66,13 +65,6 @@ STRIPE_GROUPS: Final = 4
 SPLIT_BATCH_FROM: Final = 1000  # events; smaller batches commit at once
 
 _MS: Final = "(extract(epoch from {}) * 1000)::bigint"
-_VISIT_SELECT: Final = (
-    "SELECT person_id, venue_id, "
-    + ", ".join(_MS.format(c) for c in ("checkin_at", "checkout_at"))
-    + ", closed_by, "
-    + _MS.format("source_at")
-    + " FROM visits"
-)
 _EVENT_SELECT: Final = (
     "SELECT e.app_id, e.event_id, e.kind, e.venue_id, e.person_id, "
     + _MS.format("e.scanned_at")
@@ -141,28 +133,60 @@ class PostgresStorage(Storage):
                 command_timeout=COMMAND_TIMEOUT_S,
                 server_settings=settings,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            error = StorageUnavailable if is_unavailable(exc) else StorageError
+            raise error(f"cannot connect to PostgreSQL: {exc}") from exc
         return cls(pool, timezone)
+
+    # -- reaching the server: every call of this backend comes through _transaction, _fetch
+    # or _execute (the primitives of storage.sql), so they are where a lost connection, a
+    # timeout or a server shutting down become StorageUnavailable.
+
+    @contextlib.asynccontextmanager
+    async def _transaction(
+        self, acquire_timeout_s: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (waited for up to ``acquire_timeout_s``) in a transaction."""
+        with translated_errors(BACKEND):
+            async with (
+                self._pool.acquire(timeout=acquire_timeout_s) as conn,
+                conn.transaction(),
+            ):
+                yield conn
+
+    async def _fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with translated_errors(BACKEND):
+            return [tuple(r) for r in await self._pool.fetch(sql, *args)]
+
+    async def _execute(self, sql: str, *args: Any) -> int:
+        with translated_errors(BACKEND):
+            status = await self._pool.execute(sql, *args)
+        return int(status.split()[-1])  # "UPDATE 1", "INSERT 0 1"
+
+    async def _execute_in_transaction(
+        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
+        async with self._transaction() as conn:
+            for sql, rows in statements:
+                if rows:
+                    await conn.executemany(sql, rows)
+
+    # Events, visits, admins and the audit log keep timestamptz here (see storage.sql).
+
+    def _epoch_ms(self, column: str) -> str:
+        return _MS.format(column)
+
+    def _time(self, param: str) -> str:
+        return _ts(param)
+
+    def _now(self) -> str:
+        return "now()"
 
     # -- schema ----------------------------------------------------------------------------
 
     async def migrate(self) -> list[int]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
-            )
-            done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            applied = []
-            for version, statements in migrations.POSTGRES:
-                if version in done:
-                    continue
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute("INSERT INTO schema_migrations VALUES ($1, now())", version)
-                applied.append(version)
+        async with self._transaction() as conn:
+            applied = await migrations.apply_postgres(conn)
         # Today and the next days exist before their first scan arrives; the flusher
         # keeps a week ahead from then on.
         await self.prepare_days(2)
@@ -188,7 +212,7 @@ class PostgresStorage(Storage):
         ]
         if not missing:
             return
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
             for table, options, day in missing:
                 name = f"{table}_p{day:%Y%m%d}"
@@ -236,23 +260,19 @@ class PostgresStorage(Storage):
                     result = await self._store(group, len(group), rules)
                     inserted += result.inserted
                     persons += result.persons
-        except (
-            OSError,
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-            asyncpg.PostgresConnectionError,
-        ):
-            # The server went away under us (asyncpg can then keep a connection whose
-            # protocol state is confused, MagicStack/asyncpg#784): replace every pooled
-            # connection rather than trust one of them again.
-            await self._pool.expire_connections()
+        except StorageUnavailable as exc:
+            if isinstance(exc.__cause__, _CONNECTION_LOST):
+                # The server went away under us (asyncpg can then keep a connection whose
+                # protocol state is confused, MagicStack/asyncpg#784): replace every pooled
+                # connection rather than trust one of them again.
+                await self._pool.expire_connections()
             raise
         return BatchResult(inserted, len(events) - inserted, persons)
 
     async def _store(
         self, unique: list[ScanEvent], received: int, rules: PairingRules
     ) -> BatchResult:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+        async with self._transaction(ACQUIRE_TIMEOUT_S) as conn:
             # The batch goes in by binary COPY into a staging table of this session, then by
             # set-based statements from there: far less client work per event than arrays
             # of parameters, and the times stay epoch ms until PostgreSQL converts them.
@@ -374,100 +394,6 @@ class PostgresStorage(Storage):
                 f"{_ts('checkout_at')}, closed_by, {_ts('source_at')} FROM batch_visits"
             )
 
-    # -- the registry's primitives ----------------------------------------------------------
-
-    async def _registry_fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in await self._pool.fetch(sql, *args)]
-
-    async def _registry_execute(self, sql: str, *args: Any) -> int:
-        status = await self._pool.execute(sql, *args)
-        return int(status.split()[-1])  # "UPDATE 1", "INSERT 0 1"
-
-    async def _registry_transaction(
-        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
-    ) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            for sql, rows in statements:
-                if rows:
-                    await conn.executemany(sql, rows)
-
-    async def app_event_ids(
-        self, app_id: str, person_id: str, venue_id: str, start_ms: int, end_ms: int
-    ) -> list[str]:
-        rows = await self._pool.fetch(
-            "SELECT event_id FROM scan_events WHERE person_id = $1 "
-            f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} "
-            "AND app_id = $4 AND venue_id = $5 ORDER BY scanned_at, event_id",
-            person_id,
-            start_ms,
-            end_ms,
-            app_id,
-            venue_id,
-        )
-        return [str(r[0]) for r in rows]
-
-    async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
-        rows = await self._pool.fetch(
-            "SELECT DISTINCT app_id FROM scan_events WHERE person_id = $1 "
-            f"AND scanned_at >= {_ts('$2')} AND scanned_at <= {_ts('$3')} ORDER BY app_id",
-            person_id,
-            start_ms,
-            end_ms,
-        )
-        return [str(r[0]) for r in rows]
-
-    # -- reading ---------------------------------------------------------------------------
-
-    async def person_visits(self, person_id: str, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            f"person_id = $1 AND checkout_at >= {_ts('$2')} AND checkin_at <= {_ts('$3')}",
-            person_id,
-            start_ms,
-            end_ms,
-        )
-
-    async def venue_visits(self, venue_id: str, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            f"venue_id = $1 AND checkin_at <= {_ts('$3')} AND checkout_at >= {_ts('$2')}",
-            venue_id,
-            start_ms,
-            end_ms,
-        )
-
-    async def scan_counts(self, start_ms: int, end_ms: int) -> list[tuple[str, str, str, int]]:
-        # The bounds are on scanned_at itself, so only the range's day partitions are read.
-        rows = await self._pool.fetch(
-            "SELECT venue_id, person_id, kind, count(*) FROM scan_events "
-            f"WHERE scanned_at >= {_ts('$1')} AND scanned_at < {_ts('$2')} "
-            "GROUP BY venue_id, person_id, kind",
-            start_ms,
-            end_ms,
-        )
-        return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
-
-    async def visits_between(self, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            f"checkin_at < {_ts('$2')} AND checkout_at > {_ts('$1')}", start_ms, end_ms
-        )
-
-    async def all_visits(self) -> list[Visit]:
-        return await self._visits("true")
-
-    async def _visits(self, where: str, *params: Any) -> list[Visit]:
-        rows = await self._pool.fetch(
-            f"{_VISIT_SELECT} WHERE {where} "
-            "ORDER BY person_id, source_at, venue_id, checkin_at, closed_by",
-            *params,
-        )
-        return [Visit(*r) for r in rows]
-
-    async def count_events(self) -> int:
-        return int(await self._pool.fetchval("SELECT count(*) FROM scan_events"))
-
-    async def event_identities(self) -> list[tuple[str, str]]:
-        rows = await self._pool.fetch("SELECT app_id, event_id FROM scan_events")
-        return [(r[0], r[1]) for r in rows]
-
     # -- retention -------------------------------------------------------------------------
 
     async def purge(self, cutoff_ms: int, rules: PairingRules) -> PurgeResult:
@@ -481,7 +407,7 @@ class PostgresStorage(Storage):
             "visits": self.day_of(keep_end_ms - rules.horizon_ms),
         }
         dropped = events = visits = 0
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
             for table, _column, _options in migrations.POSTGRES_DAY_PARTITIONED:
                 children = await conn.fetch(
@@ -523,92 +449,11 @@ class PostgresStorage(Storage):
             )
         return PurgeResult(events, visits, dropped)
 
-    # -- admins and audit ------------------------------------------------------------------
-
-    async def add_admin(self, name: str) -> str:
-        token = new_admin_token()
-        # A revoked name is taken over by the new token; a live one is left alone.
-        status = await self._pool.execute(
-            "INSERT INTO admins (name, token_sha256, created_at) VALUES ($1, $2, now()) "
-            "ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256, "
-            "created_at = excluded.created_at, revoked_at = NULL "
-            "WHERE admins.revoked_at IS NOT NULL",
-            name,
-            hash_admin_token(token),
-        )
-        if status.split()[-1] == "0":  # "INSERT 0 0": a live admin has the name
-            raise StorageError(f"admin {name!r} already exists")
-        return token
-
-    async def admin_for_token(self, token: str) -> str | None:
-        name = await self._pool.fetchval(
-            "SELECT name FROM admins WHERE token_sha256 = $1 AND revoked_at IS NULL",
-            hash_admin_token(token),
-        )
-        return None if name is None else str(name)
-
-    async def admins(self) -> list[AdminRecord]:
-        rows = await self._pool.fetch(
-            f"SELECT name, {_MS.format('created_at')}, {_MS.format('revoked_at')} "
-            "FROM admins ORDER BY name"
-        )
-        return [AdminRecord(*r) for r in rows]
-
-    async def revoke_admin(self, name: str) -> bool | None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(
-                "UPDATE admins SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
-                name,
-            )
-            if status != "UPDATE 0":
-                return True
-            known = await conn.fetchval("SELECT 1 FROM admins WHERE name = $1", name)
-            return None if known is None else False
-
-    async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None:
-        await self._pool.execute(
-            "INSERT INTO audit_log (at, actor, action, subject, detail) "
-            "VALUES (now(), $1, $2, $3, $4)",
-            actor,
-            action,
-            subject,
-            detail,
-        )
-
-    async def audit_entries(self) -> list[AuditEntry]:
-        rows = await self._pool.fetch(
-            f"SELECT {_MS.format('at')}, actor, action, subject, detail FROM audit_log ORDER BY id"
-        )
-        return [AuditEntry(*r) for r in rows]
-
-    async def read_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        # A statement per combination of filters (not "$3 IS NULL OR actor = $3"), so
-        # each one's plan can use the index of its filter.
-        where = [f"at >= {_ts('$1')}", "id > $2"]
-        params: list[object] = [query.since_ms, query.after_id]
-        for column, value in (("actor", query.actor), ("action", query.action)):
-            if value is not None:
-                params.append(value)
-                where.append(f"{column} = ${len(params)}")
-        params.append(query.limit)
-        rows = await self._pool.fetch(
-            f"SELECT id, {_MS.format('at')}, actor, action, subject, detail FROM audit_log "
-            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ${len(params)}",
-            *params,
-        )
-        return [AuditRecord(*r) for r in rows]
-
-    async def purge_audit(self, cutoff_ms: int) -> int:
-        status = await self._pool.execute(
-            f"DELETE FROM audit_log WHERE at < {_ts('$1')}", cutoff_ms
-        )
-        return int(status.split()[-1])
-
     async def ping(self) -> bool:
         try:
             await self._pool.fetchval("SELECT 1", timeout=2)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            return False
+            return False  # a probe: whatever the reason, the answer is "not ready"
         return True
 
     async def close(self) -> None:
@@ -616,7 +461,7 @@ class PostgresStorage(Storage):
 
     async def drop_everything(self) -> None:
         """For tests on a shared database: remove every table this backend made."""
-        async with self._pool.acquire() as conn:
+        async with self._transaction() as conn:
             await conn.execute(
                 "DROP TABLE IF EXISTS scan_events, visits, scan_event_ids, admins, audit_log, "
                 "declarations, person_phones, persons, staff_tokens, venues, data_keys, "
@@ -624,6 +469,15 @@ class PostgresStorage(Storage):
                 "schema_migrations CASCADE"
             )
         self._known_days.clear()
+
+
+# What a lost connection raises, unlike a timeout or a server that refuses new work.
+_CONNECTION_LOST: Final = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+)
 
 
 class _RowAddress(NamedTuple):
@@ -640,7 +494,3 @@ def _lock_stripe(person_id: str) -> int:
     """A person's lock stripe, stable across processes (``hash()`` is salted)."""
     digest = hashlib.blake2b(person_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % PERSON_LOCK_STRIPES
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -1,12 +1,10 @@
 """The registration side of storage: venues, door-staff tokens, people, declarations and
 the sealed data key, written once for both backends.
 
-These tables are small and read by key, so one SQL text serves SQLite and PostgreSQL: it is
-written with PostgreSQL's ``$1`` parameters, which SQLite reads as numbered ``?1``
-parameters after one substitution (``sqlite_params``). A backend supplies two primitives,
-``_registry_fetch`` and ``_registry_execute``. Each method is one statement, atomic by
-itself; where two requests could race (the same national id declared twice at once) a
-unique key decides and the loser is told so.
+These tables are small and read by key, so one SQL text serves SQLite and PostgreSQL
+(``storage.sql``: ``$1`` parameters, run through the backend's primitives). Each method
+is one statement, atomic by itself; where two requests could race (the same national id
+declared twice at once) a unique key decides and the loser is told so.
 
 Personal fields arrive here already encrypted (``*_enc``) or as blind indexes
 (``*_index``): storage never sees them in the clear.
@@ -14,17 +12,10 @@ Personal fields arrive here already encrypted (``*_enc``) or as blind indexes
 
 from __future__ import annotations
 
-import abc
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-_PARAM: Final = re.compile(r"\$(\d+)")
-
-
-def sqlite_params(sql: str) -> str:
-    """``$1`` -> ``?1``: the registry's SQL as SQLite's numbered parameters."""
-    return _PARAM.sub(r"?\1", sql)
+from .sql import SharedSql
 
 
 class VenueRecord(NamedTuple):
@@ -91,33 +82,19 @@ def _placeholders(n: int, start: int = 1) -> str:
     return ", ".join(f"${i}" for i in range(start, start + n))
 
 
-class Registry(abc.ABC):
-    """Mixed into each ``Storage`` backend."""
-
-    @abc.abstractmethod
-    async def _registry_fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Rows of one statement (which may write: ``INSERT ... RETURNING``)."""
-
-    @abc.abstractmethod
-    async def _registry_execute(self, sql: str, *args: Any) -> int:
-        """Run one writing statement; the number of rows it changed."""
-
-    @abc.abstractmethod
-    async def _registry_transaction(
-        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
-    ) -> None:
-        """Run each statement once per row of its parameters, all in one transaction."""
+class Registry(SharedSql):
+    """The registration side of ``Storage``."""
 
     # -- the data key ----------------------------------------------------------------------
 
     async def sealed_data_key(self) -> bytes | None:
-        rows = await self._registry_fetch("SELECT sealed FROM data_keys WHERE key_id = 1")
+        rows = await self._fetch("SELECT sealed FROM data_keys WHERE key_id = 1")
         return bytes(rows[0][0]) if rows else None
 
     async def offer_sealed_data_key(self, sealed: bytes, now_ms: int) -> bytes:
         """Store ``sealed`` as the data key unless one is stored already; the stored one.
         Two processes starting at once both offer a key and both end up with the winner's."""
-        await self._registry_execute(
+        await self._execute(
             "INSERT INTO data_keys (key_id, sealed, created_at) VALUES (1, $1, $2) "
             "ON CONFLICT DO NOTHING",
             sealed,
@@ -130,13 +107,13 @@ class Registry(abc.ABC):
     # -- venues ----------------------------------------------------------------------------
 
     async def add_venue(self, venue: VenueRecord) -> None:
-        await self._registry_execute(
+        await self._execute(
             f"INSERT INTO venues ({_VENUE_COLUMNS}) VALUES ({_placeholders(len(venue))})",
             *venue,
         )
 
     async def venue(self, venue_id: str) -> VenueRecord | None:
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_VENUE_COLUMNS} FROM venues WHERE venue_id = $1", venue_id
         )
         if not rows:
@@ -147,7 +124,7 @@ class Registry(abc.ABC):
 
     async def revoke_venue(self, venue_id: str, now_ms: int) -> bool:
         """Revoke a registered venue's code; False when no such venue (or already revoked)."""
-        changed = await self._registry_execute(
+        changed = await self._execute(
             "UPDATE venues SET revoked_at = $2 WHERE venue_id = $1 AND revoked_at IS NULL",
             venue_id,
             now_ms,
@@ -155,25 +132,23 @@ class Registry(abc.ABC):
         return changed > 0
 
     async def revoked_venue_ids(self) -> frozenset[str]:
-        rows = await self._registry_fetch(
-            "SELECT venue_id FROM venues WHERE revoked_at IS NOT NULL"
-        )
+        rows = await self._fetch("SELECT venue_id FROM venues WHERE revoked_at IS NOT NULL")
         return frozenset(r[0] for r in rows)
 
     async def venue_kinds(self) -> dict[str, str]:
         """Registered venue id -> kind (the flusher's maximum stay per kind)."""
-        rows = await self._registry_fetch("SELECT venue_id, kind FROM venues")
+        rows = await self._fetch("SELECT venue_id, kind FROM venues")
         return {r[0]: r[1] for r in rows}
 
     async def venue_places(self) -> dict[str, tuple[str, str]]:
         """Registered venue id -> (province, kind): how reports group venues."""
-        rows = await self._registry_fetch("SELECT venue_id, province, kind FROM venues")
+        rows = await self._fetch("SELECT venue_id, province, kind FROM venues")
         return {r[0]: (r[1], r[2]) for r in rows}
 
     # -- door staff ------------------------------------------------------------------------
 
     async def add_staff_token(self, token: StaffTokenRecord, token_sha256: str) -> None:
-        await self._registry_execute(
+        await self._execute(
             f"INSERT INTO staff_tokens ({_STAFF_COLUMNS}, token_sha256) "
             f"VALUES ({_placeholders(len(token) + 1)})",
             *token,
@@ -182,7 +157,7 @@ class Registry(abc.ABC):
 
     async def staff_token(self, token_sha256: str) -> StaffTokenRecord | None:
         """The live (not revoked) staff token with this hash."""
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_STAFF_COLUMNS} FROM staff_tokens "
             "WHERE token_sha256 = $1 AND revoked_at IS NULL",
             token_sha256,
@@ -190,7 +165,7 @@ class Registry(abc.ABC):
         return StaffTokenRecord(*rows[0]) if rows else None
 
     async def staff_tokens(self, venue_id: str) -> list[StaffTokenRecord]:
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_STAFF_COLUMNS} FROM staff_tokens WHERE venue_id = $1 "
             "ORDER BY created_at, token_id",
             venue_id,
@@ -198,7 +173,7 @@ class Registry(abc.ABC):
         return [StaffTokenRecord(*r) for r in rows]
 
     async def revoke_staff_token(self, token_id: str, now_ms: int) -> bool:
-        changed = await self._registry_execute(
+        changed = await self._execute(
             "UPDATE staff_tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL",
             token_id,
             now_ms,
@@ -212,7 +187,7 @@ class Registry(abc.ABC):
         older than the stored one changes nothing: several processes, on several hosts,
         write the same tokens, in no particular order. Rows go in sorted by token id, so
         two writers lock them in the same order."""
-        await self._registry_transaction(
+        await self._execute_in_transaction(
             [
                 (
                     "INSERT INTO app_token_use (token_id, last_used_at) VALUES ($1, $2) "
@@ -227,7 +202,7 @@ class Registry(abc.ABC):
         """Token id -> epoch ms of the minute it was last used, for those ever used."""
         if not token_ids:
             return {}
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             "SELECT token_id, last_used_at FROM app_token_use "
             f"WHERE token_id IN ({_placeholders(len(token_ids))})",
             *token_ids,
@@ -237,14 +212,14 @@ class Registry(abc.ABC):
     # -- people ----------------------------------------------------------------------------
 
     async def insert_person(self, person: PersonRecord) -> None:
-        await self._registry_execute(
+        await self._execute(
             f"INSERT INTO persons ({_PERSON_COLUMNS}) VALUES ({_placeholders(len(person))})",
             *person,
         )
 
     async def forget_person(self, person_id: str) -> None:
         """Delete a person nothing refers to yet (a declaration that lost a race)."""
-        await self._registry_execute("DELETE FROM persons WHERE person_id = $1", person_id)
+        await self._execute("DELETE FROM persons WHERE person_id = $1", person_id)
 
     async def update_person(self, person: PersonRecord) -> None:
         """Replace every field of a stored person but its id and creation."""
@@ -253,7 +228,7 @@ class Registry(abc.ABC):
         assignments = ", ".join(
             f"{c.removesuffix('_ms')} = ${i}" for i, c in enumerate(columns, start=2)
         )
-        await self._registry_execute(
+        await self._execute(
             f"UPDATE persons SET {assignments} WHERE person_id = $1",
             person.person_id,
             *(getattr(person, c) for c in columns),
@@ -266,7 +241,7 @@ class Registry(abc.ABC):
     async def persons(self, person_ids: Sequence[str]) -> list[PersonRecord]:
         if not person_ids:
             return []
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_PERSON_COLUMNS} FROM persons "
             f"WHERE person_id IN ({_placeholders(len(person_ids))}) ORDER BY person_id",
             *person_ids,
@@ -277,7 +252,7 @@ class Registry(abc.ABC):
 
     async def add_id_claim(self, claim: ClaimRecord) -> bool:
         """Record a claim; False when this phone already claims this id."""
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"INSERT INTO id_claims ({_CLAIM_COLUMNS}) VALUES ({_placeholders(len(claim))}) "
             "ON CONFLICT DO NOTHING RETURNING claim_id",
             *claim,
@@ -285,7 +260,7 @@ class Registry(abc.ABC):
         return bool(rows)
 
     async def id_claim_of_phone(self, national_index: str, phone_index: str) -> ClaimRecord | None:
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_CLAIM_COLUMNS} FROM id_claims "
             "WHERE national_id_index = $1 AND phone_index = $2",
             national_index,
@@ -297,7 +272,7 @@ class Registry(abc.ABC):
         """Every claim on these ids, oldest first."""
         if not national_indexes:
             return []
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_CLAIM_COLUMNS} FROM id_claims "
             f"WHERE national_id_index IN ({_placeholders(len(national_indexes))}) "
             "ORDER BY claimed_at, claim_id",
@@ -306,7 +281,7 @@ class Registry(abc.ABC):
         return [ClaimRecord(*r) for r in rows]
 
     async def id_claim(self, claim_id: str) -> ClaimRecord | None:
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {_CLAIM_COLUMNS} FROM id_claims WHERE claim_id = $1", claim_id
         )
         return ClaimRecord(*rows[0]) if rows else None
@@ -320,7 +295,7 @@ class Registry(abc.ABC):
             else "AND NOT EXISTS (SELECT 1 FROM id_claims a WHERE "
             "a.national_id_index = c.national_id_index AND a.state = 'accepted') "
         )
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {', '.join('c.' + col for col in _CLAIM_COLUMNS.split(', '))} "
             "FROM id_claims c WHERE (SELECT count(*) FROM id_claims o "
             f"WHERE o.national_id_index = c.national_id_index) > 1 {unresolved}"
@@ -340,13 +315,13 @@ class Registry(abc.ABC):
             "WHERE claim_id = $1"
         )
         row = [(claim_id, actor, now_ms)]
-        await self._registry_transaction([(others, row), (this, row)])
+        await self._execute_in_transaction([(others, row), (this, row)])
 
     async def door_card_holder(self, card_indexes: Sequence[str]) -> str | None:
         """The pseudonymous person an ID card was recorded under at a door, if seen."""
         if not card_indexes:
             return None
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             "SELECT person_id FROM door_cards "
             f"WHERE card_index IN ({_placeholders(len(card_indexes))}) "
             "ORDER BY first_seen_at, person_id",
@@ -358,7 +333,7 @@ class Registry(abc.ABC):
         """Record a card (each id number it carries) under ``person_id`` unless one of them
         was recorded already; the person it is recorded under."""
         for index in card_indexes:
-            await self._registry_execute(
+            await self._execute(
                 "INSERT INTO door_cards (card_index, person_id, first_seen_at) "
                 "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                 index,
@@ -373,7 +348,7 @@ class Registry(abc.ABC):
 
     async def link_phone(self, phone_index: str, person_id: str) -> None:
         """Let a verified phone act for a person and find them at the door."""
-        await self._registry_execute(
+        await self._execute(
             "INSERT INTO person_phones (phone_index, person_id, verified) "
             "VALUES ($1, $2, TRUE) "
             "ON CONFLICT (phone_index, person_id) DO UPDATE SET verified = TRUE",
@@ -383,7 +358,7 @@ class Registry(abc.ABC):
 
     async def phone_linked(self, phone_index: str, person_id: str) -> bool:
         """Whether this verified phone acts for the person."""
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             "SELECT 1 FROM person_phones WHERE phone_index = $1 AND person_id = $2 AND verified",
             phone_index,
             person_id,
@@ -392,7 +367,7 @@ class Registry(abc.ABC):
 
     async def persons_by_phone(self, phone_index: str) -> list[PersonRecord]:
         """The persons a verified phone acts for: whom the door finds by that phone."""
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             f"SELECT {', '.join('p.' + c for c in _PERSON_COLUMNS.split(', '))} "
             "FROM person_phones l JOIN persons p ON p.person_id = l.person_id "
             "WHERE l.phone_index = $1 AND l.verified ORDER BY p.created_at, p.person_id",
@@ -408,7 +383,7 @@ class Registry(abc.ABC):
         declared_by_index: str,
         answers_enc: bytes,
     ) -> None:
-        await self._registry_execute(
+        await self._execute(
             "INSERT INTO declarations "
             "(person_id, app_id, declared_at, declared_by_index, answers_enc) "
             "VALUES ($1, $2, $3, $4, $5)",
@@ -420,7 +395,7 @@ class Registry(abc.ABC):
         )
 
     async def declaration_count(self, person_id: str) -> int:
-        rows = await self._registry_fetch(
+        rows = await self._fetch(
             "SELECT count(*) FROM declarations WHERE person_id = $1", person_id
         )
         return int(rows[0][0])

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
-from storage.base import Storage
+from storage.events import EventStore
 from storage.models import Visit
 from storage.tracing import neutralise_cell
 
@@ -63,7 +63,7 @@ def _midnight_ms(day: dt.date, tz: ZoneInfo) -> int:
 
 
 async def daily_report(
-    storage: Storage,
+    storage: EventStore,
     first_day: dt.date,
     last_day: dt.date,
     by: ReportBy,

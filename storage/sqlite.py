@@ -4,6 +4,11 @@ sqlite3 is blocking, so every call runs on one worker thread (one connection, us
 thread at a time under a lock). Writers from several processes serialise on SQLite's own
 write lock (``BEGIN IMMEDIATE`` with a busy timeout); a batch is one transaction with
 ``synchronous=FULL``, so a committed batch survives a power cut before the flusher acks it.
+
+Here: the connection and the primitives that run the SQL both backends share
+(``storage.sql``), where sqlite3's errors become ``storage.errors``; storing batches;
+retention. The reads, the registry, the outbox and the audit log are the shared SQL of
+their own modules.
 """
 
 from __future__ import annotations
@@ -17,27 +22,22 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from . import migrations
-from .base import (
-    AdminRecord,
-    AuditEntry,
-    AuditQuery,
-    AuditRecord,
+from .base import Storage
+from .errors import StorageError, StorageUnavailable, translated_errors
+from .events import (
     BatchResult,
     PurgeResult,
-    Storage,
-    StorageError,
     VisitChanges,
     earliest_scans,
-    hash_admin_token,
     kept_visits_end_ms,
-    new_admin_token,
     rederive_changes,
     with_new,
 )
 from .models import PairingRules, ScanEvent, Visit
-from .registry import sqlite_params
+from .sql import sqlite_params
 
 T = TypeVar("T")
+BACKEND: Final = "SQLite"
 BUSY_TIMEOUT_MS: Final = 30_000
 _EVENT_COLUMNS: Final = (
     "app_id, event_id, kind, venue_id, person_id, scanned_at, received_at, device_id"
@@ -63,20 +63,27 @@ class SqliteStorage(Storage):
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        # 64 MiB of page cache rather than the default 2 MiB: a batch touches the person and
-        # venue indexes at random places, and re-reading those pages from the OS on every
-        # batch cost a fifth of the SQLite flush rate at 100,000 stored events.
-        self._db.execute("PRAGMA cache_size=-65536")
+        # Another process may hold the file's write lock while WAL mode is set.
+        with translated_errors(BACKEND):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # 64 MiB of page cache rather than the default 2 MiB: a batch touches the person
+            # and venue indexes at random places, and re-reading those pages from the OS on
+            # every batch cost a fifth of the SQLite flush rate at 100,000 stored events.
+            self._db.execute("PRAGMA cache_size=-65536")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the connection, on the worker thread: every call of this backend
+        comes through here, so this is where a locked or unreadable database becomes
+        ``StorageUnavailable``."""
+
         def locked() -> T:
             with self._lock:
                 return fn(self._db)
 
-        return await asyncio.to_thread(locked)
+        with translated_errors(BACKEND):
+            return await asyncio.to_thread(locked)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one write transaction."""
@@ -96,23 +103,7 @@ class SqliteStorage(Storage):
     # -- schema ----------------------------------------------------------------------------
 
     async def migrate(self) -> list[int]:
-        def apply(db: sqlite3.Connection) -> list[int]:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-            )
-            done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            applied = []
-            for version, statements in migrations.SQLITE:
-                if version in done:
-                    continue
-                for statement in statements:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, _now_ms()))
-                applied.append(version)
-            return applied
-
-        return await self._write(apply)
+        return await self._write(migrations.apply_sqlite)
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -148,19 +139,19 @@ class SqliteStorage(Storage):
             )
         return BatchResult(len(new), len(events) - len(new), len(earliest))
 
-    # -- the registry's primitives ----------------------------------------------------------
+    # -- the primitives of the SQL both backends share (storage.sql) -----------------------
 
-    async def _registry_fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    async def _fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         statement = sqlite_params(sql)
         if statement.lstrip().upper().startswith("SELECT"):
             return await self._run(lambda db: db.execute(statement, args).fetchall())
         return await self._write(lambda db: db.execute(statement, args).fetchall())
 
-    async def _registry_execute(self, sql: str, *args: Any) -> int:
+    async def _execute(self, sql: str, *args: Any) -> int:
         statement = sqlite_params(sql)
         return await self._write(lambda db: db.execute(statement, args).rowcount)
 
-    async def _registry_transaction(
+    async def _execute_in_transaction(
         self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
     ) -> None:
         def run(db: sqlite3.Connection) -> None:
@@ -170,74 +161,17 @@ class SqliteStorage(Storage):
 
         await self._write(run)
 
-    async def app_event_ids(
-        self, app_id: str, person_id: str, venue_id: str, start_ms: int, end_ms: int
-    ) -> list[str]:
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT event_id FROM scan_events WHERE person_id = ? AND scanned_at >= ? "
-                "AND scanned_at <= ? AND app_id = ? AND venue_id = ? "
-                "ORDER BY scanned_at, event_id",
-                (person_id, start_ms, end_ms, app_id, venue_id),
-            ).fetchall()
-        )
-        return [str(r[0]) for r in rows]
+    # Times are epoch milliseconds in every table here.
 
-    async def apps_of_person(self, person_id: str, start_ms: int, end_ms: int) -> list[str]:
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT DISTINCT app_id FROM scan_events "
-                "WHERE person_id = ? AND scanned_at >= ? AND scanned_at <= ? ORDER BY app_id",
-                (person_id, start_ms, end_ms),
-            ).fetchall()
-        )
-        return [str(r[0]) for r in rows]
+    def _epoch_ms(self, column: str) -> str:
+        return column
 
-    # -- reading ---------------------------------------------------------------------------
+    def _time(self, param: str) -> str:
+        return param
 
-    async def person_visits(self, person_id: str, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            "person_id = ? AND checkout_at >= ? AND checkin_at <= ?", (person_id, start_ms, end_ms)
-        )
-
-    async def venue_visits(self, venue_id: str, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits(
-            "venue_id = ? AND checkin_at <= ? AND checkout_at >= ?", (venue_id, end_ms, start_ms)
-        )
-
-    async def scan_counts(self, start_ms: int, end_ms: int) -> list[tuple[str, str, str, int]]:
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT venue_id, person_id, kind, count(*) FROM scan_events "
-                "WHERE scanned_at >= ? AND scanned_at < ? GROUP BY venue_id, person_id, kind",
-                (start_ms, end_ms),
-            ).fetchall()
-        )
-        return [(str(v), str(p), str(k), int(n)) for v, p, k, n in rows]
-
-    async def visits_between(self, start_ms: int, end_ms: int) -> list[Visit]:
-        return await self._visits("checkin_at < ? AND checkout_at > ?", (end_ms, start_ms))
-
-    async def all_visits(self) -> list[Visit]:
-        return await self._visits("1 = 1", ())
-
-    async def _visits(self, where: str, params: tuple[Any, ...]) -> list[Visit]:
-        sql = (
-            f"SELECT {_VISIT_COLUMNS} FROM visits WHERE {where} "
-            "ORDER BY person_id, source_at, venue_id, checkin_at, closed_by"
-        )
-        rows = await self._run(lambda db: db.execute(sql, params).fetchall())
-        return [Visit(*r) for r in rows]
-
-    async def count_events(self) -> int:
-        row = await self._run(lambda db: db.execute("SELECT count(*) FROM scan_events").fetchone())
-        return int(row[0])
-
-    async def event_identities(self) -> list[tuple[str, str]]:
-        rows = await self._run(
-            lambda db: db.execute("SELECT app_id, event_id FROM scan_events").fetchall()
-        )
-        return [(a, e) for a, e in rows]
+    def _now(self) -> str:
+        # SQLite's clock, read once per statement, in whole milliseconds (its resolution).
+        return "CAST(round((julianday('now') - 2440587.5) * 86400000) AS INTEGER)"
 
     # -- retention -------------------------------------------------------------------------
 
@@ -258,93 +192,10 @@ class SqliteStorage(Storage):
 
         return await self._write(delete)
 
-    # -- admins and audit ------------------------------------------------------------------
-
-    async def add_admin(self, name: str) -> str:
-        token = new_admin_token()
-
-        def insert(db: sqlite3.Connection) -> int:
-            # A revoked name is taken over by the new token; a live one is left alone.
-            return db.execute(
-                "INSERT INTO admins (name, token_sha256, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256, "
-                "created_at = excluded.created_at, revoked_at = NULL "
-                "WHERE admins.revoked_at IS NOT NULL",
-                (name, hash_admin_token(token), _now_ms()),
-            ).rowcount
-
-        if await self._write(insert) == 0:
-            raise StorageError(f"admin {name!r} already exists")
-        return token
-
-    async def admin_for_token(self, token: str) -> str | None:
-        digest = hash_admin_token(token)
-        row = await self._run(
-            lambda db: db.execute(
-                "SELECT name FROM admins WHERE token_sha256 = ? AND revoked_at IS NULL", (digest,)
-            ).fetchone()
-        )
-        return None if row is None else str(row[0])
-
-    async def admins(self) -> list[AdminRecord]:
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT name, created_at, revoked_at FROM admins ORDER BY name"
-            ).fetchall()
-        )
-        return [AdminRecord(*r) for r in rows]
-
-    async def revoke_admin(self, name: str) -> bool | None:
-        def revoke(db: sqlite3.Connection) -> bool | None:
-            changed = db.execute(
-                "UPDATE admins SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                (_now_ms(), name),
-            ).rowcount
-            if changed:
-                return True
-            known = db.execute("SELECT 1 FROM admins WHERE name = ?", (name,)).fetchone()
-            return None if known is None else False
-
-        return await self._write(revoke)
-
-    async def audit(self, actor: str, action: str, subject: str, detail: str = "") -> None:
-        await self._write(
-            lambda db: db.execute(
-                "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
-                (_now_ms(), actor, action, subject, detail),
-            )
-        )
-
-    async def audit_entries(self) -> list[AuditEntry]:
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT at, actor, action, subject, detail FROM audit_log ORDER BY id"
-            ).fetchall()
-        )
-        return [AuditEntry(*r) for r in rows]
-
-    async def read_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        sql = (
-            "SELECT id, at, actor, action, subject, detail FROM audit_log "
-            "WHERE at >= ? AND id > ?"
-            + (" AND actor = ?" if query.actor is not None else "")
-            + (" AND action = ?" if query.action is not None else "")
-            + " ORDER BY id LIMIT ?"
-        )
-        params: list[object] = [query.since_ms, query.after_id]
-        params += [v for v in (query.actor, query.action) if v is not None]
-        rows = await self._run(lambda db: db.execute(sql, (*params, query.limit)).fetchall())
-        return [AuditRecord(*r) for r in rows]
-
-    async def purge_audit(self, cutoff_ms: int) -> int:
-        return await self._write(
-            lambda db: db.execute("DELETE FROM audit_log WHERE at < ?", (cutoff_ms,)).rowcount
-        )
-
     async def ping(self) -> bool:
         try:
             await self._run(lambda db: db.execute("SELECT 1").fetchone())
-        except sqlite3.Error:
+        except (StorageUnavailable, sqlite3.Error):
             return False
         return True
 

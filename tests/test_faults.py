@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
@@ -268,6 +269,42 @@ async def test_postgresql_down_for_20_s_grows_the_backlog_then_it_drains(
         # few batches hold (the load keeps adding), then to nothing once it stops.
         await wait_drained(server.url, timeout_s=60, below=max(500, high // 20))
         await r.finish(load)
+
+
+async def test_postgresql_stopped_answers_503_to_what_reads_storage_then_recovers(
+    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any, private_postgres: Any
+) -> None:
+    """A request that reads storage while PostgreSQL is down gets the documented 503 with
+    Retry-After (storage says StorageUnavailable, whatever its driver raised), and the
+    same request works again once the server is back, without a restart."""
+    server = private_redis("valkey", appendonly=False)
+    pg = private_postgres()
+    setup = await connect_storage(pg.url)
+    try:
+        admin_token = await setup.add_admin("officer1")
+    finally:
+        await setup.close()
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    async with (
+        rig(
+            tmp_path, keyring, master_key, flusher=False, redis_url=server.url, storage_url=pg.url
+        ) as r,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def read_audit() -> tuple[int, str | None, Any]:
+            async with session.get(r.url + "v1/audit", headers=headers) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.json()
+
+        assert (await read_audit())[0] == 200
+        pg.stop()
+        status, retry_after, body = await read_audit()
+        assert (status, retry_after, body["error"]) == (503, "1", "unavailable"), body
+        pg.start()
+        deadline = time.monotonic() + 30
+        while (status := (await read_audit())[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline, status
+            await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -1,6 +1,7 @@
 """State shared through PostgreSQL: two gateway processes, each with a data dir of its own,
 see a key rotation, a retirement and a venue revocation made with the CLI on a third
-directory within 5 seconds."""
+directory within 5 seconds; and the keyring's table, made by the keyring store itself
+before migration 8, is adopted by that migration with the keyring in it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
+
+from signing import Code, FileKeyringStore, Keyring, Sealer
+from storage import migrations
+from storage.keyring_store import keyring_store
+from storage.postgres import PostgresStorage
 
 from .servers import free_loopback_port, scangate_env
 from .test_faults import wait_ready
@@ -174,3 +181,86 @@ async def test_two_gateways_see_rotation_retirement_and_revocation_within_5_s(
 
 async def _is(answer: Any, expected: str) -> bool:
     return bool(await answer == expected)
+
+
+# What the keyring store ran on opening, and wrote, before migration 8 made its table:
+# a database from then has the schema up to migration 7 and this table beside it.
+KEYRING_TABLE_BEFORE_8 = (
+    "CREATE TABLE IF NOT EXISTS keyring_document ("
+    " id integer PRIMARY KEY CHECK (id = 1),"
+    " document bytea NOT NULL,"
+    " version bigint NOT NULL)"
+)
+KEYRING_WRITE_BEFORE_8 = (
+    "INSERT INTO keyring_document (id, document, version) VALUES (1, $1, 1) "
+    "ON CONFLICT (id) DO UPDATE SET document = EXCLUDED.document, "
+    "version = keyring_document.version + 1"
+)
+
+
+@pytest.mark.parametrize("opened_first", ["keyring", "storage"])
+async def test_a_keyring_table_from_before_migration_8_is_adopted_with_its_keyring(
+    tmp_path: Path, postgres_url: str, master_key: bytes, opened_first: str
+) -> None:
+    """A database as the code before migration 8 left it: migrations 1 to 7, and the
+    keyring table the store made itself, holding a keyring written twice. Whichever opens
+    first after the upgrade (the keyring store, as the CLI and ``serve`` do, or storage)
+    applies migration 8, which keeps the table and its document: the keyring reads its
+    apps and keys as before, and its writes go on from the stored version."""
+    sealer = Sealer(master_key)
+    old_file = tmp_path / "before.json"
+    old = Keyring(FileKeyringStore(old_file), sealer)
+    app = old.add_app("vhd")
+    code = old.issue("vhd", "venue", "V1", now_s=1_790_000_000)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    url = f"{postgres_url}?search_path={schema}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        conn = await asyncpg.connect(postgres_url, server_settings={"search_path": schema})
+        try:
+            await conn.execute(
+                "CREATE TABLE schema_migrations "
+                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+            )
+            for version, statements in migrations.POSTGRES:
+                if version < 8:
+                    for statement in statements:
+                        await conn.execute(statement)
+                    await conn.execute("INSERT INTO schema_migrations VALUES ($1, now())", version)
+            await conn.execute(KEYRING_TABLE_BEFORE_8)
+            document = old_file.read_bytes()
+            await conn.execute(KEYRING_WRITE_BEFORE_8, b"an older keyring")
+            await conn.execute(KEYRING_WRITE_BEFORE_8, document)
+        finally:
+            await conn.close()
+
+        if opened_first == "storage":
+            storage = await PostgresStorage.connect(url, timezone="Asia/Ho_Chi_Minh")
+            try:
+                assert await storage.migrate() == [8]
+            finally:
+                await storage.close()
+        store = keyring_store(url, tmp_path / "no-keyring-file.json")
+        try:
+            assert store.read() == (document, "2")  # adopted as it was
+            keyring = Keyring(store, sealer)
+            assert keyring.app_for_token(app.token) == "vhd"
+            assert isinstance(keyring.verifier("vhd").verify(code, "venue", 1_790_000_000), Code)
+            assert keyring.rotate("vhd") == "K2"
+            assert store.version() == "3"
+        finally:
+            store.close()
+        storage = await PostgresStorage.connect(url, timezone="Asia/Ho_Chi_Minh")
+        try:
+            assert await storage.migrate() == []  # nothing left for storage to do
+        finally:
+            await storage.close()
+        reader = keyring_store(url, tmp_path / "no-keyring-file.json")
+        try:
+            assert Keyring(reader, sealer).rotate("vhd") == "K3"  # K2 was kept
+        finally:
+            reader.close()
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()

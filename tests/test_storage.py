@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
+import sqlite3
+from pathlib import Path
 
 import pytest
 
-from storage import PairingRules, ScanEvent, Storage, TraceQuery, Visit, derive_visits
+from storage import (
+    PairingRules,
+    ScanEvent,
+    Storage,
+    StorageUnavailable,
+    TraceQuery,
+    Visit,
+    derive_visits,
+)
+from storage.errors import translated_errors
 
 RULES = PairingRules()
 DAY = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
@@ -290,3 +302,29 @@ async def test_a_person_who_scans_all_day_long_re_derives_from_their_newest_visi
             await storage.store_batch([late.pop()], RULES)
     await storage.store_batch(late, RULES)
     assert sorted(await storage.all_visits()) == sorted(derive_visits(chain, RULES))
+
+
+def test_a_locked_sqlite_database_is_unavailable_and_a_bad_statement_is_not(
+    tmp_path: Path,
+) -> None:
+    """What storage raises in place of SQLite's errors: "database is locked" (another
+    process held the write lock past the busy timeout) is StorageUnavailable, with the
+    driver's error as its cause; a statement's own error goes through as it is."""
+    path = tmp_path / "locked.db"
+    with (
+        contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as holder,
+        contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as other,
+    ):
+        holder.execute("BEGIN EXCLUSIVE")
+        with (
+            pytest.raises(StorageUnavailable, match="database is locked") as caught,
+            translated_errors("SQLite"),
+        ):
+            other.execute("CREATE TABLE t (x)")
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+        holder.execute("ROLLBACK")
+        with (
+            pytest.raises(sqlite3.OperationalError, match="no such table"),
+            translated_errors("SQLite"),
+        ):
+            other.execute("SELECT * FROM nowhere")

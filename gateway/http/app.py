@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Final
 
-import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -57,7 +55,7 @@ from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer, connect_redi
 from gateway.pipeline.events import EventRules
 from gateway.settings import Settings
 from signing import Keyring, Sealer, load_master_key
-from storage import connect_storage
+from storage import StorageUnavailable, connect_storage
 from storage.keyring_store import keyring_store
 
 log = logging.getLogger(__name__)
@@ -71,16 +69,6 @@ BACKLOG_POLL_S: Final = 0.5
 METRICS_PUBLISH_S: Final = 1.0
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
 MAX_TRACE_WINDOW_MS: Final = 24 * 3_600_000
-# What storage raises when its server is gone or busy, rather than for a bad request.
-STORAGE_UNAVAILABLE: Final = (
-    OSError,
-    TimeoutError,
-    sqlite3.OperationalError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.CannotConnectNowError,
-)
 RETRY_AFTER_BACKLOG_S: Final = 5
 
 
@@ -338,10 +326,11 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
         response = error_response(exc.status, code, detail)
         if "Allow" in exc.headers:  # a 405 says which methods the route has (RFC 9110)
             response.headers["Allow"] = exc.headers["Allow"]
-    except STORAGE_UNAVAILABLE as exc:
+    except StorageUnavailable as exc:
         # Storage went away mid-request (a restart, a lost connection): the same promise
-        # as for Redis, a 503 the client may retry.
-        log.warning("%s %s: storage unavailable (%s)", request.method, route, type(exc).__name__)
+        # as for Redis, a 503 the client may retry. The driver's error names what happened.
+        cause = type(exc.__cause__ or exc).__name__
+        log.warning("%s %s: storage unavailable (%s)", request.method, route, cause)
         response = error_response(
             503, "unavailable", "storage does not answer", RETRY_AFTER_UNAVAILABLE_S
         )
