@@ -128,3 +128,17 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     assert "storage.base" in edges["storage.connect"]
     assert "storage.models" in edges["storage.pairing"] or "storage.models" in edges["storage"]
     assert "gateway.http.app" in edges["gateway.run.server"]  # imported inside a function
+
+
+# A file a reader can take in one sitting (STYLE.md: "Shape"). A module that is mostly a
+# data table may be longer; none is today.
+MAX_MODULE_LINES = 550
+
+
+def test_no_module_is_longer_than_a_sitting() -> None:
+    long = {
+        name: lines
+        for name, path in modules().items()
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}
