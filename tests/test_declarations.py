@@ -22,11 +22,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import zxingcpp
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from gateway import Settings
-from gateway.http.app import GATEWAY, create_app
+from gateway.http.app import create_app
+from gateway.http.keys import PERSONAL, REVOKED_VENUES, STORAGE
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.flusher import Flusher
 from signing import Keyring
@@ -92,13 +94,13 @@ class Desk:
         return response.status, orjson.loads(raw) if is_json else raw, response.headers
 
     @property
-    def gateway(self) -> Any:
-        return self.client.server.app[GATEWAY]
+    def app(self) -> web.Application:
+        app: web.Application = self.client.server.app
+        return app
 
     @property
     def storage(self) -> Storage:
-        storage: Storage = self.gateway.storage
-        return storage
+        return self.app[STORAGE]
 
     def sms(self) -> list[dict[str, str]]:
         path = self.settings.data_dir / "sms.log"
@@ -429,7 +431,7 @@ async def test_id_card_check_ins_find_or_create_the_holder(desk: Desk) -> None:
         assert (status, body["field"]) == (400, "id_card"), bad
     await desk.flush_all()
     # Both scans went to the one person the card is recorded under.
-    personal = desk.gateway.personal
+    personal = desk.app[PERSONAL]
     holder = await desk.storage.door_card_holder([personal.blind_index("national_id", "025123456")])
     assert holder is not None
     visits = await desk.storage.person_visits(holder, 0, 2**62)
@@ -476,7 +478,7 @@ async def test_a_revoked_venue_is_refused_at_scan_time(make_desk: DeskFactory) -
     # process, which picks it up within its refresh interval.
     assert await desk.storage.revoke_venue(venue["venue_id"], int(time.time() * 1000))
     for _ in range(100):
-        if venue["venue_id"] in desk.gateway.revoked_venues:
+        if venue["venue_id"] in desk.app[REVOKED_VENUES].ids:
             break
         await asyncio.sleep(0.05)
     status, body, _ = await desk.call(

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from gateway import Settings
 from gateway.http.app import create_app
-from gateway.http.context import GATEWAY, Gateway
+from gateway.http.keys import KEYRING, STORAGE
 from gateway.http.people import ANSWER_KEYS
 from gateway.pipeline.events import decode_event
 from gateway.pipeline.keyspace import stream_key
@@ -142,13 +142,9 @@ class Gate:
         e.update(over)
         return e
 
-    @property
-    def gateway(self) -> Gateway:
-        return self.app[GATEWAY]
-
     def sync_keys(self) -> None:
         """What the gateway's keyring refresh does every 2 s, now."""
-        self.gateway.keyring.refresh()
+        self.app[KEYRING].refresh()
 
     async def stored(self) -> list[ScanEvent]:
         """Every event in the streams, decoded."""
@@ -1389,7 +1385,7 @@ async def test_random_and_near_miss_tokens_are_401(gate: Gate) -> None:
 
 
 async def test_tokens_of_one_kind_are_not_tokens_of_another(gate: Gate) -> None:
-    admin = await gate.gateway.need_storage().add_admin("officer")
+    admin = await gate.app[STORAGE].add_admin("officer")
     venue = await gate.venue()
     staff = await gate.staff_token(venue["venue_id"])
     # An admin token and a staff token are not app tokens; an app token is not an admin's.
@@ -1546,7 +1542,7 @@ def test_no_secret_is_compared_with_eq_in_the_packages() -> None:
     ids=lambda q: q[:24],
 )
 async def test_trace_query_parameters_are_checked(gate: Gate, query: str) -> None:
-    admin = await gate.gateway.need_storage().add_admin("officer")
+    admin = await gate.app[STORAGE].add_admin("officer")
     headers = {"Authorization": f"Bearer {admin}"}
     reply = await gate.call("GET", f"/v1/trace/P1?{query}", headers=headers)
     assert reply.status in (200, 400), (query, reply.status, reply.raw[:300])

@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import Settings
-from gateway.http.app import GATEWAY, create_app
+from gateway.http.app import create_app
+from gateway.http.keys import KEYRING
 from gateway.pipeline.events import decode_event
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
@@ -57,7 +58,7 @@ class World:
 
     def sync_keys(self) -> None:
         """What the gateway's keyring refresh does every 2 s, now."""
-        self.client.server.app[GATEWAY].keyring.refresh()
+        self.client.server.app[KEYRING].refresh()
 
     async def stored(self) -> list[Any]:
         """Every event in the streams, decoded."""

@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import Settings
-from gateway.http.app import GATEWAY, create_app
+from gateway.http.app import create_app
+from gateway.http.keys import STORAGE
 from storage import PairingRules, ScanEvent, connect_storage
 
 HOUR = 3_600_000
@@ -110,7 +111,7 @@ async def test_http_trace_needs_an_admin_token_and_is_audited(
     client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     try:
-        storage = client.server.app[GATEWAY].storage
+        storage = client.server.app[STORAGE]
         admin_token = await storage.add_admin("officer1")
         for headers in (
             {},
@@ -166,7 +167,7 @@ async def test_tracing_reads_the_trace_storage_and_audits_in_the_primary(
     client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     try:
-        storage = client.server.app[GATEWAY].storage
+        storage = client.server.app[STORAGE]
         auth = {"Authorization": f"Bearer {await storage.add_admin('officer1')}"}
         rows = await (await client.get("/v1/trace/CASE", headers=auth)).json()
         assert [r["person_id"] for r in rows] == ["=CONTACT"]
