@@ -12,8 +12,8 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,17 @@ import pytest
 import redis.asyncio as aioredis
 import zxingcpp
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from gateway import Settings
-from gateway.http.app import create_app
 from gateway.http.keys import PERSONAL, REVOKED_VENUES, STORAGE
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.flusher import Flusher
 from signing import Keyring
 from storage import Storage
+
+from .harness import GatewayStarter
 
 PHONE = "0912345678"
 PHONE_INTL = "+84912345678"
@@ -74,6 +75,9 @@ class Desk:
     redis: aioredis.Redis
     tokens: dict[str, str]
     settings: Settings
+    app: web.Application
+    # The PostgreSQL schema of its storage (storage="postgresql"), else None.
+    postgres_schema: str | None = None
 
     def auth(self, app: str = "vhd", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[app]}", **extra}
@@ -92,11 +96,6 @@ class Desk:
         raw = await response.read()
         is_json = response.content_type == "application/json"
         return response.status, orjson.loads(raw) if is_json else raw, response.headers
-
-    @property
-    def app(self) -> web.Application:
-        app: web.Application = self.client.server.app
-        return app
 
     @property
     def storage(self) -> Storage:
@@ -178,34 +177,18 @@ DeskFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_desk(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_url: str
-) -> AsyncIterator[DeskFactory]:
+def make_desk(gateway_under_test: GatewayStarter, keyring: Keyring, redis_url: str) -> DeskFactory:
     tokens = {
         "vhd": keyring.add_app("vhd", name="Vietnam Health Declaration").token,
         "bluezone": keyring.add_app("bluezone", prefix="BZ").token,
     }
-    opened: list[tuple[TestClient[Any, Any], aioredis.Redis]] = []
 
     async def make(**settings_over: Any) -> Desk:
-        settings = Settings(
-            data_dir=tmp_path,
-            redis_url=redis_url,
-            master_key=base64.b64encode(master_key).decode(),
-            shards=4,
-            flush_max_age_s=0.01,
-        )
-        settings = replace(settings, **settings_over)
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
-        r = aioredis.Redis.from_url(redis_url)
-        opened.append((client, r))
-        return Desk(client, keyring, r, tokens, settings)
+        settings = {"shards": 4, "flush_max_age_s": 0.01, **settings_over}
+        g = await gateway_under_test(redis_url, **settings)
+        return Desk(g.client, keyring, g.redis, tokens, g.settings, g.app, g.postgres_schema)
 
-    yield make
-    for client, r in opened:
-        await client.close()
-        await r.aclose()
+    return make
 
 
 @pytest.fixture
@@ -586,11 +569,10 @@ async def test_no_personal_data_in_sqlite_redis_or_logs(
 async def test_no_personal_data_in_a_postgresql_dump(
     make_desk: DeskFactory, postgres_url: str
 ) -> None:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    desk = await make_desk(storage="postgresql")
+    schema = desk.postgres_schema
     conn = await asyncpg.connect(postgres_url)
     try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        desk = await make_desk(storage_url=f"{postgres_url}?search_path={schema}")
         await _plant(desk)
         assert await desk.storage.declaration_count(await _any_person(conn, schema)) >= 1
         tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
@@ -601,7 +583,6 @@ async def test_no_personal_data_in_a_postgresql_dump(
         assert len(dump) > 10
         _absent(b"\n".join(dump), "the PostgreSQL tables")
     finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
 
 
