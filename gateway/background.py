@@ -1,9 +1,10 @@
-"""Periodic background tasks that stop when asked, within a deadline.
+"""Background tasks: periodic ones that stop when asked, within a deadline, and the work a
+request starts that outlives it, awaited on shutdown.
 
-A task's step may call a client library that catches ``CancelledError`` and raises its
-own error instead (redis-py does, mid-command); a loop that handles that error would then
-run on forever with its cancellation lost. So a periodic task also checks a stop flag, and
-``stop`` cancels again until the task is done or the deadline passes.
+A periodic task's step may call a client library that catches ``CancelledError`` and
+raises its own error instead (redis-py does, mid-command); a loop that handles that error
+would then run on forever with its cancellation lost. So a periodic task also checks a
+stop flag, and ``stop`` cancels again until the task is done or the deadline passes.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +51,22 @@ class Periodic:
             return
         if not self._task.cancelled() and self._task.exception() is not None:
             log.error("%s ended with an error", self.name, exc_info=self._task.exception())
+
+
+class BackgroundTasks:
+    """Work started by a request that outlives it (an SMS being sent): each task is kept
+    referenced until done, since the event loop keeps only weak references to tasks, and
+    what is still running at shutdown is awaited within a deadline."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self, deadline_s: float) -> None:
+        """Wait for the tasks still running, for ``deadline_s`` at most."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=deadline_s)

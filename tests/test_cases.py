@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.http.cases import merge_windows
+from gateway.http.keys import METRICS
 from gateway.outbox.notifier import ADVICE, sign, sms_text, without_diacritics
 from signing import Keyring, KeyringError
 from storage import PairingRules, ScanEvent, Storage, connect_storage
@@ -254,8 +255,8 @@ async def test_a_case_notifies_exactly_its_contacts_by_their_apps_or_by_sms(
     actions = Counter(e.action for e in await desk.storage.audit_entries())
     assert actions["case"] == 1 and actions["notice"] == 3 and actions["trace"] >= 1
     metrics = (await (await desk.client.get("/metrics")).text()).splitlines()
-    desk.gateway.metrics.publish()
-    text = desk.gateway.metrics.exposition().decode()
+    desk.app[METRICS].publish()
+    text = desk.app[METRICS].exposition().decode()
     assert "scangate_cases_total 1.0" in text
     assert 'scangate_notices_total{channel="webhook",outcome="delivered"} 2.0' in text
     assert 'scangate_notices_total{channel="sms",outcome="delivered"} 1.0' in text
@@ -295,7 +296,7 @@ async def test_a_receiver_that_fails_for_a_while_gets_every_notice_once(
     assert len(receiver.arrivals) == 5 + len(ids)  # five refusals, then each once
     assert receiver.answered_ok == Counter(dict.fromkeys(ids, 1))
     assert sum(n["attempts"] for n in case["notices"]) == 5 + len(ids)
-    text = desk.gateway.metrics.exposition().decode()
+    text = desk.app[METRICS].exposition().decode()
     assert 'scangate_notices_total{channel="webhook",outcome="retry"} 5.0' in text
 
 

@@ -5,7 +5,6 @@ against the exact ledger of the fault suite."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -13,6 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 
+from .harness import GatewayStarter
 from .ledger import phase_s, until
 from .servers import LocalCluster
 from .test_faults import rig
@@ -28,17 +28,17 @@ async def cluster_backlog(cluster: LocalCluster) -> int:
 
 
 def cluster_rig(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, cluster: LocalCluster, **over: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, cluster: LocalCluster, **over: Any
 ) -> Any:
     """The fault suite's gateway and flusher, on the cluster."""
-    return rig(tmp_path, keyring, master_key, redis_url=cluster.url, redis_cluster=True, **over)
+    return rig(gateway_under_test, keyring, redis_url=cluster.url, redis_cluster=True, **over)
 
 
 async def test_scans_flow_through_a_cluster_exactly_once(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_cluster: LocalCluster
+    gateway_under_test: GatewayStarter, keyring: Keyring, redis_cluster: LocalCluster
 ) -> None:
     async with (
-        cluster_rig(tmp_path, keyring, master_key, redis_cluster) as r,
+        cluster_rig(gateway_under_test, keyring, redis_cluster) as r,
         r.load() as load,
     ):
         await asyncio.sleep(phase_s(2))
@@ -47,10 +47,10 @@ async def test_scans_flow_through_a_cluster_exactly_once(
 
 
 async def test_a_coordinated_failover_under_load_loses_nothing(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_cluster: LocalCluster
+    gateway_under_test: GatewayStarter, keyring: Keyring, redis_cluster: LocalCluster
 ) -> None:
     async with (
-        cluster_rig(tmp_path, keyring, master_key, redis_cluster) as r,
+        cluster_rig(gateway_under_test, keyring, redis_cluster) as r,
         r.load() as load,
     ):
         await asyncio.sleep(phase_s(1.5))
@@ -63,10 +63,10 @@ async def test_a_coordinated_failover_under_load_loses_nothing(
 
 
 async def test_kill_9_a_master_with_wait_replicas_loses_nothing_accepted(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_cluster: LocalCluster
+    gateway_under_test: GatewayStarter, keyring: Keyring, redis_cluster: LocalCluster
 ) -> None:
     async with (
-        cluster_rig(tmp_path, keyring, master_key, redis_cluster, redis_wait_replicas=1) as r,
+        cluster_rig(gateway_under_test, keyring, redis_cluster, redis_wait_replicas=1) as r,
         r.load() as load,
     ):
         await asyncio.sleep(phase_s(1.5))

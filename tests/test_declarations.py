@@ -12,8 +12,8 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,18 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import zxingcpp
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from gateway import Settings
-from gateway.http.app import GATEWAY, create_app
+from gateway.http.keys import PERSONAL, REVOKED_VENUES, STORAGE
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.flusher import Flusher
 from signing import Keyring
 from storage import Storage
+
+from .harness import GatewayStarter
 
 PHONE = "0912345678"
 PHONE_INTL = "+84912345678"
@@ -72,6 +75,9 @@ class Desk:
     redis: aioredis.Redis
     tokens: dict[str, str]
     settings: Settings
+    app: web.Application
+    # The PostgreSQL schema of its storage (storage="postgresql"), else None.
+    postgres_schema: str | None = None
 
     def auth(self, app: str = "vhd", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[app]}", **extra}
@@ -92,13 +98,8 @@ class Desk:
         return response.status, orjson.loads(raw) if is_json else raw, response.headers
 
     @property
-    def gateway(self) -> Any:
-        return self.client.server.app[GATEWAY]
-
-    @property
     def storage(self) -> Storage:
-        storage: Storage = self.gateway.storage
-        return storage
+        return self.app[STORAGE]
 
     def sms(self) -> list[dict[str, str]]:
         path = self.settings.data_dir / "sms.log"
@@ -176,34 +177,18 @@ DeskFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_desk(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_url: str
-) -> AsyncIterator[DeskFactory]:
+def make_desk(gateway_under_test: GatewayStarter, keyring: Keyring, redis_url: str) -> DeskFactory:
     tokens = {
         "vhd": keyring.add_app("vhd", name="Vietnam Health Declaration").token,
         "bluezone": keyring.add_app("bluezone", prefix="BZ").token,
     }
-    opened: list[tuple[TestClient[Any, Any], aioredis.Redis]] = []
 
     async def make(**settings_over: Any) -> Desk:
-        settings = Settings(
-            data_dir=tmp_path,
-            redis_url=redis_url,
-            master_key=base64.b64encode(master_key).decode(),
-            shards=4,
-            flush_max_age_s=0.01,
-        )
-        settings = replace(settings, **settings_over)
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
-        r = aioredis.Redis.from_url(redis_url)
-        opened.append((client, r))
-        return Desk(client, keyring, r, tokens, settings)
+        settings = {"shards": 4, "flush_max_age_s": 0.01, **settings_over}
+        g = await gateway_under_test(redis_url, **settings)
+        return Desk(g.client, keyring, g.redis, tokens, g.settings, g.app, g.postgres_schema)
 
-    yield make
-    for client, r in opened:
-        await client.close()
-        await r.aclose()
+    return make
 
 
 @pytest.fixture
@@ -429,7 +414,7 @@ async def test_id_card_check_ins_find_or_create_the_holder(desk: Desk) -> None:
         assert (status, body["field"]) == (400, "id_card"), bad
     await desk.flush_all()
     # Both scans went to the one person the card is recorded under.
-    personal = desk.gateway.personal
+    personal = desk.app[PERSONAL]
     holder = await desk.storage.door_card_holder([personal.blind_index("national_id", "025123456")])
     assert holder is not None
     visits = await desk.storage.person_visits(holder, 0, 2**62)
@@ -476,7 +461,7 @@ async def test_a_revoked_venue_is_refused_at_scan_time(make_desk: DeskFactory) -
     # process, which picks it up within its refresh interval.
     assert await desk.storage.revoke_venue(venue["venue_id"], int(time.time() * 1000))
     for _ in range(100):
-        if venue["venue_id"] in desk.gateway.revoked_venues:
+        if venue["venue_id"] in desk.app[REVOKED_VENUES].ids:
             break
         await asyncio.sleep(0.05)
     status, body, _ = await desk.call(
@@ -584,11 +569,10 @@ async def test_no_personal_data_in_sqlite_redis_or_logs(
 async def test_no_personal_data_in_a_postgresql_dump(
     make_desk: DeskFactory, postgres_url: str
 ) -> None:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    desk = await make_desk(storage="postgresql")
+    schema = desk.postgres_schema
     conn = await asyncpg.connect(postgres_url)
     try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        desk = await make_desk(storage_url=f"{postgres_url}?search_path={schema}")
         await _plant(desk)
         assert await desk.storage.declaration_count(await _any_person(conn, schema)) >= 1
         tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
@@ -599,7 +583,6 @@ async def test_no_personal_data_in_a_postgresql_dump(
         assert len(dump) > 10
         _absent(b"\n".join(dump), "the PostgreSQL tables")
     finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
 
 

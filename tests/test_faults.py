@@ -20,10 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 
 from gateway import Settings
-from gateway.http.app import create_app
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.buffer import connect_redis
 from gateway.pipeline.flusher import Flusher
@@ -31,6 +29,7 @@ from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from storage import Storage, connect_storage
 
+from .harness import GatewayStarter, GatewayUnderTest
 from .ledger import Load, phase_s, until
 from .servers import free_loopback_port, scangate_env
 
@@ -71,19 +70,11 @@ class Rig:
     """A gateway (in this process, on a real port) and a flusher task, on a given Redis
     and storage."""
 
-    def __init__(self, tmp_path: Path, keyring: Keyring, master_key: bytes, **over: Any) -> None:
-        self.settings = Settings(
-            data_dir=tmp_path,
-            master_key=base64.b64encode(master_key).decode(),
-            shards=SHARDS,
-            flush_batch=200,
-            flush_max_age_s=0.02,
-            flush_claim_idle_s=1,
-            **over,
-        )
-        self.token = keyring.add_app("vhd").token
+    def __init__(self, gateway: GatewayUnderTest, keyring: Keyring, token: str) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self.token = token
         self.keyring = keyring
-        self.server = TestServer(create_app(self.settings), host="127.0.0.1")
         self._flusher: asyncio.Task[None] | None = None
         self._flusher_stop = asyncio.Event()
         self._storage: Storage | None = None
@@ -91,15 +82,10 @@ class Rig:
 
     @property
     def url(self) -> str:
-        return str(self.server.make_url("/"))
+        return self.gateway.url
 
     def load(self, **kwargs: Any) -> Load:
         return Load(self.url, self.token, self.keyring, **kwargs)
-
-    async def start(self, flusher: bool = True) -> None:
-        await self.server.start_server()
-        if flusher:
-            await self.start_flusher()
 
     async def start_flusher(self) -> None:
         assert self.settings.redis_url is not None
@@ -121,7 +107,8 @@ class Rig:
 
     async def close(self) -> None:
         await self.stop_flusher()
-        await self.server.close()
+        # Now, not at the test's teardown: the servers a test started stop before that.
+        await self.gateway.close()
 
     async def finish(self, load: Load, drained: Callable[[], Awaitable[int]] | None = None) -> None:
         """Stop the load, answer every failed batch, drain, and check the ledger."""
@@ -136,11 +123,29 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, flusher: bool = True, **over: Any
+    gateway_under_test: GatewayStarter,
+    keyring: Keyring,
+    *,
+    redis_url: str,
+    flusher: bool = True,
+    **over: Any,
 ) -> AsyncIterator[Rig]:
-    made = Rig(tmp_path, keyring, master_key, **over)
-    await made.start(flusher)
+    # The app is added before the gateway starts, which is when its keyring is first read.
+    token = keyring.add_app("vhd").token
+    gateway = await gateway_under_test(
+        redis_url,
+        **{
+            "shards": SHARDS,
+            "flush_batch": 200,
+            "flush_max_age_s": 0.02,
+            "flush_claim_idle_s": 1,
+            **over,
+        },
+    )
+    made = Rig(gateway, keyring, token)
     try:
+        if flusher:
+            await made.start_flusher()
         yield made
     finally:
         await made.close()
@@ -150,10 +155,10 @@ async def rig(
 
 
 async def test_a_graceful_redis_restart_under_load_answers_503_then_recovers(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any
 ) -> None:
     server = private_redis("valkey", appendonly=True)
-    async with rig(tmp_path, keyring, master_key, redis_url=server.url) as r, r.load() as load:
+    async with rig(gateway_under_test, keyring, redis_url=server.url) as r, r.load() as load:
         await asyncio.sleep(phase_s(1.5))
         before = len(load.ledger.accepted)
         server.stop()  # SHUTDOWN: the append-only file is written out
@@ -176,13 +181,13 @@ async def test_a_graceful_redis_restart_under_load_answers_503_then_recovers(
     ],
 )
 async def test_kill_9_redis_under_load_loses_nothing_accepted_with_redis_fsync_always(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any, fsync: str
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any, fsync: str
 ) -> None:
     # SCANGATE_REDIS_FSYNC=always: with a server that fsyncs every write, or (everysec)
     # through WAITAOF at the end of each group commit.
     server = private_redis("valkey", appendonly=True, appendfsync=fsync)
     async with (
-        rig(tmp_path, keyring, master_key, redis_url=server.url, redis_fsync="always") as r,
+        rig(gateway_under_test, keyring, redis_url=server.url, redis_fsync="always") as r,
         r.load() as load,
     ):
         for _ in range(2):
@@ -196,12 +201,12 @@ async def test_kill_9_redis_under_load_loses_nothing_accepted_with_redis_fsync_a
 
 
 async def test_redis_fsync_always_refuses_a_server_that_cannot_promise_it(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any
 ) -> None:
     # Redis 7.0 has no WAITAOF; with appendfsync everysec it cannot confirm an fsync.
     server = private_redis("redis", appendonly=True, appendfsync="everysec")
     async with rig(
-        tmp_path, keyring, master_key, flusher=False, redis_url=server.url, redis_fsync="always"
+        gateway_under_test, keyring, flusher=False, redis_url=server.url, redis_fsync="always"
     ) as r:
         async with r.load() as load:
             await asyncio.sleep(0.5)
@@ -211,11 +216,11 @@ async def test_redis_fsync_always_refuses_a_server_that_cannot_promise_it(
 
 
 async def test_the_backlog_high_water_mark_answers_503_never_500(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any
 ) -> None:
     server = private_redis("valkey", appendonly=False)
     async with rig(
-        tmp_path, keyring, master_key, flusher=False, redis_url=server.url, backlog_high_water=300
+        gateway_under_test, keyring, flusher=False, redis_url=server.url, backlog_high_water=300
     ) as r:
         async with r.load() as load:
             assert await until(lambda: load.ledger.statuses[503] >= 20, 20), load.ledger.statuses
@@ -228,7 +233,7 @@ async def test_the_backlog_high_water_mark_answers_503_never_500(
 
 
 async def test_redis_maxmemory_answers_503_never_500(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any
 ) -> None:
     server = private_redis(
         "valkey",
@@ -236,7 +241,7 @@ async def test_redis_maxmemory_answers_503_never_500(
         extra_args=["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"],
     )
     async with (
-        rig(tmp_path, keyring, master_key, flusher=False, redis_url=server.url) as r,
+        rig(gateway_under_test, keyring, flusher=False, redis_url=server.url) as r,
         r.load() as load,
     ):
         assert await until(lambda: load.ledger.statuses[503] >= 20, 30), load.ledger.statuses
@@ -250,12 +255,12 @@ async def test_redis_maxmemory_answers_503_never_500(
 
 
 async def test_postgresql_down_for_20_s_grows_the_backlog_then_it_drains(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any, private_postgres: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any, private_postgres: Any
 ) -> None:
     server = private_redis("valkey", appendonly=False)
     pg = private_postgres()
     async with (
-        rig(tmp_path, keyring, master_key, redis_url=server.url, storage_url=pg.url) as r,
+        rig(gateway_under_test, keyring, redis_url=server.url, storage_url=pg.url) as r,
         r.load(pause_s=0.02) as load,
     ):
         await asyncio.sleep(phase_s(1.5))
@@ -309,9 +314,8 @@ async def test_postgresql_stopped_answers_503_to_what_reads_storage_then_recover
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_kill_9_a_flusher_process_three_times_under_load(
-    tmp_path: Path,
+    gateway_under_test: GatewayStarter,
     keyring: Keyring,
-    master_key: bytes,
     private_redis: Any,
     backend: str,
     request: pytest.FixtureRequest,
@@ -321,7 +325,7 @@ async def test_kill_9_a_flusher_process_three_times_under_load(
         storage["storage_url"] = request.getfixturevalue("private_postgres")().url
     server = private_redis("valkey", appendonly=True)
     async with (
-        rig(tmp_path, keyring, master_key, flusher=False, redis_url=server.url, **storage) as r,
+        rig(gateway_under_test, keyring, flusher=False, redis_url=server.url, **storage) as r,
         r.load() as load,
     ):
         proc = start_flusher_process(r.settings)
@@ -341,13 +345,13 @@ async def test_kill_9_a_flusher_process_three_times_under_load(
 
 
 async def test_a_flusher_signalled_again_while_it_stops_still_exits_0(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any
 ) -> None:
     """An impatient operator, or a service manager that signals every process of the
     group, sends SIGTERM more than once. Every one after the first lands while the flusher
     is already stopping, some after its event loop has closed: none may kill it."""
     server = private_redis("valkey", appendonly=False)
-    async with rig(tmp_path, keyring, master_key, flusher=False, redis_url=server.url) as r:
+    async with rig(gateway_under_test, keyring, flusher=False, redis_url=server.url) as r:
         proc = start_flusher_process(r.settings)
         await wait_flusher_started(proc)
         while proc.poll() is None:

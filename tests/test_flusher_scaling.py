@@ -22,7 +22,6 @@ import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import asyncpg
@@ -36,6 +35,7 @@ from gateway.pipeline.keyspace import CONSUMER_GROUP, stream_key
 from signing import Keyring
 from storage import ScanEvent, Visit, connect_storage, derive_visits
 
+from .harness import GatewayStarter
 from .ledger import Load, phase_s
 from .test_faults import SHARDS, Rig, rig, start_flusher_process, stored_ids, wait_drained
 
@@ -221,9 +221,8 @@ async def finish(r: Rig, load: Load, running: list[Any]) -> None:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_adding_flushers_under_load_loses_nothing_and_duplicates_nothing(
-    tmp_path: Path,
+    gateway_under_test: GatewayStarter,
     keyring: Keyring,
-    master_key: bytes,
     private_redis: Any,
     backend: str,
     request: pytest.FixtureRequest,
@@ -231,7 +230,7 @@ async def test_adding_flushers_under_load_loses_nothing_and_duplicates_nothing(
     server = private_redis("valkey", appendonly=False)
     storage = storage_for(backend, request)
     async with (
-        rig(tmp_path, keyring, master_key, flusher=False, redis_url=server.url, **storage) as r,
+        rig(gateway_under_test, keyring, flusher=False, redis_url=server.url, **storage) as r,
         r.load(persons=PERSONS) as load,
     ):
         with flusher_processes() as started:
@@ -249,9 +248,8 @@ async def test_adding_flushers_under_load_loses_nothing_and_duplicates_nothing(
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_removing_flushers_under_load_loses_nothing_and_duplicates_nothing(
-    tmp_path: Path,
+    gateway_under_test: GatewayStarter,
     keyring: Keyring,
-    master_key: bytes,
     private_redis: Any,
     backend: str,
     request: pytest.FixtureRequest,
@@ -261,7 +259,7 @@ async def test_removing_flushers_under_load_loses_nothing_and_duplicates_nothing
     server = private_redis("valkey", appendonly=False)
     storage = storage_for(backend, request)
     async with (
-        rig(tmp_path, keyring, master_key, flusher=False, redis_url=server.url, **storage) as r,
+        rig(gateway_under_test, keyring, flusher=False, redis_url=server.url, **storage) as r,
         r.load(persons=PERSONS) as load,
     ):
         with flusher_processes() as started:

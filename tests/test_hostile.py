@@ -23,8 +23,8 @@ import re
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -33,19 +33,20 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway import Settings
-from gateway.http.app import create_app
-from gateway.http.context import GATEWAY, Gateway
+from gateway.http.keys import KEYRING, STORAGE
 from gateway.http.people import ANSWER_KEYS
 from gateway.pipeline.events import decode_event
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from signing.codes import format_code, parse_code
 from storage.models import ScanEvent
+
+from .harness import GatewayStarter
 
 SHARDS: Final = 4
 MIB: Final = 1024 * 1024
@@ -142,13 +143,9 @@ class Gate:
         e.update(over)
         return e
 
-    @property
-    def gateway(self) -> Gateway:
-        return self.app[GATEWAY]
-
     def sync_keys(self) -> None:
         """What the gateway's keyring refresh does every 2 s, now."""
-        self.gateway.keyring.refresh()
+        self.app[KEYRING].refresh()
 
     async def stored(self) -> list[ScanEvent]:
         """Every event in the streams, decoded."""
@@ -270,34 +267,17 @@ GateFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_gate(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_url: str
-) -> AsyncIterator[GateFactory]:
+def make_gate(gateway_under_test: GatewayStarter, keyring: Keyring, redis_url: str) -> GateFactory:
     tokens = {
         "vhd": keyring.add_app("vhd", name="Vietnam Health Declaration").token,
         "bluezone": keyring.add_app("bluezone", prefix="BZ").token,
     }
-    opened: list[tuple[TestClient[Any, Any], aioredis.Redis]] = []
 
     async def make(**settings_over: Any) -> Gate:
-        settings = Settings(
-            data_dir=tmp_path,
-            redis_url=redis_url,
-            master_key=base64.b64encode(master_key).decode(),
-            shards=SHARDS,
-        )
-        settings = replace(settings, **settings_over)
-        app = create_app(settings)
-        client: TestClient[Any, Any] = TestClient(TestServer(app))
-        await client.start_server()
-        r = aioredis.Redis.from_url(redis_url)
-        opened.append((client, r))
-        return Gate(client, app, keyring, r, tokens, settings)
+        g = await gateway_under_test(redis_url, **{"shards": SHARDS, **settings_over})
+        return Gate(g.client, g.app, keyring, g.redis, tokens, g.settings)
 
-    yield make
-    for client, r in opened:
-        await client.close()
-        await r.aclose()
+    return make
 
 
 @pytest.fixture
@@ -1389,7 +1369,7 @@ async def test_random_and_near_miss_tokens_are_401(gate: Gate) -> None:
 
 
 async def test_tokens_of_one_kind_are_not_tokens_of_another(gate: Gate) -> None:
-    admin = await gate.gateway.need_storage().add_admin("officer")
+    admin = await gate.app[STORAGE].add_admin("officer")
     venue = await gate.venue()
     staff = await gate.staff_token(venue["venue_id"])
     # An admin token and a staff token are not app tokens; an app token is not an admin's.
@@ -1546,7 +1526,7 @@ def test_no_secret_is_compared_with_eq_in_the_packages() -> None:
     ids=lambda q: q[:24],
 )
 async def test_trace_query_parameters_are_checked(gate: Gate, query: str) -> None:
-    admin = await gate.gateway.need_storage().add_admin("officer")
+    admin = await gate.app[STORAGE].add_admin("officer")
     headers = {"Authorization": f"Bearer {admin}"}
     reply = await gate.call("GET", f"/v1/trace/P1?{query}", headers=headers)
     assert reply.status in (200, 400), (query, reply.status, reply.raw[:300])

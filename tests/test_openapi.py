@@ -31,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway import Settings
-from gateway.http.app import GATEWAY, create_app
-from gateway.http.context import Gateway
+from gateway.http.app import create_app
+from gateway.http.keys import REDIS, SETTINGS, STORAGE
 from gateway.http.openapi import openapi_document
 from gateway.http.people import ANSWER_KEYS
 from gateway.http.web import is_web_route
@@ -273,7 +273,7 @@ class World:
         session = desk.session(PHONE)
         return cls(
             app_token=app_token,
-            admin_token=live.run(live.app[GATEWAY].need_storage().add_admin("openapi")),
+            admin_token=live.run(live.app[STORAGE].add_admin("openapi")),
             staff_token=staff["token"],
             session=session,
             venue_id=venue["venue_id"],
@@ -558,7 +558,7 @@ def test_success_and_refusal_answers_are_as_documented(
         for kind, minute in (("checkin", start), ("checkout", end))
     ]
     assert answer("POST", "/v1/scans", body={"events": events})[1]["accepted"] == 6
-    gateway.run(_flush(gateway.app[GATEWAY]))
+    gateway.run(_flush(gateway.app))
     status, body = answer(
         "GET",
         "/v1/trace/{person_id}",
@@ -581,12 +581,9 @@ def test_success_and_refusal_answers_are_as_documented(
     assert (status, body["error"]) == (400, "invalid_request")
 
 
-async def _flush(gateway: Gateway) -> None:
+async def _flush(app: web.Application) -> None:
     """Move everything buffered into storage, as the flusher process does."""
-    assert gateway.buffer is not None
-    flusher = Flusher(
-        gateway.buffer.client, gateway.need_storage(), gateway.settings, FlusherMetrics()
-    )
+    flusher = Flusher(app[REDIS], app[STORAGE], app[SETTINGS], FlusherMetrics())
     while await flusher.step():
         pass
 

@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -27,15 +27,14 @@ from typing import Any, Final
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from gateway import Settings
-from gateway.http.app import create_app
 from gateway.metrics import FlusherMetrics, Metrics
 from signing import Keyring
 
 from .conftest import KeyringFactory
+from .harness import GatewayStarter
 from .servers import free_loopback_port, missing
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -150,25 +149,13 @@ GatewayFactory = Callable[[str], Any]
 
 
 @pytest.fixture
-async def make_gateway(tmp_path: Path, master_key: bytes) -> AsyncIterator[GatewayFactory]:
+def make_gateway(gateway_under_test: GatewayStarter) -> GatewayFactory:
     """A gateway (in this process) on the Redis at the given URL."""
-    opened: list[TestClient[Any, Any]] = []
 
     async def make(url: str) -> Gateway:
-        settings = Settings(
-            data_dir=tmp_path,
-            redis_url=url,
-            master_key=base64.b64encode(master_key).decode(),
-            shards=SHARDS,
-        )
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
-        opened.append(client)
-        return Gateway(client)
+        return Gateway((await gateway_under_test(url, shards=SHARDS)).client)
 
-    yield make
-    for client in opened:
-        await client.close()
+    return make
 
 
 async def test_the_poll_reports_ready_and_redis_memory(

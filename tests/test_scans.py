@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from gateway import Settings
-from gateway.http.app import GATEWAY, create_app
+from gateway.http.keys import KEYRING
 from gateway.pipeline.events import decode_event
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from signing.codes import format_code, parse_code
+
+from .harness import GatewayStarter
 
 SHARDS = 4
 
@@ -35,6 +36,7 @@ class World:
     redis: aioredis.Redis
     tokens: dict[str, str]
     settings: Settings
+    app: web.Application
 
     async def post(self, events: list[Any], app: str = "vhd", **kw: Any) -> Any:
         return await self.client.post(
@@ -57,7 +59,7 @@ class World:
 
     def sync_keys(self) -> None:
         """What the gateway's keyring refresh does every 2 s, now."""
-        self.client.server.app[GATEWAY].keyring.refresh()
+        self.app[KEYRING].refresh()
 
     async def stored(self) -> list[Any]:
         """Every event in the streams, decoded."""
@@ -72,33 +74,19 @@ WorldFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_world(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_url: str
-) -> AsyncIterator[WorldFactory]:
+def make_world(
+    gateway_under_test: GatewayStarter, keyring: Keyring, redis_url: str
+) -> WorldFactory:
     tokens = {
         "vhd": keyring.add_app("vhd").token,
         "bluezone": keyring.add_app("bluezone", prefix="BZ").token,
     }
-    opened: list[tuple[TestClient[Any, Any], aioredis.Redis]] = []
 
     async def make(url: str = redis_url, **settings_over: Any) -> World:
-        settings = Settings(
-            data_dir=tmp_path,
-            redis_url=url,
-            master_key=base64.b64encode(master_key).decode(),
-            shards=SHARDS,
-        )
-        settings = replace(settings, **settings_over)
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
-        r = aioredis.Redis.from_url(url)
-        opened.append((client, r))
-        return World(client, keyring, r, tokens, settings)
+        g = await gateway_under_test(url, **{"shards": SHARDS, **settings_over})
+        return World(g.client, keyring, g.redis, tokens, g.settings, g.app)
 
-    yield make
-    for client, r in opened:
-        await client.close()
-        await r.aclose()
+    return make
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import csv
 import io
 import json
@@ -14,11 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient, TestServer
-
-from gateway import Settings
-from gateway.http.app import GATEWAY, create_app
+from gateway.http.keys import STORAGE
 from storage import PairingRules, ScanEvent, connect_storage
+
+from .harness import GatewayStarter
 
 HOUR = 3_600_000
 
@@ -100,17 +98,14 @@ async def test_cli_trace_json_and_csv_and_admins(tmp_path: Path) -> None:
 
 
 async def test_http_trace_needs_an_admin_token_and_is_audited(
-    tmp_path: Path, keyring: Any, master_key: bytes, redis_url: str
+    tmp_path: Path, keyring: Any, gateway_under_test: GatewayStarter, redis_url: str
 ) -> None:
     await plant(tmp_path)
     app_token = keyring.add_app("vhd").token
-    settings = Settings(
-        data_dir=tmp_path, redis_url=redis_url, master_key=base64.b64encode(master_key).decode()
-    )
-    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
+    gateway = await gateway_under_test(redis_url)
+    client = gateway.client
     try:
-        storage = client.server.app[GATEWAY].storage
+        storage = gateway.app[STORAGE]
         admin_token = await storage.add_admin("officer1")
         for headers in (
             {},
@@ -137,7 +132,7 @@ async def test_http_trace_needs_an_admin_token_and_is_audited(
         ]
         assert (await client.get("/readyz")).status == 200
     finally:
-        await client.close()
+        await gateway.close()
 
 
 def test_migrate_and_purge_commands(tmp_path: Path) -> None:
@@ -150,30 +145,24 @@ def test_migrate_and_purge_commands(tmp_path: Path) -> None:
 
 
 async def test_tracing_reads_the_trace_storage_and_audits_in_the_primary(
-    tmp_path: Path, keyring: Any, master_key: bytes, redis_url: str
+    tmp_path: Path, gateway_under_test: GatewayStarter, redis_url: str
 ) -> None:
     # The "replica" holds the visits; the primary has none, and gets the audit entries.
     replica_dir = tmp_path / "replica"
     replica_dir.mkdir()
     await plant(replica_dir)
     replica_url = f"sqlite:///{replica_dir / 'scangate.db'}"
-    settings = Settings(
-        data_dir=tmp_path,
-        redis_url=redis_url,
-        master_key=base64.b64encode(master_key).decode(),
-        trace_storage_url=replica_url,
-    )
-    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
+    gateway = await gateway_under_test(redis_url, trace_storage_url=replica_url)
+    client = gateway.client
     try:
-        storage = client.server.app[GATEWAY].storage
+        storage = gateway.app[STORAGE]
         auth = {"Authorization": f"Bearer {await storage.add_admin('officer1')}"}
         rows = await (await client.get("/v1/trace/CASE", headers=auth)).json()
         assert [r["person_id"] for r in rows] == ["=CONTACT"]
         assert await storage.all_visits() == []
         assert [a.action for a in await storage.audit_entries()] == ["trace"]
     finally:
-        await client.close()
+        await gateway.close()
     replica = await connect_storage(replica_url)
     try:
         assert await replica.audit_entries() == []

@@ -29,6 +29,7 @@ import asyncpg
 import orjson
 import pytest
 
+from gateway.http.keys import METRICS, PERSONAL
 from signing import Keyring
 from signing.personal import PersonalData, new_data_key
 from storage import PairingRules, ScanEvent, connect_storage, migrations
@@ -95,7 +96,7 @@ async def staff_token(desk: Desk, venue_id: str) -> dict[str, str]:
 
 
 def national_index(desk: Desk, number: str) -> str:
-    index: str = desk.gateway.personal.blind_index("national_id", number)
+    index: str = desk.app[PERSONAL].blind_index("national_id", number)
     return index
 
 
@@ -309,8 +310,8 @@ async def test_door_look_ups_are_limited_per_staff_token_and_per_venue(
     # Another venue's door is not touched.
     assert await look_up(third, elsewhere) == 200
 
-    desk.gateway.metrics.publish()
-    text = desk.gateway.metrics.exposition().decode()
+    desk.app[METRICS].publish()
+    text = desk.app[METRICS].exposition().decode()
     for outcome, count in (
         ("unknown", 3),
         ("recorded", 3),

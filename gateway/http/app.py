@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.background import Periodic
+from gateway.background import BackgroundTasks, Periodic
 from gateway.http import (
     audit,
     cases,
@@ -33,17 +33,30 @@ from gateway.http import (
     venues,
 )
 from gateway.http import web as web_pages
-from gateway.http.context import (
-    GATEWAY,
-    JSON,
-    MAX_BODY_BYTES,
-    TOKEN_USES,
-    Gateway,
-    load_personal_data,
-)
+from gateway.http.context import JSON, MAX_BODY_BYTES, load_personal_data
 from gateway.http.errors import (
     HTTP_STATUS_CODES,
     ApiError,
+)
+from gateway.http.keys import (
+    BACKGROUND,
+    BUFFER,
+    EVENT_RULES,
+    KEYRING,
+    METRICS,
+    OTP,
+    PERSONAL,
+    RATE_LIMITS,
+    REDIS,
+    REVOKED_VENUES,
+    SEALER,
+    SETTINGS,
+    SMS,
+    STORAGE,
+    TOKEN_USES,
+    TRACE_STORAGE,
+    TRUSTED_PROXIES,
+    RevokedVenues,
 )
 from gateway.http.last_use import LastUse
 from gateway.http.otp import OtpLimits, OtpService
@@ -92,38 +105,52 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
 
     ``workers`` is how many processes share the port: a per-app rate limit is split
     between them, since each process counts only what it sees.
+
+    What never changes while the application runs is set here, each under its own key
+    (``gateway.http.keys``); every resource that opens and closes is set by a cleanup
+    context of its own, below, in the order they are appended.
     """
     logging.getLogger("aiohttp.server").addFilter(_NO_REQUEST_BYTES)  # once: same object
-    sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
-    keyring = Keyring(keyring_store(settings.resolved_storage_url, settings.keyring_path), sealer)
-    gateway = Gateway(
-        settings=settings,
-        keyring=keyring,
-        sealer=sealer,
-        metrics=Metrics(),
-        rules=EventRules(
-            clock_skew_ms=int(settings.clock_skew_s * 1000),
-            late_window_ms=int(settings.late_window_s * 1000),
-        ),
-        rate_limits=(
-            TokenBuckets(
-                settings.rate_limit / workers, burst=max(settings.rate_limit, scans.MAX_EVENTS)
-            )
-            if settings.rate_limit
-            else None
-        ),
-        trusted_proxies=settings.trusted_proxy_networks,
-    )
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_observe_and_answer_errors])
-    app[GATEWAY] = gateway
+    sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
+    app[SETTINGS] = settings
+    app[SEALER] = sealer
+    app[KEYRING] = Keyring(
+        keyring_store(settings.resolved_storage_url, settings.keyring_path), sealer
+    )
+    app[METRICS] = Metrics()
+    app[EVENT_RULES] = EventRules(
+        clock_skew_ms=int(settings.clock_skew_s * 1000),
+        late_window_ms=int(settings.late_window_s * 1000),
+    )
+    app[RATE_LIMITS] = (
+        TokenBuckets(
+            settings.rate_limit / workers, burst=max(settings.rate_limit, scans.MAX_EVENTS)
+        )
+        if settings.rate_limit
+        else None
+    )
+    app[TRUSTED_PROXIES] = settings.trusted_proxy_networks
     app[TOKEN_USES] = LastUse()
-    app.cleanup_ctx.append(_keyring_refresher)
-    app.cleanup_ctx.append(_redis_buffer)
-    app.cleanup_ctx.append(_storage)
-    app.cleanup_ctx.append(_token_use_writer)
-    app.cleanup_ctx.append(_registration)
-    app.cleanup_ctx.append(_notifier)
-    app.cleanup_ctx.append(_metrics_publisher)
+    app.cleanup_ctx.extend(
+        [
+            _keyring_refresher,
+            _redis,
+            _buffer,
+            _storage,
+            _trace_storage,
+            _readiness_poll,
+            _token_use_writer,
+            _personal_data,
+            _otp,
+            _door_limits,
+            _sms,
+            _background,
+            _revoked_venues,
+            _notifier,
+            _metrics_publisher,
+        ]
+    )
     scans.add_routes(app)
     trace.add_routes(app)
     venues.add_routes(app)
@@ -139,12 +166,12 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     return app
 
 
-# -- resources -------------------------------------------------------------------------------
+# -- resources, in the order they open -------------------------------------------------------
 
 
 async def _keyring_refresher(app: web.Application) -> AsyncIterator[None]:
     """Pick up keyring changes (a rotation, a retirement, a new app) made by the CLI."""
-    keyring = app[GATEWAY].keyring
+    keyring = app[KEYRING]
 
     async def refresh() -> None:
         # On an error the previous keyring keeps serving; Periodic logs it and retries.
@@ -162,24 +189,63 @@ async def _keyring_refresher(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(keyring.store.close)
 
 
-async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
-    gateway = app[GATEWAY]
-    settings = gateway.settings
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    """The process's one Redis client. The buffer, the one-time codes and the door's limits
+    share its pool: one set of connections per process, each under the same bounds."""
+    settings = app[SETTINGS]
     if settings.redis_url is None:
         raise RuntimeError("create_app needs settings.redis_url (serve starts the server)")
-    client = connect_redis(settings.redis_url, settings.redis_cluster)
-    buffer = gateway.buffer = RedisBuffer(
-        client,
+    client = app[REDIS] = connect_redis(settings.redis_url, settings.redis_cluster)
+    yield
+    await client.aclose()
+
+
+async def _buffer(app: web.Application) -> AsyncIterator[None]:
+    """The buffer accepted events are appended to, on the process's Redis client (which its
+    own context closes)."""
+    settings = app[SETTINGS]
+    app[BUFFER] = RedisBuffer(
+        app[REDIS],
         settings.shards,
         settings.retry_memory_s,
         fsync_always=settings.redis_fsync == "always",
         wait_replicas=settings.redis_wait_replicas,
     )
+    yield
 
-    async def poll_backlog() -> None:
-        # The backlog, Redis's memory and readiness: Redis answering this poll stands for
-        # the ping /readyz would send. Storage opens after Redis, so early polls say 0.
-        metrics = gateway.metrics
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    """Storage, for readiness, registration and tracing (the flusher writes through its
+    own)."""
+    settings = app[SETTINGS]
+    storage = app[STORAGE] = await connect_storage(
+        settings.resolved_storage_url, timezone=settings.timezone
+    )
+    yield
+    await storage.close()
+
+
+async def _trace_storage(app: web.Application) -> AsyncIterator[None]:
+    """The replica traces read from (``SCANGATE_TRACE_STORAGE_URL``); without one, traces
+    read from storage itself."""
+    settings = app[SETTINGS]
+    if not settings.trace_storage_url:
+        app[TRACE_STORAGE] = app[STORAGE]
+        yield
+        return
+    replica = app[TRACE_STORAGE] = await connect_storage(
+        settings.trace_storage_url, timezone=settings.timezone, migrate=False
+    )
+    yield
+    await replica.close()
+
+
+async def _readiness_poll(app: web.Application) -> AsyncIterator[None]:
+    """The backlog, Redis's memory and readiness, every ``BACKLOG_POLL_S``: Redis answering
+    this poll stands for the ping /readyz would send."""
+    buffer, storage, metrics = app[BUFFER], app[STORAGE], app[METRICS]
+
+    async def poll() -> None:
         try:
             state = await buffer.poll()
         except BufferUnavailable:
@@ -188,54 +254,22 @@ async def _redis_buffer(app: web.Application) -> AsyncIterator[None]:
             return
         metrics.set_backlog(state.lengths)
         metrics.set_redis_memory(state.memory_used_bytes, state.maxmemory_bytes)
-        metrics.set_ready(gateway.storage is not None and await gateway.storage.ping())
+        metrics.set_ready(await storage.ping())
 
-    task = Periodic("backlog-poll", poll_backlog, BACKLOG_POLL_S)
+    task = Periodic("backlog-poll", poll, BACKLOG_POLL_S)
     yield
     await task.stop()
-    await client.aclose()
-
-
-async def _metrics_publisher(app: web.Application) -> AsyncIterator[None]:
-    """Publish the hot path's counts to Prometheus every second (and at each scrape)."""
-    metrics = app[GATEWAY].metrics
-
-    async def publish() -> None:
-        metrics.publish()
-
-    task = Periodic("metrics-publish", publish, METRICS_PUBLISH_S)
-    yield
-    await task.stop()
-    metrics.publish()
-
-
-async def _storage(app: web.Application) -> AsyncIterator[None]:
-    """Storage, for readiness and tracing (the flusher writes through its own)."""
-    gateway = app[GATEWAY]
-    settings = gateway.settings
-    gateway.storage = await connect_storage(
-        settings.resolved_storage_url, timezone=settings.timezone
-    )
-    if settings.trace_storage_url:
-        gateway.trace_storage = await connect_storage(
-            settings.trace_storage_url, timezone=settings.timezone, migrate=False
-        )
-    yield
-    if gateway.trace_storage is not None:
-        await gateway.trace_storage.close()
-    await gateway.storage.close()
 
 
 async def _token_use_writer(app: web.Application) -> AsyncIterator[None]:
     """Write the app tokens' minutes of last use out to storage every
     ``SCANGATE_LAST_USE_FLUSH``, and what is left when the application stops."""
-    uses = app[TOKEN_USES]
-    storage = app[GATEWAY].need_storage()
+    uses, storage = app[TOKEN_USES], app[STORAGE]
 
     async def write() -> None:
         await uses.write(storage)
 
-    task = Periodic("last-use-write", write, app[GATEWAY].settings.last_use_flush_s)
+    task = Periodic("last-use-write", write, app[SETTINGS].last_use_flush_s)
     yield
     await task.stop()
     try:
@@ -244,51 +278,67 @@ async def _token_use_writer(app: web.Application) -> AsyncIterator[None]:
         log.exception("the app tokens' last use could not be written on shutdown")
 
 
-async def _registration(app: web.Application) -> AsyncIterator[None]:
-    """The data key (from storage), OTP state (in Redis), the SMS sender, and the set of
-    revoked venues, re-read every few seconds so a revocation made anywhere (the CLI,
-    another process) reaches this one's hot path."""
-    gateway = app[GATEWAY]
-    settings = gateway.settings
-    storage = gateway.need_storage()
-    assert gateway.buffer is not None
-    personal = gateway.personal = await load_personal_data(storage, gateway.sealer)
-    gateway.otp = OtpService(
-        gateway.buffer.client,
+async def _personal_data(app: web.Application) -> AsyncIterator[None]:
+    """The data key, from storage (made there on first use), opened with the master key."""
+    app[PERSONAL] = await load_personal_data(app[STORAGE], app[SEALER])
+    yield
+
+
+async def _otp(app: web.Application) -> AsyncIterator[None]:
+    """One-time codes: their state in Redis (the process's client), their HMACs and
+    sessions under keys derived from the data key."""
+    personal = app[PERSONAL]
+    app[OTP] = OtpService(
+        app[REDIS],
         personal.otp_key,
         personal.session_key,
-        OtpLimits.from_settings(settings),
+        OtpLimits.from_settings(app[SETTINGS]),
     )
-    app[door.DOOR_LIMITS] = door.DoorLimits(gateway.buffer.client, settings)
-    gateway.sms = make_sms_sender(settings)
-    gateway.revoked_venues = await storage.revoked_venue_ids()
+    yield
 
-    async def refresh_revocations() -> None:
-        gateway.revoked_venues = await storage.revoked_venue_ids()
 
-    task = Periodic("revocations-refresh", refresh_revocations, REVOCATIONS_REFRESH_S)
+async def _door_limits(app: web.Application) -> AsyncIterator[None]:
+    """The door's person look-up limits, counted in Redis (the process's client)."""
+    app[door.DOOR_LIMITS] = door.DoorLimits(app[REDIS], app[SETTINGS])
+    yield
+
+
+async def _sms(app: web.Application) -> AsyncIterator[None]:
+    """The SMS sender (one-time codes, exposure notices)."""
+    sms = app[SMS] = make_sms_sender(app[SETTINGS])
+    yield
+    await sms.close()
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """Work requests leave running (an OTP's SMS). Opened after the SMS sender, so on
+    shutdown it is awaited before the sender closes."""
+    tasks = app[BACKGROUND] = BackgroundTasks()
+    yield
+    await tasks.wait(SHUTDOWN_BACKGROUND_S)
+
+
+async def _revoked_venues(app: web.Application) -> AsyncIterator[None]:
+    """The set of revoked venues, re-read every few seconds so a revocation made anywhere
+    (the CLI, another process) reaches this one's hot path."""
+    storage = app[STORAGE]
+    revoked = app[REVOKED_VENUES] = RevokedVenues(await storage.revoked_venue_ids())
+
+    async def refresh() -> None:
+        revoked.ids = await storage.revoked_venue_ids()
+
+    task = Periodic("revocations-refresh", refresh, REVOCATIONS_REFRESH_S)
     yield
     await task.stop()
-    if gateway.background:
-        await asyncio.wait(gateway.background, timeout=SHUTDOWN_BACKGROUND_S)
-    await gateway.sms.close()
 
 
 async def _notifier(app: web.Application) -> AsyncIterator[None]:
-    """Deliver exposure notices from the outbox (gateway.outbox.notifier); every worker runs one,
-    the leases keep them from sending a notice twice at once."""
-    gateway = app[GATEWAY]
-    assert gateway.sms is not None
-    notifier = Notifier(
-        gateway.need_storage(),
-        gateway.keyring,
-        gateway.need_personal(),
-        gateway.sms,
-        gateway.settings,
-        gateway.metrics,
-    )
+    """Deliver exposure notices from the outbox (gateway.outbox.notifier); every worker runs
+    one, the leases keep them from sending a notice twice at once."""
+    settings = app[SETTINGS]
+    notifier = Notifier(app[STORAGE], app[KEYRING], app[PERSONAL], app[SMS], settings, app[METRICS])
     stop = asyncio.Event()
-    task = asyncio.create_task(run_until(stop, notifier, gateway.settings.notice_poll_s))
+    task = asyncio.create_task(run_until(stop, notifier, settings.notice_poll_s))
     yield
     stop.set()
     # A delivery in flight finishes (at most its timeout); an unfinished one is retried by
@@ -298,6 +348,19 @@ async def _notifier(app: web.Application) -> AsyncIterator[None]:
     except TimeoutError:
         log.warning("the notifier did not stop in time; its leases will run out")
     await notifier.close()
+
+
+async def _metrics_publisher(app: web.Application) -> AsyncIterator[None]:
+    """Publish the hot path's counts to Prometheus every second (and at each scrape)."""
+    metrics = app[METRICS]
+
+    async def publish() -> None:
+        metrics.publish()
+
+    task = Periodic("metrics-publish", publish, METRICS_PUBLISH_S)
+    yield
+    await task.stop()
+    metrics.publish()
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -336,9 +399,7 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
     except Exception:
         log.exception("%s %s failed", request.method, route)
         response = error_response(500, "internal_error", "the server failed; it is logged")
-    request.app[GATEWAY].metrics.observe_request(
-        route, response.status, time.perf_counter() - started
-    )
+    request.app[METRICS].observe_request(route, response.status, time.perf_counter() - started)
     return response
 
 

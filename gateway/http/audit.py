@@ -17,8 +17,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, authenticate_admin, json_response
+from gateway.http.context import authenticate_admin, json_response
 from gateway.http.errors import InvalidRequest
+from gateway.http.keys import STORAGE
 from gateway.settings import parse_duration_s
 from storage import AuditQuery, AuditRecord, Storage
 from storage.times import format_time_ms, parse_time_ms
@@ -112,8 +113,7 @@ def next_after(records: Sequence[AuditRecord], query: AuditQuery) -> int | None:
 
 async def get_audit(request: web.Request) -> web.Response:
     """A page of the audit log, for an admin token; ``no-store``, like every official read."""
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     try:
         query = audit_query(request.query, int(time.time() * 1000))

@@ -22,8 +22,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, authenticate, authenticate_admin, json_response, read_json
+from gateway.http.context import authenticate, authenticate_admin, json_response, read_json
 from gateway.http.errors import InvalidField, InvalidRequest, NotFound
+from gateway.http.keys import KEYRING, METRICS, PERSONAL, SETTINGS, STORAGE, TRACE_STORAGE
 from gateway.http.people import new_id
 from signing import Keyring
 from signing.codes import ID_PATTERN
@@ -269,13 +270,13 @@ def merge_windows(windows: Sequence[CaseWindow]) -> list[CaseWindow]:
 
 
 async def post_case(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    app = request.app
+    storage = app[STORAGE]
     admin = await authenticate_admin(request, storage)
     dry_run = request.query.get("dry_run", "0")
     if dry_run not in ("0", "1"):
         raise InvalidRequest("dry_run: 0 or 1")
-    settings = gateway.settings
+    settings = app[SETTINGS]
     now_ms = int(time.time() * 1000)
     person_id, confirmed_at_ms, note = check_case_request(
         await read_json(request),
@@ -292,19 +293,19 @@ async def post_case(request: web.Request) -> web.Response:
             )
     plan = await plan_case(
         storage,
-        gateway.keyring,
-        gateway.need_personal(),
+        app[KEYRING],
+        app[PERSONAL],
         person_id,
         confirmed_at_ms,
         note,
         f"admin:{admin}",
-        read_from=gateway.trace_storage,
+        read_from=app[TRACE_STORAGE],
     )
     if dry_run == "1":
         await audit_preview(storage, plan)
         return json_response(plan.preview())
     await record_case(storage, plan)
-    gateway.metrics.cases.inc()
+    app[METRICS].cases.inc()
     return json_response(
         {"case_id": plan.case.case_id, "contacts": plan.contacts, "notices": len(plan.notices)},
         status=201,
@@ -314,13 +315,12 @@ async def post_case(request: web.Request) -> web.Response:
 async def get_case(request: web.Request) -> web.Response:
     """A case and its notices, for an admin token: audit-logged, and ``no-store`` (it names
     the case's contacts)."""
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     case_id = request.match_info["case_id"]
     if not ID_PATTERN.fullmatch(case_id):
         raise NotFound("no such case")
-    shown = await read_case(storage, gateway.need_personal(), case_id, f"admin:{admin}")
+    shown = await read_case(storage, request.app[PERSONAL], case_id, f"admin:{admin}")
     if shown is None:
         raise NotFound("no such case")
     return json_response(shown, no_store=True)
@@ -328,13 +328,12 @@ async def get_case(request: web.Request) -> web.Response:
 
 async def get_risky_venues(request: web.Request) -> web.Response:
     """Venue windows where cases were present, for matching on the device."""
-    gateway = request.app[GATEWAY]
-    authenticate(request, gateway.keyring)
+    authenticate(request, request.app[KEYRING])
     now_ms = int(time.time() * 1000)
     since = request.query.get("since", str(now_ms - CASE_DAYS * DAY_MS))
     if not since.isdecimal() or len(since) > 15:
         raise InvalidRequest("since: epoch milliseconds")
-    windows = merge_windows(await gateway.need_storage().risky_windows(int(since)))
+    windows = merge_windows(await request.app[STORAGE].risky_windows(int(since)))
     return json_response(
         [
             {"venue_id": w.venue_id, "from": w.from_ms, "to": w.to_ms, "level": w.level}

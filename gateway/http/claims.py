@@ -17,9 +17,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, JSON, authenticate_admin, json_response, read_json
+from gateway.http.context import JSON, authenticate_admin, json_response, read_json
 from gateway.http.declarations import reveal_contacts
 from gateway.http.errors import InvalidRequest, NotFound
+from gateway.http.keys import PERSONAL, STORAGE, TRACE_STORAGE
 from gateway.http.people import national_id
 from gateway.http.trace import trace_query
 from signing.codes import ID_PATTERN
@@ -172,12 +173,11 @@ def _flag(value: object, name: str) -> bool:
 
 
 async def get_claims(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     listed = await contested_claims(
         storage,
-        gateway.need_personal(),
+        request.app[PERSONAL],
         f"admin:{admin}",
         include_resolved=_flag(request.query.get("all"), "all"),
         reveal=_flag(request.query.get("reveal"), "reveal"),
@@ -186,8 +186,7 @@ async def get_claims(request: web.Request) -> web.Response:
 
 
 async def post_accept_claim(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     return json_response(
         await accept_claim(storage, request.match_info["claim_id"], f"admin:{admin}")
@@ -197,8 +196,7 @@ async def post_accept_claim(request: web.Request) -> web.Response:
 async def post_trace_national_id(request: web.Request) -> web.Response:
     """Trace by national id. The id comes in the body, never the URL: URLs end up in
     access logs, proxies and browser history."""
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     doc = await read_json(request)
     if not isinstance(doc, dict):
@@ -208,12 +206,12 @@ async def post_trace_national_id(request: web.Request) -> web.Response:
     try:
         found = await trace_national_id(
             storage,
-            gateway.need_personal(),
+            request.app[PERSONAL],
             id_number,
             params,
             f"admin:{admin}",
             reveal=_flag(doc.get("reveal"), "reveal"),
-            read_from=gateway.trace_storage,
+            read_from=request.app[TRACE_STORAGE],
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None

@@ -1,12 +1,10 @@
-"""What the request handlers share: the per-application ``Gateway`` and the helpers that
-authenticate a request and read its JSON body."""
+"""What the request handlers share: the helpers that authenticate a request, read its JSON
+body and answer in JSON. The resources they use are under their own keys
+(``gateway.http.keys``)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -14,14 +12,7 @@ from aiohttp import web
 
 from gateway.http.addresses import address_bucket, client_address
 from gateway.http.errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
-from gateway.http.last_use import LastUse
-from gateway.http.otp import OtpService
-from gateway.http.ratelimit import TokenBuckets
-from gateway.metrics import Metrics
-from gateway.outbox.sms import SmsSender
-from gateway.pipeline.buffer import RedisBuffer
-from gateway.pipeline.events import EventRules
-from gateway.settings import Network, Settings
+from gateway.http.keys import TOKEN_USES, TRUSTED_PROXIES
 from signing import Keyring, Sealer
 from signing.personal import PersonalData, new_data_key, open_data_key, seal_data_key
 from storage import Storage
@@ -33,59 +24,17 @@ JSON_HEADERS: Final = {"Content-Type": JSON}
 # For answers no cache may keep (what an official reads: traces, cases, the audit log).
 JSON_NO_STORE_HEADERS: Final = {"Content-Type": JSON, "Cache-Control": "no-store"}
 
-
-@dataclass
-class Gateway:
-    """What the handlers share: one per application."""
-
-    settings: Settings
-    keyring: Keyring
-    sealer: Sealer
-    metrics: Metrics
-    rules: EventRules
-    rate_limits: TokenBuckets | None
-    # SCANGATE_TRUSTED_PROXIES: the peers whose forwarding headers name the client.
-    trusted_proxies: tuple[Network, ...] = ()
-    buffer: RedisBuffer | None = None
-    storage: Storage | None = None
-    trace_storage: Storage | None = None  # SCANGATE_TRACE_STORAGE_URL, when set
-    # Open once storage is: the data key lives there.
-    personal: PersonalData | None = None
-    otp: OtpService | None = None
-    sms: SmsSender | None = None
-    # Registered venues whose codes are refused (refreshed from storage every 2 s).
-    revoked_venues: frozenset[str] = frozenset()
-    # Work started by a request that outlives it (an SMS being sent): kept referenced
-    # until done, and awaited on shutdown.
-    background: set[asyncio.Task[None]] = field(default_factory=set)
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    def need_storage(self) -> Storage:
-        assert self.storage is not None, "storage opens with the application"
-        return self.storage
-
-    def need_personal(self) -> PersonalData:
-        assert self.personal is not None, "the data key loads with storage"
-        return self.personal
-
-    def client_index(self, request: web.Request) -> str:
-        """The blind index of the request's client address bucket: what every per-address
-        limit counts (``gateway.http.addresses``), with nothing personal in the key."""
-        bucket = address_bucket(client_address(request, self.trusted_proxies))
-        return self.need_personal().blind_index("client_address", bucket)
-
-
-GATEWAY: Final = web.AppKey("gateway", Gateway)
-# Each app token's minute of last use in this process (gateway.http.last_use), written out in
-# the background by the application's cleanup context.
-TOKEN_USES: Final = web.AppKey("token_uses", LastUse)
 # Set on a request by the web pages' endpoints (gateway.http.web.endpoints), which act as the
 # configured web app: such a request carries no app token, and this is its caller.
 ACTING_APP: Final = web.RequestKey("acting_app", str)
+
+
+def client_index(request: web.Request, personal: PersonalData) -> str:
+    """The blind index of the request's client address bucket: what every per-address
+    limit counts (``gateway.http.addresses``), with nothing personal in the key."""
+    trusted = request.app[TRUSTED_PROXIES]
+    bucket = address_bucket(client_address(request, trusted))
+    return personal.blind_index("client_address", bucket)
 
 
 def authenticate(request: web.Request, keyring: Keyring) -> str:
@@ -103,9 +52,7 @@ def authenticate(request: web.Request, keyring: Keyring) -> str:
     found = keyring.token_for(token.strip())
     if found is None:
         raise Unauthorized("unknown or revoked token")
-    uses = request.app.get(TOKEN_USES)
-    if uses is not None:
-        uses.note(found.token_id, time.time())
+    request.app[TOKEN_USES].note(found.token_id, time.time())
     return found.app_id
 
 

@@ -26,7 +26,7 @@ from typing import Final, TypeVar
 import orjson
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, Gateway, authenticate, json_response, read_json
+from gateway.http.context import authenticate, client_index, json_response, read_json
 from gateway.http.errors import (
     InvalidField,
     InvalidRequest,
@@ -38,7 +38,8 @@ from gateway.http.errors import (
     Unauthorized,
     Unavailable,
 )
-from gateway.http.otp import CHALLENGE, CODE_TTL_MS, otp_message
+from gateway.http.keys import BACKGROUND, KEYRING, METRICS, OTP, PERSONAL, SETTINGS, SMS, STORAGE
+from gateway.http.otp import CHALLENGE, CODE_TTL_MS, OtpService, otp_message
 from gateway.http.people import (
     Declaration,
     new_id,
@@ -46,6 +47,7 @@ from gateway.http.people import (
     normalise_phone,
     parse_declaration,
 )
+from gateway.outbox.sms import SmsSender
 from gateway.pipeline.buffer import BufferUnavailable
 from signing import Keyring
 from signing.codes import ID_PATTERN
@@ -80,16 +82,15 @@ def _iso(epoch_s: int) -> str:
 async def post_otp(request: web.Request) -> web.Response:
     """Send a one-time code to a phone: 202 with the code's challenge and reference, or 429
     when a limit of the client's address or the phone's SMS-cost cap refuses it."""
-    gateway = request.app[GATEWAY]
-    authenticate(request, gateway.keyring)
+    app = request.app
+    authenticate(request, app[KEYRING])
     doc = await read_json(request)
     phone = normalise_phone(doc.get("phone") if isinstance(doc, dict) else None)
-    personal, otp = gateway.need_personal(), gateway.otp
-    assert otp is not None and gateway.sms is not None
+    personal, otp = app[PERSONAL], app[OTP]
     sent = await _redis(
-        otp.issue(personal.blind_index("phone", phone), gateway.client_index(request), _now_ms())
+        otp.issue(personal.blind_index("phone", phone), client_index(request, personal), _now_ms())
     )
-    gateway.metrics.otp_sends.labels(sent.outcome).inc()
+    app[METRICS].otp_sends.labels(sent.outcome).inc()
     retry_after_s = _retry_after_s(sent.wait_ms)
     limits = otp.limits
     if sent.outcome == "address_limit":
@@ -110,7 +111,7 @@ async def post_otp(request: web.Request) -> web.Response:
             f"{_duration(limits.phone_cap_window_ms)}, the most allowed; try later",
             retry_after_s=retry_after_s,
         )
-    gateway.spawn(_send_code(gateway, phone, otp_message(sent.code, sent.reference)))
+    app[BACKGROUND].spawn(_send_code(app[SMS], phone, otp_message(sent.code, sent.reference)))
     return json_response(
         {
             "status": "sent",
@@ -122,10 +123,9 @@ async def post_otp(request: web.Request) -> web.Response:
     )
 
 
-async def _send_code(gateway: Gateway, phone: str, text: str) -> None:
-    assert gateway.sms is not None
+async def _send_code(sms: SmsSender, phone: str, text: str) -> None:
     try:
-        await gateway.sms.send(phone, text)
+        await sms.send(phone, text)
     except Exception as exc:
         # No phone and no code in the log: the person asks again.
         log.warning("an OTP SMS was not delivered: %s", exc)
@@ -135,8 +135,8 @@ async def post_otp_verify(request: web.Request) -> web.Response:
     """Trade a phone's code for a session: 200, 401 ``otp_invalid`` or 429 ``otp_locked``.
     The code is checked against the phone's code that ``challenge`` names, or else the
     latest one asked from this client's address."""
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
+    app = request.app
+    app_id = authenticate(request, app[KEYRING])
     doc = await read_json(request)
     if not isinstance(doc, dict):
         raise InvalidRequest('expected {"phone": ..., "code": ..., "challenge": ...}')
@@ -149,13 +149,12 @@ async def post_otp_verify(request: web.Request) -> web.Response:
         not isinstance(challenge, str) or not CHALLENGE.fullmatch(challenge)
     ):
         raise InvalidField("challenge", "the challenge from the answer of POST /v1/otp")
-    personal, otp = gateway.need_personal(), gateway.otp
-    assert otp is not None
+    personal, otp = app[PERSONAL], app[OTP]
     phone_index = personal.blind_index("phone", phone)
     checked = await _redis(
-        otp.check(phone_index, gateway.client_index(request), code, challenge, _now_ms())
+        otp.check(phone_index, client_index(request, personal), code, challenge, _now_ms())
     )
-    gateway.metrics.otp_checks.labels(checked.outcome).inc()
+    app[METRICS].otp_checks.labels(checked.outcome).inc()
     if checked.outcome == "invalid":
         raise OtpInvalid(
             "the code is wrong or has expired"
@@ -173,7 +172,7 @@ async def post_otp_verify(request: web.Request) -> web.Response:
             "too many wrong codes for this phone from this address; try later",
             retry_after_s=_retry_after_s(checked.wait_ms),
         )
-    expires_s = int(time.time() + gateway.settings.session_ttl_s)
+    expires_s = int(time.time() + app[SETTINGS].session_ttl_s)
     return json_response(
         {"session": otp.new_session(phone_index, app_id, expires_s), "expires_at": _iso(expires_s)}
     )
@@ -196,11 +195,10 @@ async def _redis(work: Awaitable[T]) -> T:
         raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
 
 
-def session_phone(request: web.Request, gateway: Gateway, app_id: str) -> str:
+def session_phone(request: web.Request, otp: OtpService, app_id: str) -> str:
     """The phone index of the request's ``X-Session``; 401 without a valid one."""
     token = request.headers.get("X-Session", "")
-    assert gateway.otp is not None
-    phone_index = gateway.otp.session_phone(token, app_id, time.time())
+    phone_index = otp.session_phone(token, app_id, time.time())
     if phone_index is None:
         raise Unauthorized("a valid X-Session is needed: verify the phone at /v1/otp/verify")
     return phone_index
@@ -340,33 +338,35 @@ async def _audit_competing_claims(storage: Storage, app_id: str, claim: ClaimRec
 
 
 async def post_declaration(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
-    declarer = session_phone(request, gateway, app_id)
+    app = request.app
+    keyring = app[KEYRING]
+    app_id = authenticate(request, keyring)
+    declarer = session_phone(request, app[OTP], app_id)
     today = dt.datetime.now(dt.UTC).date()
     form = parse_declaration(await read_json(request), today)
     created = await declare(
-        gateway.need_storage(),
-        gateway.keyring,
-        gateway.need_personal(),
+        app[STORAGE],
+        keyring,
+        app[PERSONAL],
         app_id,
         declarer,
         form,
-        int(gateway.settings.person_code_ttl_s),
+        int(app[SETTINGS].person_code_ttl_s),
     )
     return json_response(created, status=201)
 
 
 async def get_person_code(request: web.Request) -> web.Response:
     """The personal code as an image that prints 5 cm wide, for a phone linked to the person."""
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
-    phone_index = session_phone(request, gateway, app_id)
+    app = request.app
+    keyring = app[KEYRING]
+    app_id = authenticate(request, keyring)
+    phone_index = session_phone(request, app[OTP], app_id)
     fmt = request.match_info["format"]
     person_id = request.match_info["person_id"]
     if fmt not in CODE_IMAGE_TYPES:
         raise InvalidRequest("a personal code is .svg or .png")
-    storage = gateway.need_storage()
+    storage = app[STORAGE]
     if not ID_PATTERN.fullmatch(person_id) or not await storage.phone_linked(
         phone_index, person_id
     ):
@@ -376,12 +376,12 @@ async def get_person_code(request: web.Request) -> web.Response:
     now_s = int(time.time())
     issued, expires = person.code_issued_s, person.code_expires_s
     if issued is None or expires is None or expires <= now_s:
-        issued, expires = now_s, now_s + int(gateway.settings.person_code_ttl_s)
+        issued, expires = now_s, now_s + int(app[SETTINGS].person_code_ttl_s)
         await storage.update_person(
             person._replace(code_app_id=app_id, code_issued_s=issued, code_expires_s=expires)
         )
     # The same issue and expiry times give the same code text (with the same key).
-    code = gateway.keyring.issue(app_id, "person", person_id, issued, expires - issued)
+    code = keyring.issue(app_id, "person", person_id, issued, expires - issued)
     return web.Response(
         body=render_print(code, fmt, PERSONAL_CODE_WIDTH_MM),  # type: ignore[arg-type]
         headers={
@@ -408,19 +408,19 @@ async def post_person_phone(request: web.Request) -> web.Response:
     declared from the family phone who has a phone of their own. Both phones prove
     themselves: ``X-Session`` is the linked phone's session, the body's ``session`` the new
     phone's (same app). The door then finds the person by either phone."""
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
-    linked = session_phone(request, gateway, app_id)
+    app = request.app
+    otp = app[OTP]
+    app_id = authenticate(request, app[KEYRING])
+    linked = session_phone(request, otp, app_id)
     doc = await read_json(request)
     token = doc.get("session") if isinstance(doc, dict) else None
     if not isinstance(token, str) or len(token) > 1024:
         raise InvalidField("session", "the new phone's session, from /v1/otp/verify")
-    assert gateway.otp is not None
-    new_phone = gateway.otp.session_phone(token, app_id, time.time())
+    new_phone = otp.session_phone(token, app_id, time.time())
     if new_phone is None:
         raise InvalidField("session", "not a valid session of this app: verify the phone again")
     person_id = request.match_info["person_id"]
-    storage = gateway.need_storage()
+    storage = app[STORAGE]
     if not ID_PATTERN.fullmatch(person_id) or not await storage.phone_linked(linked, person_id):
         raise NotFound("no such person for this phone")
     await storage.link_phone(new_phone, person_id)

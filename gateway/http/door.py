@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway.http.context import GATEWAY, authenticate, json_response, read_json
+from gateway.http.context import authenticate, json_response, read_json
 from gateway.http.declarations import RETRY_AFTER_UNAVAILABLE_S, person_record
 from gateway.http.errors import (
     AmbiguousPerson,
@@ -42,6 +42,16 @@ from gateway.http.errors import (
     NotFound,
     RateLimited,
     Unavailable,
+)
+from gateway.http.keys import (
+    BUFFER,
+    EVENT_RULES,
+    KEYRING,
+    METRICS,
+    PERSONAL,
+    REVOKED_VENUES,
+    SETTINGS,
+    STORAGE,
 )
 from gateway.http.people import IdCard, new_id, normalise_name, normalise_phone, parse_id_card
 from gateway.http.venues import staff_venue
@@ -102,6 +112,9 @@ class DoorLimits:
 
 
 DOOR_LIMITS: Final = web.AppKey("door_limits", DoorLimits)
+"""The door's person look-up limits, counted in Redis; set by their cleanup context in
+``gateway.http.app``. Kept beside the class, not in ``gateway.http.keys``: this module
+imports that one, which therefore cannot import this one."""
 
 
 def _now_ms() -> int:
@@ -162,17 +175,18 @@ async def card_holder(storage: Storage, personal: PersonalData, card: IdCard) ->
 
 async def post_manual_scan(request: web.Request) -> web.Response:
     """A check-in or check-out, now, for a person found by phone or ID card."""
-    gateway = request.app[GATEWAY]
+    app = request.app
+    keyring, metrics = app[KEYRING], app[METRICS]
     staff = await staff_venue(request)
-    app_id = staff.app_id if staff else authenticate(request, gateway.keyring)
+    app_id = staff.app_id if staff else authenticate(request, keyring)
     doc = await read_json(request)
     if not isinstance(doc, dict):
         raise InvalidRequest("expected a JSON object")
     now_ms = _now_ms()
-    envelope = check_envelope(doc, gateway.rules, now_ms)
+    envelope = check_envelope(doc, app[EVENT_RULES], now_ms)
     if isinstance(envelope, Rejection):
         return _rejected(envelope)
-    window_ms = int(gateway.settings.door_scan_window_s * 1000)
+    window_ms = int(app[SETTINGS].door_scan_window_s * 1000)
     if abs(envelope.scanned_at_ms - now_ms) > window_ms:
         return _rejected(
             Rejection(
@@ -182,8 +196,8 @@ async def post_manual_scan(request: web.Request) -> web.Response:
                 f"{window_ms // 1000} s of now",
             )
         )
-    verifier = gateway.keyring.verifier(app_id)
-    venue = check_code(doc, "venue_code", verifier, envelope, now_ms, gateway.revoked_venues)
+    verifier = keyring.verifier(app_id)
+    venue = check_code(doc, "venue_code", verifier, envelope, now_ms, app[REVOKED_VENUES].ids)
     if isinstance(venue, Rejection):
         return _rejected(venue)
     if staff is not None and venue.id != staff.venue_id:
@@ -202,11 +216,11 @@ async def post_manual_scan(request: web.Request) -> web.Response:
     else:
         card = parse_id_card(doc["id_card"])
 
-    limits = request.app[DOOR_LIMITS]
+    limits = app[DOOR_LIMITS]
     over, wait_ms = await limits.take(venue.id, staff.token_id if staff else None, now_ms)
     if over:
         outcome: LookupOutcome = "refused_token" if over == 1 else "refused_venue"
-        gateway.metrics.door_lookups.labels(app_id, outcome).inc()
+        metrics.door_lookups.labels(app_id, outcome).inc()
         raise RateLimited(
             "too many look-ups from this staff token; try again shortly"
             if over == 1
@@ -214,7 +228,7 @@ async def post_manual_scan(request: web.Request) -> web.Response:
             retry_after_s=max(1, -(-wait_ms // 1000)),
         )
 
-    storage, personal = gateway.need_storage(), gateway.need_personal()
+    storage, personal = app[STORAGE], app[PERSONAL]
     actor = f"staff:{staff.token_id}" if staff else f"app:{app_id}"
     by = "phone" if phone is not None else "id_card"
     try:
@@ -225,10 +239,10 @@ async def post_manual_scan(request: web.Request) -> web.Response:
             person_id = await card_holder(storage, personal, card)
     except (NotFound, AmbiguousPerson) as exc:
         outcome = "unknown" if isinstance(exc, NotFound) else "ambiguous"
-        gateway.metrics.door_lookups.labels(app_id, outcome).inc()
+        metrics.door_lookups.labels(app_id, outcome).inc()
         await _audit_lookup(storage, actor, venue.id, by, outcome, envelope.event_id)
         raise
-    gateway.metrics.door_lookups.labels(app_id, "recorded").inc()
+    metrics.door_lookups.labels(app_id, "recorded").inc()
     await _audit_lookup(storage, actor, venue.id, by, "recorded", envelope.event_id)
 
     if staff is not None:
@@ -245,14 +259,13 @@ async def post_manual_scan(request: web.Request) -> web.Response:
         now_ms,
         device_id,
     )
-    assert gateway.buffer is not None
     try:
-        (fresh,) = await gateway.buffer.append([event], now_ms)
+        (fresh,) = await app[BUFFER].append([event], now_ms)
     except BufferUnavailable as exc:
-        gateway.metrics.redis_errors.inc()
+        metrics.redis_errors.inc()
         raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
     status = "accepted" if fresh else "duplicate"
-    gateway.metrics.count_events(Tally({(app_id, event.kind, status, ""): 1}))
+    metrics.count_events(Tally({(app_id, event.kind, status, ""): 1}))
     return json_response({"event_id": event.event_id, "status": status})
 
 

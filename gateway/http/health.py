@@ -7,8 +7,9 @@ from typing import Final
 
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, JSON
+from gateway.http.context import JSON
 from gateway.http.errors import Unavailable
+from gateway.http.keys import BUFFER, METRICS, STORAGE
 from gateway.metrics import CONTENT_TYPE
 
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
@@ -19,20 +20,20 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 
 async def get_readyz(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
+    app = request.app
     down = None
-    if gateway.buffer is None or not await gateway.buffer.ping():
+    if not await app[BUFFER].ping():
         down = "Redis"
-    elif gateway.storage is None or not await gateway.storage.ping():
+    elif not await app[STORAGE].ping():
         down = "storage"
-    gateway.metrics.set_ready(down is None)
+    app[METRICS].set_ready(down is None)
     if down is not None:
         raise Unavailable(f"{down} does not answer", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
     return web.Response(body=b'{"status":"ready","redis":"ok","storage":"ok"}', content_type=JSON)
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].metrics.exposition()
+    body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

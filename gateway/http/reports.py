@@ -11,8 +11,9 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, authenticate_admin, json_response
+from gateway.http.context import authenticate_admin, json_response
 from gateway.http.errors import InvalidRequest
+from gateway.http.keys import SETTINGS, STORAGE
 from gateway.http.report_chart import render_chart
 from storage import Storage
 from storage.reports import (
@@ -62,8 +63,7 @@ def report_json(
 
 
 async def get_daily_report(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     query = request.query
     by_text, fmt_text = query.get("by", "province"), query.get("format", "json")
@@ -76,7 +76,7 @@ async def get_daily_report(request: web.Request) -> web.Response:
         first_day, last_day = report_range(query.get("from", ""), query.get("to", ""))
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    timezone = gateway.settings.timezone
+    timezone = request.app[SETTINGS].timezone
     rows = await build_report(storage, first_day, last_day, by, timezone)
     await storage.audit(f"admin:{admin}", "report", by, f"from={first_day} to={last_day}")
     name = f"report-{by}-{first_day}-{last_day}"

@@ -14,13 +14,22 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, JSON_HEADERS, authenticate, read_json
+from gateway.http.context import JSON_HEADERS, authenticate, read_json
 from gateway.http.errors import (
     BacklogFull,
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
     Unavailable,
+)
+from gateway.http.keys import (
+    BUFFER,
+    EVENT_RULES,
+    KEYRING,
+    METRICS,
+    RATE_LIMITS,
+    REVOKED_VENUES,
+    SETTINGS,
 )
 from gateway.metrics import Metrics
 from gateway.pipeline.buffer import BufferUnavailable
@@ -32,8 +41,10 @@ RETRY_AFTER_BACKLOG_S: Final = 5
 
 
 async def post_scans(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
+    # The hot path: each key is looked up once per request, into a local.
+    app = request.app
+    keyring = app[KEYRING]
+    app_id = authenticate(request, keyring)
     doc = await read_json(request)
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
         raise InvalidRequest('expected {"events": [...]}')
@@ -42,38 +53,37 @@ async def post_scans(request: web.Request) -> web.Response:
         raise InvalidRequest("events: send 1 to 500 events")
     if len(raw_events) > MAX_EVENTS:
         raise PayloadTooLarge(f"events: at most {MAX_EVENTS} per request")
-    if gateway.rate_limits is not None:
-        wait_s = gateway.rate_limits.take(app_id, len(raw_events), time.monotonic())
+    settings = app[SETTINGS]
+    rate_limits = app[RATE_LIMITS]
+    if rate_limits is not None:
+        wait_s = rate_limits.take(app_id, len(raw_events), time.monotonic())
         if wait_s:
             raise RateLimited(
-                f"over {gateway.settings.rate_limit} events per second for this app",
+                f"over {settings.rate_limit} events per second for this app",
                 retry_after_s=max(1, math.ceil(wait_s)),
             )
-    buffer = gateway.buffer
-    assert buffer is not None
-    if sum(buffer.lengths) >= gateway.settings.backlog_high_water:
-        gateway.metrics.backpressure_rejections.inc()
+    buffer, metrics = app[BUFFER], app[METRICS]
+    if sum(buffer.lengths) >= settings.backlog_high_water:
+        metrics.backpressure_rejections.inc()
         raise BacklogFull(
             "the buffer is over its high-water mark; retry later",
             retry_after_s=RETRY_AFTER_BACKLOG_S,
         )
 
     now_ms = int(time.time() * 1000)
-    verifier = gateway.keyring.verifier(app_id)
-    revoked = gateway.revoked_venues
-    checked = [
-        check_event(raw, app_id, verifier, gateway.rules, now_ms, revoked) for raw in raw_events
-    ]
+    verifier = keyring.verifier(app_id)
+    rules, revoked = app[EVENT_RULES], app[REVOKED_VENUES].ids
+    checked = [check_event(raw, app_id, verifier, rules, now_ms, revoked) for raw in raw_events]
     accepted = [verdict for verdict in checked if isinstance(verdict, ScanEvent)]
     fresh: list[bool] = []
     if accepted:
         try:
             fresh = await buffer.append(accepted, now_ms)
         except BufferUnavailable as exc:
-            gateway.metrics.redis_errors.inc()
+            metrics.redis_errors.inc()
             raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
 
-    return web.Response(body=_answer(app_id, checked, fresh, gateway.metrics), headers=JSON_HEADERS)
+    return web.Response(body=_answer(app_id, checked, fresh, metrics), headers=JSON_HEADERS)
 
 
 def _answer(

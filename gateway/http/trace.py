@@ -11,9 +11,10 @@ from typing import Final
 import orjson
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, JSON, authenticate_admin
+from gateway.http.context import JSON, authenticate_admin
 from gateway.http.declarations import reveal_contacts
 from gateway.http.errors import InvalidRequest
+from gateway.http.keys import PERSONAL, STORAGE, TRACE_STORAGE
 from gateway.settings import parse_duration_s
 from signing.codes import ID_PATTERN
 from storage import TraceQuery
@@ -24,8 +25,7 @@ MAX_TRACE_WINDOW_MS: Final = 24 * 3_600_000
 
 async def get_trace(request: web.Request) -> web.Response:
     """Contacts of a person, for an admin token; every call is audit-logged."""
-    gateway = request.app[GATEWAY]
-    storage = gateway.need_storage()
+    storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     person_id = request.match_info["person_id"]
     if not ID_PATTERN.fullmatch(person_id):
@@ -41,11 +41,11 @@ async def get_trace(request: web.Request) -> web.Response:
     if fmt not in ("json", "csv"):
         raise InvalidRequest("format: json or csv")
     actor = f"admin:{admin}"
-    rows = await storage.trace(query, actor=actor, read_from=gateway.trace_storage)
+    rows = await storage.trace(query, actor=actor, read_from=request.app[TRACE_STORAGE])
     revealed = None
     if reveal == "1":
         revealed = await reveal_contacts(
-            storage, gateway.need_personal(), [r.person_id for r in rows], actor, person_id
+            storage, request.app[PERSONAL], [r.person_id for r in rows], actor, person_id
         )
     if fmt == "csv":
         return web.Response(

@@ -5,7 +5,7 @@ A venue belongs to the app that registered it: only that app's token sees its po
 hands out its staff tokens. Its code is issued by that app (``Keyring.issue``) and issued
 again, with the app's active key, whenever a poster is rendered, so a poster printed
 after a key rotation carries a code of the current key. A revoked venue's code is refused
-at scan time with ``revoked`` (``Gateway.revoked_venues``).
+at scan time with ``revoked`` (``gateway.http.keys.REVOKED_VENUES``).
 
 A staff token (``sgs_…``) lets a door device make manual check-ins at one venue and
 nothing else; it is stored as a SHA-256 hash, looked up by that hash, and revocable.
@@ -19,8 +19,9 @@ from typing import Final
 
 from aiohttp import web
 
-from gateway.http.context import GATEWAY, authenticate, json_response, read_json
+from gateway.http.context import authenticate, json_response, read_json
 from gateway.http.errors import InvalidRequest, NotFound, Unauthorized
+from gateway.http.keys import KEYRING, PERSONAL, REVOKED_VENUES, STORAGE
 from gateway.http.people import VenueForm, new_id, parse_venue
 from signing import Keyring, hash_token
 from signing.codes import ID_PATTERN
@@ -101,39 +102,36 @@ def poster(keyring: Keyring, venue: VenueRecord, fmt: PosterFormat) -> bytes:
 
 
 async def post_venue(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
+    app = request.app
+    keyring = app[KEYRING]
+    app_id = authenticate(request, keyring)
     form = parse_venue(await read_json(request))
-    created = await register_venue(
-        gateway.need_storage(), gateway.keyring, gateway.need_personal(), app_id, form
-    )
+    created = await register_venue(app[STORAGE], keyring, app[PERSONAL], app_id, form)
     return json_response(created, status=201)
 
 
 async def delete_venue(request: web.Request) -> web.Response:
     """Revoke the venue's code (its owner app only)."""
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
-    storage = gateway.need_storage()
+    app = request.app
+    app_id = authenticate(request, app[KEYRING])
+    storage = app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     await storage.revoke_venue(venue.venue_id, _now_ms())
     # This process refuses it at once; the others within their refresh interval.
-    gateway.revoked_venues = gateway.revoked_venues | {venue.venue_id}
+    app[REVOKED_VENUES].add(venue.venue_id)
     return json_response({"venue_id": venue.venue_id, "revoked": True})
 
 
 async def post_staff_token(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
-    storage = gateway.need_storage()
+    app_id = authenticate(request, request.app[KEYRING])
+    storage = request.app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     return json_response(await new_staff_token(storage, venue), status=201)
 
 
 async def delete_staff_token(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
-    storage = gateway.need_storage()
+    app_id = authenticate(request, request.app[KEYRING])
+    storage = request.app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     token_id = request.match_info["token_id"]
     if not any(t.token_id == token_id for t in await storage.staff_tokens(venue.venue_id)):
@@ -143,13 +141,13 @@ async def delete_staff_token(request: web.Request) -> web.Response:
 
 
 async def get_poster(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
+    keyring = request.app[KEYRING]
+    app_id = authenticate(request, keyring)
     fmt = request.match_info["format"]
     if fmt not in POSTER_TYPES:
         raise InvalidRequest("a poster is .svg, .png or .pdf")
-    venue = await owned_venue(gateway.need_storage(), request.match_info["venue_id"], app_id)
-    body = poster(gateway.keyring, venue, fmt)  # type: ignore[arg-type]
+    venue = await owned_venue(request.app[STORAGE], request.match_info["venue_id"], app_id)
+    body = poster(keyring, venue, fmt)  # type: ignore[arg-type]
     return web.Response(
         body=body,
         headers={
@@ -168,7 +166,7 @@ async def staff_venue(request: web.Request) -> StaffTokenRecord | None:
         return None
     if len(token) > 256:
         raise Unauthorized("unknown token")
-    record = await request.app[GATEWAY].need_storage().staff_token(hash_token(token))
+    record = await request.app[STORAGE].staff_token(hash_token(token))
     if record is None:
         raise Unauthorized("unknown or revoked staff token")
     return record
@@ -178,9 +176,8 @@ async def get_occupancy(request: web.Request) -> web.Response:
     """How many people are inside a venue now: the visits in progress (checked in, not yet
     out, within the maximum stay). For the app that registered the venue only: a count of
     people at a place is not for everyone to poll."""
-    gateway = request.app[GATEWAY]
-    app_id = authenticate(request, gateway.keyring)
-    storage = gateway.need_storage()
+    app_id = authenticate(request, request.app[KEYRING])
+    storage = request.app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     now_ms = _now_ms()
     visits = await storage.venue_visits(venue.venue_id, now_ms, now_ms)
@@ -193,11 +190,10 @@ async def get_occupancy(request: web.Request) -> web.Response:
 async def get_staff_venue(request: web.Request) -> web.Response:
     """The venue of a staff token, with a code for it: what a door device needs to make
     manual check-ins (``POST /v1/scans/manual`` wants the venue's code)."""
-    gateway = request.app[GATEWAY]
     staff = await staff_venue(request)
     if staff is None:
         raise Unauthorized("a staff token is needed: Authorization: Bearer sgs_...")
-    venue = await owned_venue(gateway.need_storage(), staff.venue_id, staff.app_id)
+    venue = await owned_venue(request.app[STORAGE], staff.venue_id, staff.app_id)
     return json_response(
         {
             "venue_id": venue.venue_id,
@@ -205,7 +201,7 @@ async def get_staff_venue(request: web.Request) -> web.Response:
             "address": venue.address,
             "province": venue.province,
             "kind": venue.kind,
-            "venue_code": gateway.keyring.issue(venue.app_id, "venue", venue.venue_id),
+            "venue_code": request.app[KEYRING].issue(venue.app_id, "venue", venue.venue_id),
         }
     )
 

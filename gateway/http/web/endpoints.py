@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.http.context import ACTING_APP, GATEWAY, Gateway, json_response, read_json
+from gateway.http.context import ACTING_APP, json_response, read_json
 from gateway.http.declarations import (
     get_person_code,
     post_declaration,
@@ -29,6 +29,7 @@ from gateway.http.declarations import (
     session_phone,
 )
 from gateway.http.errors import ApiError, Forbidden
+from gateway.http.keys import KEYRING, OTP, PERSONAL, SETTINGS, STORAGE
 from gateway.http.people import parse_venue
 from gateway.http.venues import get_poster, register_venue
 
@@ -42,26 +43,26 @@ class WebAppUnset(ApiError):
     status, code = 503, "web_app_unset"
 
 
-def web_app(gateway: Gateway) -> str:
+def web_app(app: web.Application) -> str:
     """The app the pages act as; WebAppUnset when the operator has not set one up."""
-    problem = web_app_problem(gateway)
-    if problem is not None or gateway.settings.web_app is None:
+    settings = app[SETTINGS]
+    problem = web_app_problem(settings, app[KEYRING])
+    if problem is not None or settings.web_app is None:
         raise WebAppUnset(
             "the web pages are off here: set SCANGATE_WEB_APP to an app id"
             if problem == "web.unset"
             else "SCANGATE_WEB_APP names an app that does not exist: scangate apps add it"
         )
-    return gateway.settings.web_app
+    return settings.web_app
 
 
 def as_web_app(handler: Handler) -> Handler:
     """``handler`` run with the web app as its caller, behind the CSRF check."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        gateway = request.app[GATEWAY]
-        app_id = web_app(gateway)
+        app_id = web_app(request.app)
         if request.method not in ("GET", "HEAD"):
-            check_same_origin(request, gateway.need_personal().web_key)
+            check_same_origin(request, request.app[PERSONAL].web_key)
         request[ACTING_APP] = app_id
         return await handler(request)
 
@@ -70,14 +71,14 @@ def as_web_app(handler: Handler) -> Handler:
 
 async def post_venue(request: web.Request) -> web.Response:
     """Register a venue whose phone is the verified phone of the request's session."""
-    gateway = request.app[GATEWAY]
+    app = request.app
     app_id = request[ACTING_APP]
-    verified = session_phone(request, gateway, app_id)
+    verified = session_phone(request, app[OTP], app_id)
     form = parse_venue(await read_json(request))
-    personal = gateway.need_personal()
+    personal = app[PERSONAL]
     if not hmac.compare_digest(personal.blind_index("phone", form.phone), verified):
         raise Forbidden("a venue's phone must be the phone verified by SMS")
-    created = await register_venue(gateway.need_storage(), gateway.keyring, personal, app_id, form)
+    created = await register_venue(app[STORAGE], app[KEYRING], personal, app_id, form)
     return json_response(created, status=201)
 
 

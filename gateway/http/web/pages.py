@@ -16,8 +16,10 @@ import orjson
 from aiohttp import web
 from markupsafe import Markup
 
-from gateway.http.context import GATEWAY, Gateway
+from gateway.http.keys import KEYRING, PERSONAL, SETTINGS
 from gateway.http.people import ANSWER_KEYS, GENDERS
+from gateway.settings import Settings
+from signing import Keyring
 from storage.models import VENUE_KINDS
 
 from .security import (
@@ -128,19 +130,19 @@ def choose_language(request: web.Request) -> Language:
     return "vi"
 
 
-def web_app_problem(gateway: Gateway) -> str | None:
+def web_app_problem(settings: Settings, keyring: Keyring) -> str | None:
     """Why the pages that act as the web app cannot work here (a message key), or None."""
-    web_app = gateway.settings.web_app
+    web_app = settings.web_app
     if web_app is None:
         return "web.unset"
-    if web_app not in gateway.keyring.app_ids():
+    if web_app not in keyring.app_ids():
         return "web.unknown"
     return None
 
 
 async def get_page(request: web.Request, name: str) -> web.Response:
-    gateway = request.app[GATEWAY]
-    site = request.app[SITE]
+    app = request.app
+    settings, site = app[SETTINGS], app[SITE]
     lang = choose_language(request)
     catalogue = site.catalogues[lang]
     cookie = csrf_cookie(request)
@@ -153,9 +155,9 @@ async def get_page(request: web.Request, name: str) -> web.Response:
         other_lang="en" if lang == "vi" else "vi",
         t=catalogue.__getitem__,  # a missing message is an error, caught by the tests
         messages_json=site.script_messages(lang),
-        csrf_token=csrf_token(gateway.need_personal().web_key, cookie),
-        timezone=gateway.settings.timezone,
-        web_problem=web_app_problem(gateway) if name in WEB_APP_PAGES else None,
+        csrf_token=csrf_token(app[PERSONAL].web_key, cookie),
+        timezone=settings.timezone,
+        web_problem=web_app_problem(settings, app[KEYRING]) if name in WEB_APP_PAGES else None,
         relationships=RELATIONSHIPS,
         genders=GENDERS,
         answer_keys=ANSWER_KEYS,
