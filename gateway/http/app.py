@@ -1,10 +1,7 @@
-"""The aiohttp application: ``create_app(settings)`` and its handlers.
-
-The scan handler is the pipeline's source: authenticate the app, parse the batch, check
-every event (``gateway.pipeline.events``), append the accepted ones to the Redis buffer
-(``gateway.pipeline.buffer``), and answer each event's verdict in request order. A 2xx is sent only
-after Redis has taken every accepted event.
-"""
+"""The aiohttp application: ``create_app(settings)``, its cleanup contexts (one per
+resource, each under its own typed key of ``gateway.http.keys``), the error middleware,
+and the routes of every resource module (the scan handler, the pipeline's source, is
+``gateway.http.scans``)."""
 
 from __future__ import annotations
 
@@ -81,7 +78,6 @@ SHUTDOWN_BACKGROUND_S: Final = 10.0
 BACKLOG_POLL_S: Final = 0.5
 METRICS_PUBLISH_S: Final = 1.0
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
-RETRY_AFTER_BACKLOG_S: Final = 5
 
 
 class _NoRequestBytesInLogs(logging.Filter):
