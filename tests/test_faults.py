@@ -277,7 +277,7 @@ async def test_postgresql_down_for_20_s_grows_the_backlog_then_it_drains(
 
 
 async def test_postgresql_stopped_answers_503_to_what_reads_storage_then_recovers(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, private_redis: Any, private_postgres: Any
+    gateway_under_test: GatewayStarter, keyring: Keyring, private_redis: Any, private_postgres: Any
 ) -> None:
     """A request that reads storage while PostgreSQL is down gets the documented 503 with
     Retry-After (storage says StorageUnavailable, whatever its driver raised), and the
@@ -292,7 +292,7 @@ async def test_postgresql_stopped_answers_503_to_what_reads_storage_then_recover
     headers = {"Authorization": f"Bearer {admin_token}"}
     async with (
         rig(
-            tmp_path, keyring, master_key, flusher=False, redis_url=server.url, storage_url=pg.url
+            gateway_under_test, keyring, flusher=False, redis_url=server.url, storage_url=pg.url
         ) as r,
         aiohttp.ClientSession() as session,
     ):
