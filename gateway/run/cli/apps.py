@@ -5,7 +5,6 @@ storage) and ``codes`` (issue, verify and render codes with an app's keys)."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import re
 import sys
 import time
@@ -21,6 +20,7 @@ from .common import (
     OneLineParser,
     Subcommands,
     UsageError,
+    cli_actor,
     duration,
     emit,
     entity_id,
@@ -174,7 +174,7 @@ def cmd_apps_revoke_token(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         await storage.audit(
-            f"cli:{getpass.getuser()}",
+            cli_actor(),
             "app_token_revoked",
             args.token_id,
             f"app_id={app_id}" + (" already" if already else ""),
@@ -251,7 +251,7 @@ def cmd_admins_add(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         token = await storage.add_admin(args.name)
-        await storage.audit(f"cli:{getpass.getuser()}", "admin_added", args.name)
+        await storage.audit(cli_actor(), "admin_added", args.name)
         emit({"name": args.name, "token": token})
         return 0
 
@@ -280,7 +280,7 @@ def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
         revoked = await storage.revoke_admin(args.name)
         if revoked is None:
             raise UsageError(f"no admin {args.name!r}")
-        await storage.audit(f"cli:{getpass.getuser()}", "admin_revoked", args.name)
+        await storage.audit(cli_actor(), "admin_revoked", args.name)
         emit({"name": args.name, "revoked": True, "already": not revoked})
         return 0
 

@@ -1,12 +1,13 @@
 """What every command group of the ``scangate`` command line shares: the exit codes, the
 one-line error (``UsageError``) and the parser that prints one, the ``--data-dir`` option and
-``leaf`` that gives it to each command, argument types, JSON output, and opening the keyring,
-storage and the personal data the handlers work on."""
+``leaf`` that gives it to each command, argument types, the audit log's actor, JSON output,
+and opening the keyring, storage and the personal data the handlers work on."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
@@ -79,6 +80,11 @@ def entity_id(text: str) -> str:
     if not ID_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r}: an id is 1 to 16 characters of A-Z0-9")
     return text
+
+
+def cli_actor() -> str:
+    """Who the audit log names for a command run here: the operating-system user."""
+    return f"cli:{getpass.getuser()}"
 
 
 def emit(value: Any) -> None:

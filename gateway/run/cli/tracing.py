@@ -7,7 +7,6 @@ what it reads or decides is audit-logged with ``cli:<user>`` as the actor."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from .common import (
     OneLineParser,
     Subcommands,
     UsageError,
+    cli_actor,
     emit,
     entity_id,
     leaf,
@@ -99,7 +99,7 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    actor = f"cli:{getpass.getuser()}"
+    actor = cli_actor()
 
     async def work(storage: Storage) -> int:
         replica = None
@@ -155,7 +155,7 @@ def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
                 personal,
                 id_number,
                 params,
-                f"cli:{getpass.getuser()}",
+                cli_actor(),
                 reveal=args.reveal,
             )
         except ValueError as exc:
@@ -206,7 +206,7 @@ def cmd_claims_list(args: argparse.Namespace, settings: Settings) -> int:
         listed = await contested_claims(
             storage,
             personal,
-            f"cli:{getpass.getuser()}",
+            cli_actor(),
             include_resolved=args.all,
             reveal=args.reveal,
         )
@@ -222,7 +222,7 @@ def cmd_claims_accept(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         try:
-            emit(await accept_claim(storage, args.claim_id, f"cli:{getpass.getuser()}"))
+            emit(await accept_claim(storage, args.claim_id, cli_actor()))
         except NotFound:
             raise UsageError(f"no claim {args.claim_id}") from None
         return 0
@@ -288,7 +288,7 @@ def cmd_cases_add(args: argparse.Namespace, settings: Settings) -> int:
     except ApiError as exc:
         raise UsageError(exc.detail) from None
     keyring = open_keyring(settings)
-    actor = f"cli:{getpass.getuser()}"
+    actor = cli_actor()
 
     async def work(storage: Storage) -> int:
         known = None if args.dry_run else await storage.case_confirmed(person_id, confirmed_at_ms)
@@ -315,7 +315,7 @@ def cmd_cases_show(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         personal = await personal_data(storage, settings)
-        shown = await read_case(storage, personal, args.case_id, f"cli:{getpass.getuser()}")
+        shown = await read_case(storage, personal, args.case_id, cli_actor())
         if shown is None:
             raise UsageError(f"no case {args.case_id}")
         emit(shown)
@@ -358,7 +358,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(str(exc)) from None
     if args.format == "png" and args.output is None:
         raise UsageError("--format png writes a file: give -o FILE.png")
-    actor = f"cli:{getpass.getuser()}"
+    actor = cli_actor()
 
     async def work(storage: Storage) -> int:
         rows = await build_report(storage, first_day, last_day, args.by, settings.timezone)
@@ -439,7 +439,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(str(exc)) from None
 
     async def work(storage: Storage) -> int:
-        records = await read_audit_log(storage, query, f"cli:{getpass.getuser()}")
+        records = await read_audit_log(storage, query, cli_actor())
         emit(entries_json(records))
         following = next_after(records, query)
         if following is not None:

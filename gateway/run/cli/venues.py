@@ -5,7 +5,6 @@ printable poster."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .common import (
     OneLineParser,
     Subcommands,
     UsageError,
+    cli_actor,
     emit,
     entity_id,
     leaf,
@@ -116,7 +116,7 @@ def cmd_venues_revoke(args: argparse.Namespace, settings: Settings) -> int:
         if venue is None:
             raise UsageError(f"no registered venue {args.venue_id}")
         changed = await storage.revoke_venue(args.venue_id, int(time.time() * 1000))
-        await storage.audit(f"cli:{getpass.getuser()}", "venue_revoked", args.venue_id)
+        await storage.audit(cli_actor(), "venue_revoked", args.venue_id)
         emit({"venue_id": args.venue_id, "revoked": True, "already": not changed})
         return 0
 
