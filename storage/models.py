@@ -33,6 +33,11 @@ class ScanEvent(NamedTuple):
     """An accepted scan. ``app_id`` and ``received_at_ms`` come from the server, never the body.
 
     Its identity is (app_id, event_id).
+
+    It is both the pipeline's stream record and a row of ``scan_events``: storage builds it
+    from rows and pairs it, and storage imports nothing of the gateway, so the type is
+    defined here. ``gateway.pipeline.events`` exports it beside its stream format
+    (``encode_event``/``decode_event``), and the pipeline takes it from there.
     """
 
     app_id: str

@@ -40,11 +40,10 @@ from hypothesis import strategies as st
 from gateway import Settings
 from gateway.http.keys import KEYRING, STORAGE
 from gateway.http.people import ANSWER_KEYS
-from gateway.pipeline.events import decode_event
+from gateway.pipeline.events import ScanEvent, decode_event
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from signing.codes import format_code, parse_code
-from storage.models import ScanEvent
 
 from .harness import GatewayStarter
 

@@ -3,7 +3,8 @@
 This is the transform between the HTTP source and the Redis buffer: a posted JSON object
 becomes either a ``ScanEvent`` (both codes verified with the posting app's keys, times in
 range) or a ``Rejection`` with a reason from a closed set and a detail naming the field.
-Nothing here does I/O.
+A ``ScanEvent`` is also the row storage keeps, so its type is ``storage.models``'s; its
+stream format is here. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from signing import REJECT_REASONS, Code, CodeType, CodeVerifier
 from storage.models import Kind, ScanEvent
 from storage.times import parse_time_ms
 
-__all__ = ["EVENT_REASONS", "EventRules", "Rejection", "ScanEvent", "check_event"]
+__all__ = [
+    "EVENT_REASONS",
+    "EventRules",
+    "Rejection",
+    "ScanEvent",
+    "check_event",
+    "decode_event",
+    "encode_event",
+]
 KINDS: Final[tuple[Kind, ...]] = ("checkin", "checkout")
 
 # Why an event is rejected: the signing reasons plus the gateway's own. Also a metric label.

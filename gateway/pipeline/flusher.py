@@ -28,10 +28,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from gateway.metrics import FlusherMetrics, observe_many
-from gateway.pipeline.events import decode_event
+from gateway.pipeline.events import ScanEvent, decode_event
 from gateway.pipeline.keyspace import CONSUMER_GROUP, EVENT_FIELD, dead_letter_key, stream_key
 from gateway.settings import Settings
-from storage import ScanEvent, Storage
+from storage import Storage
 from storage.models import PairingRules
 
 log = logging.getLogger(__name__)
