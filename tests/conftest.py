@@ -50,7 +50,7 @@ async def gateway_under_test(
 
     - Settings: the data dir is ``tmp_path`` (so its keyring is the ``keyring`` fixture's),
       the master key is ``master_key``'s, and Redis is at ``redis_url`` (the ``redis_url``
-      fixture's, or a private server's); keyword arguments set any other field.
+      fixture's, or a private server's); keyword arguments set any other field, or these.
     - Storage: ``"sqlite"``, the data dir's file (or whatever ``storage_url=`` names);
       ``"postgresql"``, a schema of its own in the test database
       (``SCANGATE_TEST_POSTGRES_URL``), dropped afterwards.

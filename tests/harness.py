@@ -75,12 +75,12 @@ async def start_gateway(
             url = postgres_url()
             schema = await opened.enter_async_context(_postgres_schema(url))
             settings_over = {**settings_over, "storage_url": f"{url}?search_path={schema}"}
-        settings = Settings(
-            data_dir=data_dir,
-            redis_url=redis_url,
-            master_key=base64.b64encode(master_key).decode(),
-            **settings_over,
-        )
+        defaults = {
+            "data_dir": data_dir,
+            "redis_url": redis_url,
+            "master_key": base64.b64encode(master_key).decode(),
+        }
+        settings = Settings(**{**defaults, **settings_over})
         # No connection until first used: a test that never looks costs nothing.
         redis = aioredis.Redis.from_url(redis_url)
         opened.push_async_callback(redis.aclose)

@@ -11,28 +11,23 @@ pages' endpoints, which need no app token, and the API with an app's token.
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 import secrets
-import uuid
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import aiohttp
-import asyncpg
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from gateway import Settings
-from gateway.http.app import create_app
 from signing import Keyring
 
 from .fixtures_servers import STORAGE_KINDS
+from .harness import GatewayStarter, GatewayUnderTest, StorageKind
 
 PHONE: Final = "0912345678"
 PHONE_E164: Final = "+84912345678"
@@ -101,10 +96,13 @@ class Site:
     """A gateway served on 127.0.0.1, with the apps vhd and bluezone, the web app, and the
     log SMS sender (its file stands in for the phones)."""
 
-    server: TestServer
-    settings: Settings
+    gateway: GatewayUnderTest
     tokens: dict[str, str]
     sessions: list[aiohttp.ClientSession]
+
+    @property
+    def settings(self) -> Settings:
+        return self.gateway.settings
 
     async def client(self, address: str, route: Route, app: str = "vhd") -> Client:
         http = aiohttp.ClientSession(
@@ -112,7 +110,7 @@ class Site:
             cookie_jar=aiohttp.CookieJar(unsafe=True),  # the site is an IP address
         )
         self.sessions.append(http)
-        base = self.server.make_url("/")
+        base = URL(self.gateway.url)
         if route == "api":
             return Client(http, base, route, token=self.tokens[app])
         async with http.get(base / "khai-bao") as page:
@@ -143,7 +141,7 @@ class Site:
     async def metric(self, sample: str) -> float:
         async with (
             aiohttp.ClientSession() as http,
-            http.get(self.server.make_url("/metrics")) as response,
+            http.get(URL(self.gateway.url) / "metrics") as response,
         ):
             text = await response.text()
         for line in text.splitlines():
@@ -156,27 +154,16 @@ SiteFactory = Callable[..., Any]
 
 
 @pytest.fixture(params=STORAGE_KINDS)
-async def storage_url(
-    request: pytest.FixtureRequest,
-) -> AsyncIterator[str | None]:
-    """None (SQLite in the data dir), or a fresh schema of the test PostgreSQL database."""
-    if request.param == "sqlite":
-        yield None
-        return
-    url: str = request.getfixturevalue("postgres_url")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        yield f"{url}?search_path={schema}"
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
+def storage(request: pytest.FixtureRequest) -> StorageKind:
+    """The storage the gateway writes to: SQLite, or a schema of the test PostgreSQL
+    database."""
+    kind: StorageKind = request.param
+    return kind
 
 
 @pytest.fixture
 async def make_site(
-    tmp_path: Path, keyring: Keyring, master_key: bytes, redis_url: str
+    keyring: Keyring, redis_url: str, gateway_under_test: GatewayStarter
 ) -> AsyncIterator[SiteFactory]:
     tokens = {
         "vhd": keyring.add_app("vhd", name="Vietnam Health Declaration").token,
@@ -185,26 +172,19 @@ async def make_site(
     }
     sites: list[Site] = []
 
-    async def make(**settings_over: Any) -> Site:
-        settings = Settings(
-            data_dir=tmp_path,
-            redis_url=redis_url,
-            master_key=base64.b64encode(master_key).decode(),
-            shards=4,
-            web_app="web",
+    async def make(storage: StorageKind = "sqlite", **settings: Any) -> Site:
+        gateway = await gateway_under_test(
+            redis_url, storage=storage, **{"shards": 4, "web_app": "web", **settings}
         )
-        settings = replace(settings, **settings_over)
-        server = TestServer(create_app(settings), host="127.0.0.1")
-        await server.start_server()
-        site = Site(server, settings, tokens, [])
+        site = Site(gateway, tokens, [])
         sites.append(site)
         return site
 
     yield make
+    # The fixture closes the gateways; the clients' sessions are this file's own.
     for site in sites:
         for http in site.sessions:
             await http.close()
-        await site.server.close()
 
 
 def random_code() -> str:
@@ -236,9 +216,9 @@ async def attack(client: Client, until: float, seen: Tally[tuple[str, int, str |
 
 
 async def test_three_attacking_addresses_never_keep_the_owner_from_signing_in(
-    make_site: SiteFactory, storage_url: str | None
+    make_site: SiteFactory, storage: StorageKind
 ) -> None:
-    site: Site = await make_site(storage_url=storage_url, otp_window_s=WINDOW_S)
+    site: Site = await make_site(storage, otp_window_s=WINDOW_S)
     attackers = [
         await site.client(ATTACKERS[0], "web"),
         await site.client(ATTACKERS[1], "web"),

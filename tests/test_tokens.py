@@ -25,21 +25,22 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway import Settings
-from gateway.http.app import create_app
 from signing import FileKeyringStore, Keyring, Sealer
 from storage import Storage
 from storage.keyring_store import DatabaseKeyringStore
 
+from .harness import GatewayStarter, GatewayUnderTest
 from .servers import free_loopback_port, scangate_env
 from .test_faults import wait_ready
 
@@ -68,7 +69,8 @@ class Deployment:
     storage_url: str
     settings: Settings
     env: dict[str, str]
-    opened: list[TestClient[Any, Any]] = field(default_factory=list)
+    start_gateway: GatewayStarter
+    started: list[GatewayUnderTest] = field(default_factory=list)
 
     async def cli(
         self, *args: str, env: dict[str, str] | None = None, data_dir: Path | None = None
@@ -101,12 +103,12 @@ class Deployment:
         return result.stderr
 
     async def gateway(self, **settings: Any) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(
-            TestServer(create_app(replace(self.settings, **settings)))
-        )
-        await client.start_server()
-        self.opened.append(client)
-        return client
+        """A gateway on this deployment's data dir and storage (the shared fixture's)."""
+        ours = {f.name: getattr(self.settings, f.name) for f in fields_of(Settings)}
+        redis_url = ours.pop("redis_url")
+        started = await self.start_gateway(redis_url, **{**ours, **settings})
+        self.started.append(started)
+        return started.client
 
     async def sql(self, sqlite_statement: str, postgres_statement: str, *args: Any) -> list[Any]:
         """Rows of a statement run with the backend's own driver, beside scangate: for
@@ -151,6 +153,7 @@ async def deployment(
     redis_url: str,
     master_key: bytes,
     request: pytest.FixtureRequest,
+    gateway_under_test: GatewayStarter,
 ) -> AsyncIterator[Deployment]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -178,12 +181,13 @@ async def deployment(
     env = scangate_env(
         SCANGATE_STORAGE_URL=storage_url, SCANGATE_MASTER_KEY=key, SCANGATE_SHARDS="4"
     )
-    made = Deployment(storage_kind, data_dir, storage_url, settings, env)
+    made = Deployment(storage_kind, data_dir, storage_url, settings, env, gateway_under_test)
     try:
         yield made
     finally:
-        for client in made.opened:
-            await client.close()
+        # Before the schema goes: a gateway writes its buffered last uses as it stops.
+        for gateway in reversed(made.started):
+            await gateway.close()
         if schema is not None:
             conn = await asyncpg.connect(request.getfixturevalue("postgres_url"))
             try:
