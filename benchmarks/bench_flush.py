@@ -79,6 +79,7 @@ from typing import Any, Final
 
 import asyncpg
 import orjson
+import pg_profile
 import redis.asyncio as aioredis
 from history import (
     APPS,
@@ -246,6 +247,10 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     gateway.pipeline.flusher.observe_many = record_many
     flusher = Flusher(client, storage, settings, metrics, consumer=spec["consumer"])
+    # Its daily purge would run in its first round: even with nothing old enough to delete,
+    # it reads the whole identity table (a second of the database's time at 20 million
+    # events) under the partition lock. Not flushing: it is marked as just run.
+    flusher._last_purge = time.monotonic()
     await flusher.ensure_groups()
     calm_collector()  # as the flusher process of scangate serve / scangate flush does
     print("ready", flush=True)
@@ -415,6 +420,7 @@ class Drain:
     drain_s: float = 0.0
     checked: int = 0
     mismatched: list[str] = field(default_factory=list)
+    profile: pg_profile.Profile | None = None  # --statements
 
     @property
     def flatness(self) -> float:
@@ -593,6 +599,9 @@ async def run_drain(
         assert await backlog(client) == len(events)
 
         # (a) the drain.
+        profiled = target.postgres_url if args.statements else None
+        if profiled:
+            await pg_profile.reset(profiled)
         flushers = Flushers(flushers_n, target, server.url, args.batch, args.max_age, tmp)
         progress(f"{label}: {len(events):,} events buffered; flushers {flushers.pids}")
         try:
@@ -609,6 +618,9 @@ async def run_drain(
         if flushed != len(events):
             raise RuntimeError(f"{label}: {flushed:,} of {len(events):,} events stored as new")
         run.drained = len(events)
+        if profiled:
+            run.profile = await pg_profile.take(profiled, len(events))
+            progress(pg_profile.table(label, run.profile))
         run.rate = len(events) / (ended - started)
         run.quarters = quarter_rates(trace, len(events), started, ended)
         per_event = 1e6 / len(events)
@@ -700,6 +712,7 @@ async def bench_storage(
         workdir=tmp,
         keep_dir=keep,
         postgres_url=args.postgres_url if kind == "postgresql" else None,
+        server_settings=pg_profile.SERVER_SETTINGS if args.statements else None,
     ) as history:
         built = history.built
         anchor = dt.datetime.fromtimestamp(built.anchor_ms / 1000, dt.UTC).isoformat()
@@ -836,6 +849,10 @@ def report(
         "Reproduce: `python benchmarks/bench_flush.py --keep-history /var/tmp/scangate-history "
         "--results benchmarks/RESULTS.md` (`--quick` for a run of a minute or two)",
     ]
+    for r in runs:
+        for d in r.drains:
+            if d.profile is not None:
+                lines += ["", pg_profile.table(f"{d.kind} {d.shape}", d.profile)]
     return "\n".join(lines)
 
 
@@ -971,6 +988,15 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="also write the report into FILE's bench_flush section, e.g. benchmarks/RESULTS.md",
+    )
+    p.add_argument(
+        "--statements",
+        action="store_true",
+        help="profile PostgreSQL's statements (benchmarks/pg_profile.py): the private "
+        "cluster loads pg_stat_statements, and each drain's report gains a table of what "
+        "each statement of the flushers costs per event (execution time, buffers, WAL). "
+        "Not with --postgres-url. The extension costs a little itself: compare rates "
+        "without it",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p

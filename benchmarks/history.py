@@ -1392,11 +1392,13 @@ async def open_history(
     keep_dir: Path | None = None,
     postgres_url: str | None = None,
     now_ms: int | None = None,
+    server_settings: dict[str, str] | None = None,
 ) -> AsyncIterator[History]:
     """The history ``spec`` describes: reused from ``keep_dir`` when it holds the same
     spec, else built (into ``keep_dir`` to keep, or a temporary place). PostgreSQL runs in
-    a private cluster, or with ``postgres_url`` in a database of that server, built each
-    time and dropped at the end."""
+    a private cluster (with ``server_settings`` over the deployment's once built), or with
+    ``postgres_url`` in a database of that server, built each time and dropped at the
+    end."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if spec.storage == "sqlite":
         base = (keep_dir / "sqlite") if keep_dir else workdir
@@ -1459,13 +1461,13 @@ async def open_history(
             # Back to the deployment's settings, everything on disk (the load ran unsynced).
             cluster.stop()
             os.sync()
-            cluster.start()
+            cluster.start(server_settings)
             built = _built(spec, anchor_ms, *counts, started)
             if keep_dir:
                 (base / RECORD).write_text(json.dumps(built.record(), indent=2) + "\n")
         else:
             progress(f"postgresql history: reusing {base} ({built.events:,} events)")
-            cluster.start()
+            cluster.start(server_settings)
         history = History(built, workdir, reused=reused)
         history.cluster = cluster
         history.server_url = cluster.url()

@@ -196,10 +196,13 @@ def test_plot_locust_refuses_what_it_cannot_plot(tmp_path: Path) -> None:
 def test_the_flusher_benchmark_runs_end_to_end_on_a_small_history(tmp_path: Path) -> None:
     """The smoke run of the 20-million-event benchmark's own code (issue 15): history built
     into SQLite and a private PostgreSQL cluster, both drain shapes, the report, and stored
-    visits equal to the pure pairing function. Exit status 1 only says a speed target was
-    missed on this shared machine, which is the benchmark's verdict, not the code's."""
+    visits equal to the pure pairing function, and PostgreSQL's statements profiled. Exit
+    status 1 only says a speed target was missed on this shared machine, which is the
+    benchmark's verdict, not the code's."""
     results = tmp_path / "RESULTS.md"
-    result = run_script("bench_flush.py", "--quick", "--results", str(results), timeout_s=600)
+    result = run_script(
+        "bench_flush.py", "--quick", "--statements", "--results", str(results), timeout_s=600
+    )
     assert result.returncode in (0, 1), result.stderr[-3000:]
     rows = [
         line for line in result.stdout.splitlines() if line.startswith(("| sqlite", "| postgresql"))
@@ -212,3 +215,7 @@ def test_the_flusher_benchmark_runs_end_to_end_on_a_small_history(tmp_path: Path
     ], result.stdout
     assert all("| yes (" in row for row in rows), rows  # visits = derive_visits
     assert "<!-- bench_flush:start -->" in results.read_text()
+    for shape in ("rush", "dense"):
+        profile = result.stdout.split(f"statements during the postgresql {shape} drain")[1]
+        statements = [line for line in profile.splitlines()[4:] if line.startswith("| `")]
+        assert any("INSERT INTO scan_events" in line for line in statements), profile[:3000]
