@@ -20,6 +20,7 @@ from storage.models import VENUE_KINDS
 
 _DURATION: Final = re.compile(r"([0-9]+)(ms|s|m|h|d)")
 MAX_DURATION_DIGITS: Final = 9  # 999999999d is far beyond any setting; more would overflow
+MAX_CLOCK_SKEW_S: Final = 3600.0  # see Settings.check
 _UNIT_S: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -181,6 +182,9 @@ class Settings:
     def check(self) -> None:
         if not 1 <= self.shards <= 16384:
             raise SettingsError("SCANGATE_SHARDS: use 1 to 16384")
+        if not 0 <= self.clock_skew_s <= MAX_CLOCK_SKEW_S:
+            # Storage reads no further ahead than a day (storage.models.FUTURE_SCAN_LIMIT_MS).
+            raise SettingsError("SCANGATE_CLOCK_SKEW: use 0 to 1h")
         if self.flush_batch < 1:
             raise SettingsError("SCANGATE_FLUSH_BATCH: use at least 1")
         if self.redis_cluster and not self.redis_url:

@@ -29,6 +29,14 @@ VENUE_KINDS: Final = (
 )
 
 
+# No stored scan is scanned more than this after it was received: the gateway refuses scans
+# further ahead than its clock skew (SCANGATE_CLOCK_SKEW, at most an hour), and the second
+# hour is for the clocks of the gateways' hosts and the flusher's to differ. So a person's
+# stored events and visits all lie before (the latest receive time) + this, and storage
+# need not look past it: on PostgreSQL, the day partitions made ahead are not read.
+FUTURE_SCAN_LIMIT_MS: Final = 2 * 3_600_000
+
+
 class ScanEvent(NamedTuple):
     """An accepted scan. ``app_id`` and ``received_at_ms`` come from the server, never the body.
 

@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import random
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final, NamedTuple
@@ -45,7 +46,7 @@ from .events import (
     rederive_changes,
     with_new,
 )
-from .models import PairingRules, ScanEvent, Visit
+from .models import FUTURE_SCAN_LIMIT_MS, PairingRules, ScanEvent, Visit
 
 BACKEND: Final = "PostgreSQL"
 PARTITION_LOCK: Final = 0x5C4A_0002
@@ -306,7 +307,9 @@ class PostgresStorage(Storage):
                     sorted({_lock_stripe(p) for p in earliest}),
                 )
                 # Read before inserting: the batch's own events are in hand already.
-                events, stored = await self._tails(conn, earliest, rules)
+                received_ms = max(max(e.received_at_ms for e in new), int(time.time() * 1000))
+                until = received_ms + FUTURE_SCAN_LIMIT_MS
+                events, stored = await self._tails(conn, earliest, until, rules)
                 await conn.execute(
                     "INSERT INTO scan_events (app_id, event_id, kind, venue_id, person_id, "
                     "scanned_at, received_at, device_id, stored_at) "
@@ -318,10 +321,18 @@ class PostgresStorage(Storage):
         return BatchResult(len(new), received - len(new), len(earliest))
 
     async def _tails(
-        self, conn: asyncpg.Connection, earliest: dict[str, int], rules: PairingRules
+        self,
+        conn: asyncpg.Connection,
+        earliest: dict[str, int],
+        until_ms: int,
+        rules: PairingRules,
     ) -> tuple[dict[str, list[ScanEvent]], dict[str, list[tuple[_RowAddress, Visit]]]]:
         """What ``rederive_changes`` needs of each person from the store: their events
-        scanned at or after their earliest new scan ``t``, and their visits near ``t``."""
+        scanned at or after their earliest new scan ``t``, and their visits near ``t``.
+
+        Nothing stored lies at or after ``until_ms`` (``FUTURE_SCAN_LIMIT_MS``): saying so
+        keeps each person's look-up out of the empty partitions made for the days ahead,
+        which it would otherwise probe one by one."""
         persons = list(earliest)
         los = [earliest[p] for p in persons]
         # One index range scan per person whatever the statistics say (a plain join was
@@ -330,9 +341,11 @@ class PostgresStorage(Storage):
         rows = await conn.fetch(
             f"SELECT x.* FROM unnest($1::text[], $2::bigint[]) AS d(p, since) "
             f"CROSS JOIN LATERAL ({_EVENT_SELECT} WHERE e.person_id = d.p "
-            f"AND e.scanned_at >= {_ts('d.since')} OFFSET 0) AS x",
+            f"AND e.scanned_at >= {_ts('d.since')} AND e.scanned_at < {_ts('$3')} "
+            "OFFSET 0) AS x",
             persons,
             los,
+            until_ms,
         )
         events: dict[str, list[ScanEvent]] = defaultdict(list)
         for r in rows:
@@ -340,11 +353,12 @@ class PostgresStorage(Storage):
         stored_rows = await conn.fetch(
             "SELECT x.* FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d(p, since, e) "
             f"CROSS JOIN LATERAL ({_VISIT_ROW_SELECT} WHERE v.person_id = d.p "
-            f"AND v.source_at >= {_ts('d.since')} AND v.checkout_at >= {_ts('d.e')} "
-            "OFFSET 0) AS x",
+            f"AND v.source_at >= {_ts('d.since')} AND v.source_at < {_ts('$4')} "
+            f"AND v.checkout_at >= {_ts('d.e')} OFFSET 0) AS x",
             persons,
             [t - rules.reach_ms for t in los],
             [t - rules.repeat_window_ms for t in los],
+            until_ms,
         )
         stored: dict[str, list[tuple[_RowAddress, Visit]]] = defaultdict(list)
         for r in stored_rows:

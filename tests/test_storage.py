@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import itertools
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from storage import (
     derive_visits,
 )
 from storage.errors import translated_errors
+from storage.models import FUTURE_SCAN_LIMIT_MS
 
 RULES = PairingRules()
 DAY = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
@@ -279,6 +281,25 @@ async def test_the_next_days_are_prepared_before_their_first_scan(storage: Stora
     # A batch a week from now goes straight in: its day exists.
     week = [ev("checkin", "V1", "10:00", person="LATER", day=7)]
     assert (await storage.store_batch(week, RULES)).inserted == 1
+
+
+async def test_a_scan_stored_as_far_ahead_of_its_receipt_as_any_can_be_is_still_paired(
+    storage: Storage,
+) -> None:
+    """Re-derivation reads no further ahead than ``FUTURE_SCAN_LIMIT_MS`` after the latest
+    receipt (on PostgreSQL that keeps it out of the partitions made for the days ahead). A
+    check-out scanned just inside that limit, then a check-in before it, make one visit."""
+    now = int(time.time() * 1000)
+    ahead = now + FUTURE_SCAN_LIMIT_MS - 60_000
+    checkout = ScanEvent("vhd", "AHEAD00001", "checkout", "V1", "AHEAD", ahead, now, None)
+    checkin = checkout._replace(
+        event_id="AHEAD00002", kind="checkin", scanned_at_ms=ahead - 1_800_000
+    )
+    await storage.store_batch([checkout], RULES)
+    await storage.store_batch([checkin], RULES)
+    stored = await storage.person_visits("AHEAD", now - 86_400_000, now + 86_400_000)
+    assert stored == derive_visits([checkout, checkin], RULES)
+    assert [v.closed_by for v in stored] == ["checkout"]
 
 
 async def test_a_person_who_scans_all_day_long_re_derives_from_their_newest_visits(
