@@ -28,7 +28,7 @@ import hashlib
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Final, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -232,10 +232,11 @@ class PostgresStorage(Storage):
     async def store_batch(self, events: Sequence[ScanEvent], rules: PairingRules) -> BatchResult:
         if not events:
             return BatchResult(0, 0, 0)
-        days = {self.day_of(e.scanned_at_ms) for e in events}
         # Visits are partitioned by their source event's time: a late event's visits may
-        # land on any day back to its own.
-        lo_day, hi_day = min(days), max(days)
+        # land on any day back to its own. (A day is a monotonic function of the time, so
+        # the earliest and latest scans give the span without a date per event.)
+        scanned = [e.scanned_at_ms for e in events]
+        lo_day, hi_day = self.day_of(min(scanned)), self.day_of(max(scanned))
         span = [lo_day + dt.timedelta(days=i) for i in range((hi_day - lo_day).days + 2)]
         await self.ensure_days(span)
         # One event per identity: the first occurrence, as the unique key would keep it.
@@ -250,8 +251,9 @@ class PostgresStorage(Storage):
         # and each transaction costs a commit and a few round trips whatever its size.
         n = STRIPE_GROUPS if len(first) >= SPLIT_BATCH_FROM else 1
         groups: list[list[ScanEvent]] = [[] for _ in range(n)]
+        stripes = _lock_stripes(e.person_id for e in first.values())
         for e in first.values():
-            groups[_lock_stripe(e.person_id) * n // PERSON_LOCK_STRIPES].append(e)
+            groups[stripes[e.person_id] * n // PERSON_LOCK_STRIPES].append(e)
         self._first_group = (self._first_group + 1) % n
         order = groups[self._first_group :] + groups[: self._first_group]
         inserted = persons = 0
@@ -505,6 +507,14 @@ class _RowAddress(NamedTuple):
 
 
 def _lock_stripe(person_id: str) -> int:
-    """A person's lock stripe, stable across processes (``hash()`` is salted)."""
+    """A person's lock stripe, stable across processes (``hash()`` is salted). Every
+    flusher must compute the same one, old and new alike during an upgrade: never change
+    it without stopping them all."""
     digest = hashlib.blake2b(person_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % PERSON_LOCK_STRIPES
+
+
+def _lock_stripes(person_ids: Iterable[str]) -> dict[str, int]:
+    """Each person's lock stripe, hashed once per person (a batch holds each person's
+    events several times over)."""
+    return {p: _lock_stripe(p) for p in set(person_ids)}
