@@ -17,10 +17,10 @@ from storage.times import format_time_ms
 
 from .common import (
     EXIT_INVALID,
-    OneLineParser,
     Subcommands,
     UsageError,
     cli_actor,
+    command_group,
     duration,
     emit,
     entity_id,
@@ -32,13 +32,12 @@ from .common import (
 
 def add_apps(groups: Subcommands) -> None:
     """Add ``apps`` and its actions: keys, API tokens and the webhook of an app."""
-    apps = groups.add_parser(
+    apps_sub = command_group(
+        groups,
         "apps",
         help="apps that issue codes: keys and tokens",
         description="Apps that issue codes: keys and tokens.",
     )
-    apps_sub = apps.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
-    apps_sub.required = True
     p = leaf(
         apps_sub,
         "add",
@@ -214,14 +213,13 @@ def _time_or_none(ms: int | None) -> str | None:
 
 def add_admins(groups: Subcommands) -> None:
     """Add ``admins`` and its actions: add, list and revoke officials' tokens."""
-    admins = groups.add_parser(
+    admins_sub = command_group(
+        groups,
         "admins",
         help="health officials' admin tokens",
         description="Admin tokens of health officials: tracing, cases, reports and the audit "
         "log over HTTP. Tokens are checked against storage on every request.",
     )
-    admins_sub = admins.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
-    admins_sub.required = True
     p = leaf(
         admins_sub,
         "add",
@@ -289,13 +287,12 @@ def cmd_admins_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_codes(groups: Subcommands) -> None:
     """Add ``codes`` and its actions: issue, verify, render."""
-    codes = groups.add_parser(
+    codes_sub = command_group(
+        groups,
         "codes",
         help="issue, verify and render codes",
         description="Issue, verify and render venue and person codes.",
     )
-    codes_sub = codes.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
-    codes_sub.required = True
     p = leaf(codes_sub, "issue", cmd_codes_issue, "issue a code; prints the code alone")
     p.add_argument("--app", required=True, metavar="APP_ID")
     who = p.add_mutually_exclusive_group(required=True)

@@ -57,6 +57,15 @@ def common_options() -> OneLineParser:
     return common
 
 
+def command_group(groups: Subcommands, name: str, *, help: str, description: str) -> Subcommands:
+    """Add the command group ``name`` (``scangate NAME ACTION``) and return where its
+    actions go; an action is required."""
+    group = groups.add_parser(name, help=help, description=description)
+    actions = group.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
+    actions.required = True
+    return actions
+
+
 def leaf(sub: Subcommands, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
     """Add command ``name`` under ``sub``, run by ``handler``, with the common options and
     ``help_`` as both its line in the list and its description."""

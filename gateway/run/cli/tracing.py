@@ -18,10 +18,10 @@ from storage import Storage, connect_storage
 
 from .common import (
     PROG,
-    OneLineParser,
     Subcommands,
     UsageError,
     cli_actor,
+    command_group,
     emit,
     entity_id,
     leaf,
@@ -168,15 +168,14 @@ def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_claims(groups: Subcommands) -> None:
     """Add ``claims list`` and ``claims accept``: national ids claimed more than once."""
-    claims = groups.add_parser(
+    claims_sub = command_group(
+        groups,
         "claims",
         help="national ids claimed by more than one declaration: list, accept one",
         description="A declaration claims a national id for the person it makes; several "
         "claims on one id compete (none is refused) until an official accepts one, which "
         "rejects the others. Reads and decisions are audit-logged.",
     )
-    claims_sub = claims.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
-    claims_sub.required = True
     p = leaf(
         claims_sub,
         "list",
@@ -232,14 +231,13 @@ def cmd_claims_accept(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_cases(groups: Subcommands) -> None:
     """Add ``cases add`` and ``cases show``: confirmed cases and their notices."""
-    cases = groups.add_parser(
+    cases_sub = command_group(
+        groups,
         "cases",
         help="confirmed cases: exposure notices to their contacts",
         description="Record a confirmed case: its contacts (the trace over the 14 days "
         "before confirmation) are notified through their apps' webhooks, or by SMS.",
     )
-    cases_sub = cases.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
-    cases_sub.required = True
     p = leaf(
         cases_sub,
         "add",

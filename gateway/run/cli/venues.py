@@ -13,10 +13,10 @@ from storage import Storage
 from storage.models import VENUE_KINDS
 
 from .common import (
-    OneLineParser,
     Subcommands,
     UsageError,
     cli_actor,
+    command_group,
     emit,
     entity_id,
     leaf,
@@ -28,13 +28,12 @@ from .common import (
 
 def add_venues(groups: Subcommands) -> None:
     """Add ``venues`` and its actions: add, revoke, staff-token, revoke-staff-token, poster."""
-    venues = groups.add_parser(
+    venues_sub = command_group(
+        groups,
         "venues",
         help="venues: register, revoke, door-staff tokens, posters",
         description="Venues: register, revoke, door-staff tokens, posters.",
     )
-    venues_sub = venues.add_subparsers(dest="command", metavar="ACTION", parser_class=OneLineParser)
-    venues_sub.required = True
     p = leaf(
         venues_sub,
         "add",
