@@ -1003,7 +1003,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    args = parser().parse_args()
+    cli = parser()
+    args = cli.parse_args()
+    if args.statements and args.postgres_url:
+        # It would load an extension into that server and reset its statistics.
+        cli.error("--statements profiles the private cluster only: drop --postgres-url")
     if args.worker:
         import uvloop
 

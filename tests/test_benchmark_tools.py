@@ -219,3 +219,14 @@ def test_the_flusher_benchmark_runs_end_to_end_on_a_small_history(tmp_path: Path
         profile = result.stdout.split(f"statements during the postgresql {shape} drain")[1]
         statements = [line for line in profile.splitlines()[4:] if line.startswith("| `")]
         assert any("INSERT INTO scan_events" in line for line in statements), profile[:3000]
+
+
+def test_the_statement_profile_refuses_a_server_of_the_operators_own() -> None:
+    """``--statements`` loads an extension and resets statistics: only in the benchmark's
+    private cluster, never on a server named by ``--postgres-url``."""
+    url = "postgresql://postgres@127.0.0.1:5432/test"
+    result = run_script("bench_flush.py", "--quick", "--statements", "--postgres-url", url)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.splitlines()[-1] == (
+        "bench_flush.py: error: --statements profiles the private cluster only: drop --postgres-url"
+    )
