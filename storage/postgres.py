@@ -28,7 +28,7 @@ import hashlib
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -260,7 +260,7 @@ class PostgresStorage(Storage):
         try:
             for group in order:
                 if group:
-                    result = await self._store(group, len(group), rules)
+                    result = await self._store(group, len(group), stripes, rules)
                     inserted += result.inserted
                     persons += result.persons
         except StorageUnavailable as exc:
@@ -273,7 +273,11 @@ class PostgresStorage(Storage):
         return BatchResult(inserted, len(events) - inserted, persons)
 
     async def _store(
-        self, unique: list[ScanEvent], received: int, rules: PairingRules
+        self,
+        unique: list[ScanEvent],
+        received: int,
+        stripes: Mapping[str, int],
+        rules: PairingRules,
     ) -> BatchResult:
         async with self._transaction(ACQUIRE_TIMEOUT_S) as conn:
             # The batch goes in by binary COPY into a staging table of this session, then by
@@ -306,7 +310,7 @@ class PostgresStorage(Storage):
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int[]) AS k ORDER BY k",
                     PERSON_LOCKS,
-                    sorted({_lock_stripe(p) for p in earliest}),
+                    sorted({stripes[p] for p in earliest}),
                 )
                 # Read before inserting: the batch's own events are in hand already.
                 received_ms = max(max(e.received_at_ms for e in new), int(time.time() * 1000))
