@@ -50,6 +50,27 @@ _VISIT_COLUMNS_OF_V: Final = ", ".join(f"v.{c.strip()}" for c in _VISIT_COLUMNS.
 CHUNK_ROWS: Final = 400
 
 
+def _enter_wal_mode(db: sqlite3.Connection) -> None:
+    """Switch a new database file to WAL mode, waiting out the other processes that open it
+    at the same moment (a server's workers all start at once).
+
+    Switching needs the file's exclusive lock, and SQLite answers "database is locked" at
+    once, without calling the busy handler, when a connection that already reads the
+    file would have to wait for it (waiting could deadlock). So the wait is here, bounded
+    by the busy timeout. Once the file is in WAL mode the pragma needs no such lock.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SqliteStorage(Storage):
     kind = "sqlite"
 
@@ -63,9 +84,8 @@ class SqliteStorage(Storage):
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
         self._lock = threading.Lock()
-        # Another process may hold the file's write lock while WAL mode is set.
         with translated_errors(BACKEND):
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _enter_wal_mode(self._db)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # 64 MiB of page cache rather than the default 2 MiB: a batch touches the person

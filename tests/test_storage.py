@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import itertools
+import multiprocessing
 import sqlite3
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +25,7 @@ from storage import (
 )
 from storage.errors import translated_errors
 from storage.models import FUTURE_SCAN_LIMIT_MS
+from storage.sqlite import SqliteStorage
 
 RULES = PairingRules()
 DAY = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
@@ -349,3 +353,31 @@ def test_a_locked_sqlite_database_is_unavailable_and_a_bad_statement_is_not(
             translated_errors("SQLite"),
         ):
             other.execute("SELECT * FROM nowhere")
+
+
+def _open_sqlite_at_once(path: Path, start: Any) -> None:
+    start.wait()
+    try:
+        SqliteStorage(str(path))
+    except StorageUnavailable:
+        sys.exit(1)
+
+
+def test_workers_that_open_a_new_sqlite_database_at_the_same_moment_all_start(
+    tmp_path: Path,
+) -> None:
+    """A server's workers open the embedded database together on its first start. One of
+    them switching the new file to WAL mode used to make another fail with "database is
+    locked" (SQLite does not wait for that lock), and the server refused to start."""
+    fork = multiprocessing.get_context("fork")
+    failed = 0
+    for round_ in range(30):
+        path = tmp_path / f"new-{round_}.db"
+        start = fork.Barrier(6)
+        workers = [fork.Process(target=_open_sqlite_at_once, args=(path, start)) for _ in range(6)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+        failed += sum(w.exitcode != 0 for w in workers)
+    assert failed == 0
