@@ -119,9 +119,8 @@ TIMEZONE: Final = "Asia/Ho_Chi_Minh"
 PRODUCER_TICK_S: Final = 0.02
 BACKLOG_SAMPLE_S: Final = 0.25
 DEFAULT_FLUSHERS: Final = "sqlite=1,postgresql=2"
-# Larger than the deployment default (2000): each commit has a cost that grows with the
-# pages it dirties, not with its events, so bigger batches pay it less often.
-DEFAULT_BATCH: Final = 10_000
+# The deployment's own (SCANGATE_FLUSH_BATCH).
+DEFAULT_BATCH: Final = Settings().flush_batch
 FLAT_TOLERANCE_S: Final = 0.5
 CHECK_PERSONS: Final = 2000
 LATENCY_WARMUP_S: Final = 2.0

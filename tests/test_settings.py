@@ -43,7 +43,7 @@ def test_defaults_match_the_design_table() -> None:
         s.retention_s,
         s.flush_batch,
         s.flush_max_age_s,
-    ) == (1_000_000, 0, 21 * 86400, 10_000, 0.2)
+    ) == (1_000_000, 0, 21 * 86400, 50_000, 0.2)
     assert (s.timezone, s.sms) == ("Asia/Ho_Chi_Minh", "log")
 
 
