@@ -187,7 +187,8 @@ class Settings:
         if not 1 <= self.shards <= 16384:
             raise SettingsError("SCANGATE_SHARDS: use 1 to 16384")
         if not 0 <= self.clock_skew_s <= MAX_CLOCK_SKEW_S:
-            # Storage reads no further ahead than a day (storage.models.FUTURE_SCAN_LIMIT_MS).
+            # Storage reads no further ahead than two hours after the latest receipt
+            # (storage.models.FUTURE_SCAN_LIMIT_MS): an hour of skew, an hour of margin.
             raise SettingsError("SCANGATE_CLOCK_SKEW: use 0 to 1h")
         if self.flush_batch < 1:
             raise SettingsError("SCANGATE_FLUSH_BATCH: use at least 1")
