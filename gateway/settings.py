@@ -134,6 +134,10 @@ class Settings:
     door_lookup_window_s: float = 60
     door_lookups_per_token: int = 30
     door_lookups_per_venue: int = 120
+    # A gateway worker whose event loop has not run for this long is killed and replaced
+    # by its supervisor (gunicorn's worker timeout): a handler stuck in a blocking call
+    # must not hold the port while answering nothing.
+    worker_timeout_s: float = 30
     # The app the web pages act as (/khai-bao, /dang-ky-diem): None turns those pages off.
     web_app: str | None = None
 
@@ -204,6 +208,8 @@ class Settings:
             raise SettingsError("SCANGATE_NOTICE_LEASE: at least 1s (a delivery gets a third)")
         if self.audit_retention_s < 86400:
             raise SettingsError("SCANGATE_AUDIT_RETENTION: at least 1d")
+        if self.worker_timeout_s < 2:
+            raise SettingsError("SCANGATE_WORKER_TIMEOUT: at least 2s")
         if self.last_use_flush_s <= 0:
             raise SettingsError("SCANGATE_LAST_USE_FLUSH: over 0")
         if self.notice_poll_s <= 0 or self.notice_retry_s <= 0:

@@ -76,7 +76,7 @@ def load_master_key(configured: str | None, data_dir: Path) -> bytes:
         return decode_master_key(path.read_text("ascii"))
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_bytes(MASTER_KEY_BYTES)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

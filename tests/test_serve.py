@@ -61,18 +61,18 @@ class PortTaken(Exception):
 
 
 class Served:
-    def __init__(self, data_dir: Path, workers: int) -> None:
+    def __init__(self, data_dir: Path, workers: int, env: dict[str, str] | None = None) -> None:
         # A free port can be taken by another server between our probe and serve's bind
         # (the suite starts many): try another port then, a few times.
         for attempt in range(3):
             try:
-                self._start(data_dir, workers)
+                self._start(data_dir, workers, clean_env() | (env or {}))
                 return
             except PortTaken:
                 if attempt == 2:
                     raise
 
-    def _start(self, data_dir: Path, workers: int) -> None:
+    def _start(self, data_dir: Path, workers: int, env: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -88,7 +88,7 @@ class Served:
                 "--workers",
                 str(workers),
             ],
-            env=clean_env(),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -102,7 +102,7 @@ class Served:
                 pass
             if self.proc.poll() is not None:
                 out = self.proc.communicate()[0]
-                if "address already in use" in out.lower():
+                if "address already in use" in out.lower() or "is in use by another" in out:
                     raise PortTaken(out)
                 raise AssertionError(out)
             time.sleep(0.2)

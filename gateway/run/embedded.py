@@ -68,12 +68,15 @@ def valkey_binary() -> Path:
     return binary
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM the server when the process that started it dies.
+def _server_child() -> None:
+    """In the child before exec: files the server makes are its owner's only (its log and
+    append-only files hold scan events), and it gets SIGTERM when the process that started
+    it dies.
 
-    Without this, a supervisor or test run killed with SIGKILL leaves its server running,
-    and the next one would start a second server on the same files.
+    Without the latter, a supervisor or test run killed with SIGKILL leaves its server
+    running, and the next one would start a second server on the same files.
     """
+    os.umask(0o077)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -167,7 +170,7 @@ class RedisProcess:
         """
         if self.running:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         attempts = FREE_PORT_ATTEMPTS if self._port_is_ours and not self._started_once else 1
         for attempt in range(1, attempts + 1):
             try:
@@ -258,7 +261,10 @@ class RedisProcess:
             raise ServerStartError(f"no server binary at {self.binary}")
         # Only this attempt's lines matter in an error: the log is appended across restarts.
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with (self.workdir / STDERR_NAME).open("wb") as stderr:
+        stderr_fd = os.open(
+            self.workdir / STDERR_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        with open(stderr_fd, "wb") as stderr:
             # Own session: a Ctrl-C in the parent's terminal must not reach the server
             # directly; the parent stops it in order.
             process = subprocess.Popen(
@@ -268,7 +274,7 @@ class RedisProcess:
                 stderr=stderr,
                 cwd=self.workdir,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_server_child,
             )
         self._process = process
         deadline = time.monotonic() + timeout_s

@@ -1,11 +1,13 @@
 """``scangate serve``: a supervisor process and N gateway worker processes.
 
-The supervisor starts the embedded Valkey server when no Redis URL is configured, points
-prometheus_client's multiprocess directory at a fresh folder (so ``/metrics`` of any worker
-reports all of them), starts the workers (each binds the same port with SO_REUSEPORT),
-restarts a worker that dies, and on SIGTERM or SIGINT stops the workers gracefully (each
+The supervisor claims the data dir and the port (``supervision``: a second ``serve`` on
+either refuses on one line), starts the embedded Valkey server when no Redis URL is
+configured, points prometheus_client's multiprocess directory at a fresh folder (so
+``/metrics`` of any worker reports all of them), starts the workers (each binds the same
+port with SO_REUSEPORT), restarts a worker that dies or whose event loop is stuck past
+``SCANGATE_WORKER_TIMEOUT``, and on SIGTERM or SIGINT stops the workers gracefully (each
 stops accepting, finishes requests in flight within the shutdown deadline, exits), then the
-embedded server, and exits 0.
+embedded server, and exits 0. Its children stop by themselves if it dies.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import queue
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, Final
@@ -27,6 +30,8 @@ from typing import Any, Final
 from gateway.settings import Settings
 from signing import Keyring, Sealer, load_master_key
 from storage.keyring_store import keyring_store
+
+from . import supervision
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,8 @@ class ServeOptions:
 
 
 def serve(settings: Settings, options: ServeOptions) -> int:
-    """Run until SIGTERM or SIGINT; the exit status."""
-    from gateway.run.embedded import (  # imported here: only serve needs it
-        RedisProcess,
-        valkey_binary,
-    )
-
+    """Run until SIGTERM or SIGINT; the exit status. AlreadyServing (the CLI's one line
+    and exit 2) when another process holds the data dir or the port."""
     stop_requested = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -61,7 +62,30 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if settings.data_dir.stat().st_mode & 0o077:
+        log.warning(
+            "the data dir %s can be read by other users: it holds personal data; chmod 700 it",
+            settings.data_dir,
+        )
+    lock_fd = supervision.hold_data_dir(settings.data_dir)
+    try:
+        port_guard = supervision.hold_port(options.host, options.port)
+    except BaseException:
+        supervision.release(lock_fd, [])
+        raise
+    try:
+        return _supervise(settings, options, lambda: stop_requested)
+    finally:
+        supervision.release(lock_fd, port_guard)
+
+
+def _supervise(settings: Settings, options: ServeOptions, stopping: Callable[[], bool]) -> int:
+    from gateway.run.embedded import (  # imported here: only serve needs it
+        RedisProcess,
+        valkey_binary,
+    )
+
     # Open the keyring once here: a missing or wrong master key fails now, on one line,
     # not in every worker; and a generated key file is made once, not raced for.
     store = keyring_store(settings.resolved_storage_url, settings.keyring_path)
@@ -71,7 +95,7 @@ def serve(settings: Settings, options: ServeOptions) -> int:
         store.close()
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir()
+    metrics_dir.mkdir(mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
 
     embedded: RedisProcess | None = None
@@ -90,16 +114,25 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     ctx = multiprocessing.get_context("spawn")
     ready: Any = ctx.Queue()
     workers: dict[int, BaseProcess] = {}
+    supervisor = os.getpid()
+    # One heartbeat per gateway worker slot: the time of its loop's last beat, 0 until the
+    # first (see supervision.beat).
+    heartbeats = [ctx.Value("d", 0.0, lock=False) for _ in range(options.workers)]
 
     # Slots 0..N-1 are gateway workers; slots -1..-M are the flushers.
     def start_worker(slot: int) -> None:
         if slot < 0:
             proc = ctx.Process(
-                target=run_flusher, args=(settings,), name=f"scangate-flusher-{-slot}"
+                target=run_flusher,
+                kwargs={"settings": settings, "supervisor_pid": supervisor},
+                name=f"scangate-flusher-{-slot}",
             )
         else:
+            heartbeats[slot].value = 0.0
             proc = ctx.Process(
-                target=run_worker, args=(settings, options, ready), name=f"scangate-worker-{slot}"
+                target=run_worker,
+                args=(settings, options, ready, supervisor, heartbeats[slot]),
+                name=f"scangate-worker-{slot}",
             )
         proc.start()
         workers[slot] = proc
@@ -107,7 +140,7 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     try:
         for slot in range(options.workers):
             start_worker(slot)
-        if not _await_ready(ready, options.workers, lambda: stop_requested):
+        if not _await_ready(ready, options.workers, stopping):
             log.error("workers did not start; stopping")
             return 1
         for slot in range(1, options.flushers + 1):
@@ -119,10 +152,23 @@ def serve(settings: Settings, options: ServeOptions) -> int:
             options.workers,
             "" if options.workers == 1 else "s",
         )
-        while not stop_requested:
+        while not stopping():
             time.sleep(0.2)
             for slot, proc in list(workers.items()):
-                if not proc.is_alive() and not stop_requested:
+                if stopping():
+                    break
+                if slot >= 0 and proc.is_alive():
+                    stuck_s = supervision.stuck_for_s(heartbeats[slot], time.monotonic())
+                    if stuck_s > settings.worker_timeout_s:
+                        log.error(
+                            "worker %s: its event loop has not run for %.1f s "
+                            "(SCANGATE_WORKER_TIMEOUT); killing it",
+                            proc.pid,
+                            stuck_s,
+                        )
+                        proc.kill()
+                        proc.join(5)
+                if not proc.is_alive():
                     log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
                     _forget_dead_process(proc.pid)
                     time.sleep(RESTART_BACKOFF_S)
@@ -178,15 +224,19 @@ def _forget_dead_process(pid: int | None) -> None:
 # -- worker process --------------------------------------------------------------------------
 
 
-def run_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
-    """One gateway process: serve until SIGTERM/SIGINT, then shut down gracefully."""
+def run_worker(
+    settings: Settings, options: ServeOptions, ready: Any, supervisor_pid: int, heartbeat: Any
+) -> None:
+    """One gateway process: serve until SIGTERM/SIGINT (or its supervisor's death), then
+    shut down gracefully."""
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
     )
+    supervision.exit_with_supervisor(supervisor_pid)
     try:
         import uvloop
 
-        uvloop.run(_serve_worker(settings, options, ready))
+        uvloop.run(_serve_worker(settings, options, ready, heartbeat))
     except OSError as exc:
         # The port is taken, or the address cannot be bound: the supervisor says so on one
         # line; a traceback would add nothing.
@@ -197,7 +247,9 @@ def run_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
         raise
 
 
-async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -> None:
+async def _serve_worker(
+    settings: Settings, options: ServeOptions, ready: Any, heartbeat: Any
+) -> None:
     from aiohttp import web
 
     from gateway.http.app import create_app
@@ -214,7 +266,11 @@ async def _serve_worker(settings: Settings, options: ServeOptions, ready: Any) -
     site = web.TCPSite(runner, options.host, options.port, reuse_port=True, backlog=2048)
     await site.start()
     ready.put(("ready", os.getpid()))
+    beating = asyncio.create_task(
+        supervision.beat(heartbeat, supervision.heartbeat_period_s(settings.worker_timeout_s))
+    )
     await stop.wait()
+    beating.cancel()
     # Stop accepting, let requests in flight finish (bounded by shutdown_timeout), close.
     await runner.cleanup()
 
@@ -253,12 +309,18 @@ def calm_collector() -> None:
 
 
 def run_flusher(
-    settings: Settings, metrics_port: int | None = None, metrics_host: str = "127.0.0.1"
+    settings: Settings,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    supervisor_pid: int | None = None,
 ) -> int:
-    """A flusher process: flush until SIGTERM/SIGINT, finishing the batch in hand."""
+    """A flusher process: flush until SIGTERM/SIGINT (or, under ``serve``, its
+    supervisor's death), finishing the batch in hand."""
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
     )
+    if supervisor_pid is not None:
+        supervision.exit_with_supervisor(supervisor_pid)
     import uvloop
 
     return uvloop.run(_flush_until_stopped(settings, metrics_port, metrics_host))

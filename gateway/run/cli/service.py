@@ -62,6 +62,7 @@ def add_serve(groups: Subcommands) -> None:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.run.server import ServeOptions, serve
+    from gateway.run.supervision import AlreadyServing
 
     if not 1 <= args.workers <= 64:
         raise UsageError("--workers: use 1 to 64")
@@ -76,7 +77,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     else:
         flushers = default_flushers(settings)
     options = ServeOptions(host=args.host, port=args.port, workers=args.workers, flushers=flushers)
-    return serve(settings, options)
+    try:
+        return serve(settings, options)
+    except AlreadyServing as exc:
+        raise UsageError(str(exc)) from None
 
 
 def default_flushers(settings: Settings) -> int:
