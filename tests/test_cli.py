@@ -216,3 +216,32 @@ def test_venues_add_poster_staff_token_and_revoke(tmp_path: Path) -> None:
         result = run(tmp_path, *bad)
         assert result.returncode == 2, bad
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "private_on", "warned"),
+    [
+        ("http://127.0.0.1:9/hook", False, "127.0.0.1"),
+        ("http://localhost:9/hook", False, "127.0.0.1|::1"),
+        ("https://10.1.2.3/hook", False, "10.1.2.3"),
+        ("https://[fe80::1]/hook", False, "fe80::1"),
+        ("https://hooks.example.invalid/hook", False, "hooks.example.invalid"),  # no address
+        ("http://127.0.0.1:9/hook", True, None),
+        ("https://93.184.216.34/hook", False, None),  # public: no look-up needed
+    ],
+)
+def test_set_webhook_warns_when_deliveries_could_not_reach_it(
+    tmp_path: Path, url: str, private_on: bool, warned: str | None
+) -> None:
+    ok_json(run(tmp_path, "apps", "add", "vhd"))
+    env = {"SCANGATE_WEBHOOK_PRIVATE": "true"} if private_on else {}
+    result = run(tmp_path, "apps", "set-webhook", "vhd", url, env=env)
+    doc = ok_json(result)
+    assert isinstance(doc, dict) and doc["url"] == url  # set all the same
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    if warned is None:
+        assert warnings == [], result.stderr
+    else:
+        assert len(warnings) == 1, result.stderr
+        assert any(address in warnings[0] for address in warned.split("|")), warnings
+        assert "SCANGATE_WEBHOOK_PRIVATE is off" in warnings[0]

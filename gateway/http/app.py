@@ -35,11 +35,13 @@ from gateway.http.errors import (
     HTTP_STATUS_CODES,
     ApiError,
 )
+from gateway.http.keyring_refresh import KeyringRefresh
 from gateway.http.keys import (
     BACKGROUND,
     BUFFER,
     EVENT_RULES,
     KEYRING,
+    KEYRING_REFRESH,
     METRICS,
     OTP,
     PERSONAL,
@@ -114,6 +116,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     app[KEYRING] = Keyring(
         keyring_store(settings.resolved_storage_url, settings.keyring_path), sealer
     )
+    app[KEYRING_REFRESH] = KeyringRefresh(app[KEYRING])
     app[METRICS] = Metrics()
     app[EVENT_RULES] = EventRules(
         clock_skew_ms=int(settings.clock_skew_s * 1000),
@@ -166,23 +169,12 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
 
 
 async def _keyring_refresher(app: web.Application) -> AsyncIterator[None]:
-    """Pick up keyring changes (a rotation, a retirement, a new app) made by the CLI."""
-    keyring = app[KEYRING]
-
-    async def refresh() -> None:
-        # On an error the previous keyring keeps serving; Periodic logs it and retries.
-        # The store is read off the event loop (it may be a database), then applied on it.
-        store = keyring.store
-        if await asyncio.to_thread(store.version) == keyring.version:
-            return
-        raw, version = await asyncio.to_thread(store.read)
-        keyring.load(raw, version)
-        log.info("keyring changed: reloaded")
-
-    task = Periodic("keyring-refresh", refresh, KEYRING_REFRESH_S)
+    """Pick up keyring changes (a rotation, a retirement, a new app) made by the CLI: every
+    second here, and at once for a token not known (``gateway.http.keyring_refresh``)."""
+    task = Periodic("keyring-refresh", app[KEYRING_REFRESH].now, KEYRING_REFRESH_S)
     yield
     await task.stop()
-    await asyncio.to_thread(keyring.store.close)
+    await asyncio.to_thread(app[KEYRING].store.close)
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:

@@ -328,7 +328,7 @@ async def get_case(request: web.Request) -> web.Response:
 
 async def get_risky_venues(request: web.Request) -> web.Response:
     """Venue windows where cases were present, for matching on the device."""
-    authenticate(request, request.app[KEYRING])
+    await authenticate(request, request.app[KEYRING])
     now_ms = int(time.time() * 1000)
     since = request.query.get("since", str(now_ms - CASE_DAYS * DAY_MS))
     if not since.isdecimal() or len(since) > 15:

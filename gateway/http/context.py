@@ -4,6 +4,7 @@ body and answer in JSON. The resources they use are under their own keys
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Final
 
@@ -12,7 +13,7 @@ from aiohttp import web
 
 from gateway.http.addresses import address_bucket, client_address
 from gateway.http.errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
-from gateway.http.keys import TOKEN_USES, TRUSTED_PROXIES
+from gateway.http.keys import KEYRING_REFRESH, TOKEN_USES, TRUSTED_PROXIES
 from signing import Keyring, Sealer
 from signing.personal import PersonalData, new_data_key, open_data_key, seal_data_key
 from storage import Storage
@@ -37,9 +38,11 @@ def client_index(request: web.Request, personal: PersonalData) -> str:
     return personal.blind_index("client_address", bucket)
 
 
-def authenticate(request: web.Request, keyring: Keyring) -> str:
+async def authenticate(request: web.Request, keyring: Keyring) -> str:
     """The app id of the request's bearer token (or of the web app, for the web pages).
-    A revoked token is refused like an unknown one; a use of a live one is noted."""
+    A revoked token is refused like an unknown one; a use of a live one is noted. A token
+    not known is looked for again after a check of the keyring's store that began after
+    it was first missed: an app just added works at once."""
     acting: str | None = request.get(ACTING_APP)
     if acting is not None:
         return acting
@@ -49,7 +52,11 @@ def authenticate(request: web.Request, keyring: Keyring) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 256:
         raise Unauthorized("use Authorization: Bearer <app token>")
-    found = keyring.token_for(token.strip())
+    token = token.strip()
+    found = keyring.token_for(token)
+    if found is None:
+        await request.app[KEYRING_REFRESH].since(asyncio.get_running_loop().time())
+        found = keyring.token_for(token)
     if found is None:
         raise Unauthorized("unknown or revoked token")
     request.app[TOKEN_USES].note(found.token_id, time.time())

@@ -83,7 +83,7 @@ async def post_otp(request: web.Request) -> web.Response:
     """Send a one-time code to a phone: 202 with the code's challenge and reference, or 429
     when a limit of the client's address or the phone's SMS-cost cap refuses it."""
     app = request.app
-    authenticate(request, app[KEYRING])
+    await authenticate(request, app[KEYRING])
     doc = await read_json(request)
     phone = normalise_phone(doc.get("phone") if isinstance(doc, dict) else None)
     personal, otp = app[PERSONAL], app[OTP]
@@ -136,7 +136,7 @@ async def post_otp_verify(request: web.Request) -> web.Response:
     The code is checked against the phone's code that ``challenge`` names, or else the
     latest one asked from this client's address."""
     app = request.app
-    app_id = authenticate(request, app[KEYRING])
+    app_id = await authenticate(request, app[KEYRING])
     doc = await read_json(request)
     if not isinstance(doc, dict):
         raise InvalidRequest('expected {"phone": ..., "code": ..., "challenge": ...}')
@@ -340,7 +340,7 @@ async def _audit_competing_claims(storage: Storage, app_id: str, claim: ClaimRec
 async def post_declaration(request: web.Request) -> web.Response:
     app = request.app
     keyring = app[KEYRING]
-    app_id = authenticate(request, keyring)
+    app_id = await authenticate(request, keyring)
     declarer = session_phone(request, app[OTP], app_id)
     today = dt.datetime.now(dt.UTC).date()
     form = parse_declaration(await read_json(request), today)
@@ -360,7 +360,7 @@ async def get_person_code(request: web.Request) -> web.Response:
     """The personal code as an image that prints 5 cm wide, for a phone linked to the person."""
     app = request.app
     keyring = app[KEYRING]
-    app_id = authenticate(request, keyring)
+    app_id = await authenticate(request, keyring)
     phone_index = session_phone(request, app[OTP], app_id)
     fmt = request.match_info["format"]
     person_id = request.match_info["person_id"]
@@ -410,7 +410,7 @@ async def post_person_phone(request: web.Request) -> web.Response:
     phone's (same app). The door then finds the person by either phone."""
     app = request.app
     otp = app[OTP]
-    app_id = authenticate(request, app[KEYRING])
+    app_id = await authenticate(request, app[KEYRING])
     linked = session_phone(request, otp, app_id)
     doc = await read_json(request)
     token = doc.get("session") if isinstance(doc, dict) else None

@@ -178,7 +178,7 @@ async def post_manual_scan(request: web.Request) -> web.Response:
     app = request.app
     keyring, metrics = app[KEYRING], app[METRICS]
     staff = await staff_venue(request)
-    app_id = staff.app_id if staff else authenticate(request, keyring)
+    app_id = staff.app_id if staff else await authenticate(request, keyring)
     doc = await read_json(request)
     if not isinstance(doc, dict):
         raise InvalidRequest("expected a JSON object")

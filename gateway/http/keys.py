@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.background import BackgroundTasks
+from gateway.http.keyring_refresh import KeyringRefresh
 from gateway.http.last_use import LastUse
 from gateway.http.otp import OtpService
 from gateway.http.ratelimit import TokenBuckets
@@ -51,6 +52,10 @@ in storage and the keyring's keys."""
 KEYRING: Final = web.AppKey("keyring", Keyring)
 """The apps, their signing keys and app tokens. Reloaded in place when the CLI changes the
 store (the keyring refresher), so holders of this object see every change."""
+
+KEYRING_REFRESH: Final = web.AppKey("keyring_refresh", KeyringRefresh)
+"""Checks the keyring's store for changes: every second, and at once (rate-limited) for a
+token the keyring does not know."""
 
 METRICS: Final = web.AppKey("metrics", Metrics)
 """This process's Prometheus metrics (a registry of the application's own)."""

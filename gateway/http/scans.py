@@ -44,7 +44,7 @@ async def post_scans(request: web.Request) -> web.Response:
     # The hot path: each key is looked up once per request, into a local.
     app = request.app
     keyring = app[KEYRING]
-    app_id = authenticate(request, keyring)
+    app_id = await authenticate(request, keyring)
     doc = await read_json(request)
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
         raise InvalidRequest('expected {"events": [...]}')

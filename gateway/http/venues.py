@@ -104,7 +104,7 @@ def poster(keyring: Keyring, venue: VenueRecord, fmt: PosterFormat) -> bytes:
 async def post_venue(request: web.Request) -> web.Response:
     app = request.app
     keyring = app[KEYRING]
-    app_id = authenticate(request, keyring)
+    app_id = await authenticate(request, keyring)
     form = parse_venue(await read_json(request))
     created = await register_venue(app[STORAGE], keyring, app[PERSONAL], app_id, form)
     return json_response(created, status=201)
@@ -113,7 +113,7 @@ async def post_venue(request: web.Request) -> web.Response:
 async def delete_venue(request: web.Request) -> web.Response:
     """Revoke the venue's code (its owner app only)."""
     app = request.app
-    app_id = authenticate(request, app[KEYRING])
+    app_id = await authenticate(request, app[KEYRING])
     storage = app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     await storage.revoke_venue(venue.venue_id, _now_ms())
@@ -123,14 +123,14 @@ async def delete_venue(request: web.Request) -> web.Response:
 
 
 async def post_staff_token(request: web.Request) -> web.Response:
-    app_id = authenticate(request, request.app[KEYRING])
+    app_id = await authenticate(request, request.app[KEYRING])
     storage = request.app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     return json_response(await new_staff_token(storage, venue), status=201)
 
 
 async def delete_staff_token(request: web.Request) -> web.Response:
-    app_id = authenticate(request, request.app[KEYRING])
+    app_id = await authenticate(request, request.app[KEYRING])
     storage = request.app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     token_id = request.match_info["token_id"]
@@ -142,7 +142,7 @@ async def delete_staff_token(request: web.Request) -> web.Response:
 
 async def get_poster(request: web.Request) -> web.Response:
     keyring = request.app[KEYRING]
-    app_id = authenticate(request, keyring)
+    app_id = await authenticate(request, keyring)
     fmt = request.match_info["format"]
     if fmt not in POSTER_TYPES:
         raise InvalidRequest("a poster is .svg, .png or .pdf")
@@ -176,7 +176,7 @@ async def get_occupancy(request: web.Request) -> web.Response:
     """How many people are inside a venue now: the visits in progress (checked in, not yet
     out, within the maximum stay). For the app that registered the venue only: a count of
     people at a place is not for everyone to poll."""
-    app_id = authenticate(request, request.app[KEYRING])
+    app_id = await authenticate(request, request.app[KEYRING])
     storage = request.app[STORAGE]
     venue = await owned_venue(storage, request.match_info["venue_id"], app_id)
     now_ms = _now_ms()

@@ -297,6 +297,24 @@ class Notifier:
         await self._sms.send(phone, text, ref=notice.notice_id)
 
 
+def private_addresses(url: str) -> list[str]:
+    """The addresses a webhook URL's host has now that deliveries would refuse as not
+    public (for ``apps set-webhook`` to warn of; blocking: it resolves names). A name that
+    does not resolve counts as one such, named as itself."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return [] if ipaddress.ip_address(host).is_global else [host]
+    except ValueError:
+        pass  # a name
+    try:
+        found = {
+            str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        }
+    except (OSError, UnicodeError):
+        return [host]
+    return sorted(a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_global)
+
+
 def _public_literal_or_name(host: str) -> bool:
     """False for an IP address written in a URL that is not public; True for a public one
     or a name (names are checked when resolved, by PublicOnlyResolver)."""

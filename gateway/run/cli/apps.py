@@ -17,6 +17,7 @@ from storage.times import format_time_ms
 
 from .common import (
     EXIT_INVALID,
+    PROG,
     Subcommands,
     UsageError,
     cli_actor,
@@ -202,8 +203,18 @@ def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apps_set_webhook(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.outbox.notifier import private_addresses
+
     secret = open_keyring(settings).set_webhook(args.app_id, args.url)
     emit({"app_id": args.app_id, "url": args.url, "secret": secret})
+    private = [] if settings.webhook_private else private_addresses(args.url)
+    if private:
+        # Set all the same (the network may change, or the setting), but said now rather
+        # than found later in every notice's last_error.
+        sys.stderr.write(
+            f"{PROG}: warning: the webhook's host is not public ({', '.join(private)}) and "
+            "SCANGATE_WEBHOOK_PRIVATE is off: every delivery to it will fail\n"
+        )
     return 0
 
 
