@@ -39,6 +39,7 @@ import orjson
 from .codes import MAX_KID, CodeType
 from .crypto import Sealer
 from .errors import KeyringError, UnknownApp
+from .text import has_unprintable
 from .verify import CodeVerifier
 
 APP_ID_PATTERN: Final = re.compile(r"[a-z0-9]{2,16}")
@@ -356,6 +357,8 @@ class Keyring:
         """Register an app; ``name`` is what people see (on posters), default the app id."""
         if name is not None and not 1 <= len(name.strip()) <= 40:
             raise KeyringError("app name: 1 to 40 characters")
+        if name is not None and has_unprintable(name):
+            raise KeyringError("app name: no control, invisible or unassigned characters")
         if not APP_ID_PATTERN.fullmatch(app_id):
             raise KeyringError(f"app id {app_id!r}: use 2 to 16 characters of a-z0-9")
         prefix = app_id.upper() if prefix is None else prefix

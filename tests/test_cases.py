@@ -322,6 +322,8 @@ async def test_case_requests_are_checked(make_desk: DeskFactory) -> None:
         ({"person_id": "CASE", "confirmed_at": now + HOUR}, "confirmed_at"),
         ({"person_id": "CASE", "confirmed_at": now - 30 * 24 * HOUR}, "confirmed_at"),
         ({"person_id": "CASE", "confirmed_at": now, "note": "x" * 501}, "note"),
+        ({"person_id": "CASE", "confirmed_at": now, "note": "\u0378\u0379"}, "note"),
+        ({"person_id": "CASE", "confirmed_at": now, "note": "a\u202eb"}, "note"),
     ):
         status, doc, _ = await desk.call("POST", "/v1/cases", body, headers=auth)
         assert (status, doc["error"], doc["field"]) == (400, "invalid_field", field_), body

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import orjson
@@ -30,7 +30,7 @@ from gateway import Settings
 from gateway.http.keys import PERSONAL, REVOKED_VENUES, STORAGE
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.flusher import Flusher
-from signing import Keyring
+from signing import Keyring, KeyringError
 from storage import Storage
 
 from .harness import GatewayStarter
@@ -650,3 +650,33 @@ async def test_a_venue_kind_with_a_longer_stay_pairs_with_it(desk: Desk) -> None
         market["venue_id"]: (4 * 3_600_000, "auto"),  # SCANGATE_MAX_STAY
         hospital["venue_id"]: (24 * 3_600_000, "auto"),  # hospital=24h
     }
+
+
+# Unassigned (Cn), private use (Co), a right-to-left override (Cf), a control (Cc).
+UNPRINTABLE: Final = ["\u0378\u0379", "Chợ \ue000", "Chợ \u202eabc", "Chợ\u0007"]
+
+
+@pytest.mark.parametrize("text", UNPRINTABLE)
+async def test_unprintable_text_is_refused_in_every_text_field_naming_it(
+    desk: Desk, keyring: Keyring, text: str
+) -> None:
+    for field in ("name", "address", "province"):
+        doc = {
+            "name": "Chợ Bến Thành",
+            "phone": "098 382 9927",
+            "address": "Lê Lợi, Quận 1",
+            "province": "Hồ Chí Minh",
+            "kind": "market",
+            field: text,
+        }
+        status, body, _ = await desk.call("POST", "/v1/venues", doc, app="vhd")
+        assert (status, body["error"], body["field"]) == (400, "invalid_field", field), body
+    session = await desk.session()
+    for field in ("full_name", "address", "province"):
+        status, body = await desk.declare(session, **{field: text})
+        assert (status, body["error"], body["field"]) == (400, "invalid_field", field), body
+    venue = await desk.venue()
+    status, body = await desk.manual(venue_code=venue["code"], phone=PHONE, full_name=text)
+    assert (status, body["error"], body["field"]) == (400, "invalid_field", "full_name"), body
+    with pytest.raises(KeyringError, match="app name"):
+        keyring.add_app("other", name=text)

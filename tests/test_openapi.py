@@ -424,6 +424,160 @@ def test_a_live_gateway_answers_as_the_document_says(
     assert not findings.failures, "\n\n".join(findings.failures.values())
 
 
+# Values at and past the edges, put in place of each field of a valid request in turn. The
+# generated ones seldom reach these: days at the ends of the calendar, numbers past 64 bits,
+# and code points that are unassigned (Cn), private (Co), invisible (Cf), or controls.
+EXTREME_TEXT: Final = [
+    "9999-12-31",
+    "0001-01-01",
+    "9999-12-31T23:59:59-23:59",
+    "0001-01-01T00:00:00+23:59",
+    "2026-02-30",
+    "9" * 400,
+    "-1",
+    "1e400",
+    "\u0378\u0379",
+    "\U0010ffff",
+    "\ue000",
+    "\u202e\u200b",
+    "\x00\x1b",
+    "x" * 70_000,
+]
+EXTREME_NUMBERS: Final = [2**63, -(2**63) - 1, 10**30, -1, 0, 1e308, -1e308, 2**53 + 1]
+
+
+def _leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every scalar of a JSON value, with the keys and indexes that lead to it."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _leaves(inner, (*path, key))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            yield from _leaves(inner, (*path, i))
+    else:
+        yield path, value
+
+
+def _replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+def _extremes_for(leaf: Any) -> list[Any]:
+    if isinstance(leaf, bool):
+        return [*EXTREME_NUMBERS[:2], "\u0378"]
+    if isinstance(leaf, int | float):
+        return [*EXTREME_NUMBERS, "9999-12-31"]
+    return [*EXTREME_TEXT, *EXTREME_NUMBERS[:3]]
+
+
+def _one_valid_case(operation: Any, **fixed: Any) -> Any:
+    """One generated valid request of ``operation`` (deterministic: the schema's seed)."""
+    drawn: list[Any] = []
+
+    @hypothesis.settings(
+        operation.schema.config.get_hypothesis_settings(operation=operation),
+        max_examples=1,
+        suppress_health_check=list(hypothesis.HealthCheck),
+        phases=[hypothesis.Phase.generate],
+    )
+    @hypothesis.given(
+        case=operation.as_strategy(generation_mode=schemathesis.GenerationMode.POSITIVE, **fixed)
+    )
+    def draw(case: Any) -> None:
+        drawn.append(case)
+
+    draw()
+    return drawn[0]
+
+
+def _resolved(schema: Any, document: dict[str, Any]) -> Any:
+    while isinstance(schema, dict) and "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def _variants(operation: Any, case: Any, document: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(where, what) for each request to send: ``case`` with one field (or every date
+    field at once) set to one extreme value. Fields the valid case left out (optional
+    parameters and body members) are set too."""
+    raw = operation.definition.raw
+    query = dict(case.query or {})
+    names = [p["name"] for p in raw.get("parameters", []) if p["in"] == "query"]
+    dates = [
+        p["name"]
+        for p in raw.get("parameters", [])
+        if p["in"] == "query" and p.get("schema", {}).get("format") in ("date", "date-time")
+    ]
+    for name in names:
+        for extreme in [*EXTREME_TEXT, *EXTREME_NUMBERS[:3]]:
+            yield f"query {name}", {"query": {**query, name: extreme}}
+    if len(dates) > 1:
+        for extreme in EXTREME_TEXT[:5]:
+            yield f"query {dates}", {"query": {**query, **dict.fromkeys(dates, extreme)}}
+    for name in case.path_parameters or {}:
+        for extreme in EXTREME_TEXT:
+            yield f"path {name}", {"path_parameters": {**case.path_parameters, name: extreme}}
+    if not isinstance(case.body, dict):
+        return
+    content = raw.get("requestBody", {}).get("content", {}).get("application/json", {})
+    members = _resolved(content.get("schema", {}), document).get("properties", {})
+    for name in members.keys() - case.body.keys():  # optional members left out
+        for extreme in [*EXTREME_TEXT, *EXTREME_NUMBERS]:
+            yield f"body {name}", {"body": {**case.body, name: extreme}}
+    for path, leaf in _leaves(case.body):
+        for extreme in _extremes_for(leaf):
+            yield f"body {list(path)}", {"body": _replaced(case.body, path, extreme)}
+
+
+@ONE_SERVER
+def test_extreme_days_numbers_and_code_points_in_any_field_are_never_a_server_error(
+    live: tuple[LiveGateway, Desk, World],
+) -> None:
+    """Every operation, from a valid request, each path, query and body field in turn
+    set to each extreme value (optional ones too): no 5xx."""
+    gateway, _, world = live
+    document = openapi_document()
+    real_ids = {
+        "venue_id": world.venue_id,
+        "person_id": world.person_id,
+        "token_id": world.token_id,
+    }
+    failures: dict[str, str] = {}
+    sent = 0
+    with requests.Session() as http:
+        for result in world.schema().get_all_operations():
+            operation = result.ok()
+            ids = {p.name for p in operation.path_parameters} & real_ids.keys()
+            fixed = {"path_parameters": {n: real_ids[n] for n in ids}} if ids else {}
+            case = _one_valid_case(operation, **fixed)
+            for where, change in _variants(operation, case, document):
+                parts = {
+                    "path_parameters": case.path_parameters,
+                    "query": case.query,
+                    "headers": case.headers,
+                    "body": case.body,
+                    "media_type": case.media_type,
+                }
+                mutated = operation.Case(**{**parts, **change})
+                response = mutated.call(
+                    base_url=gateway.base_url, session=http, timeout=CALL_TIMEOUT_S
+                )
+                sent += 1
+                if response.status_code >= 500:
+                    value = str(next(iter(change.values())))[:60]
+                    failures.setdefault(
+                        f"{operation.label} {where}: {value!r}",
+                        f"{response.status_code} {response.text[:300]}",
+                    )
+    print(f"{sent} requests with extreme values")
+    assert sent > 1000
+    assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
+
+
 # -- answers generation rarely reaches -------------------------------------------------------
 
 

@@ -396,3 +396,33 @@ def test_the_report_on_the_command_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and "-o FILE.png" in done.stderr
     done = cli("--from", "2026-03-04", "--to", "2026-03-02")
     assert done.returncode == 2 and "before the first" in done.stderr
+
+
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
+async def test_report_days_out_of_bounds_are_400_naming_the_parameter(
+    make_desk: DeskFactory, storage_kind: str
+) -> None:
+    desk: Desk = await make_desk(storage=storage_kind)
+    auth = {"Authorization": f"Bearer {await desk.storage.add_admin('ban-chi-dao')}"}
+    today = dt.datetime.now(ZONE).date()
+    far = (today + dt.timedelta(days=400)).isoformat()
+    cases = {
+        "from=9999-12-31&to=9999-12-31": "from",  # was OverflowError, a 500
+        "from=0001-01-01&to=0001-01-02": "from",
+        "from=1999-12-31&to=2020-01-05": "from",
+        f"from={today}&to={far}": "to",
+        "from=2026-01-01&to=2025-12-31": "to",
+        "from=2025-01-01&to=2025-06-01": "to",  # over 92 days
+        "from=2025-1-1&to=2025-01-02": "from",
+        "from=2025-01-01&to=": "to",
+        "to=2025-01-02": "from",
+    }
+    for query, parameter in cases.items():
+        status, doc, _ = await desk.call("GET", f"/v1/reports/daily?{query}", headers=auth)
+        assert (status, doc["error"]) == (400, "invalid_request"), (query, doc)
+        assert doc["detail"].startswith(f"{parameter}: "), (query, doc)
+    # The bounds themselves are days a report can cover.
+    status, doc, _ = await desk.call(
+        "GET", "/v1/reports/daily?from=2020-01-01&to=2020-01-01", headers=auth
+    )
+    assert status == 200, doc

@@ -29,6 +29,7 @@ from gateway.http.people import new_id
 from signing import Keyring
 from signing.codes import ID_PATTERN
 from signing.personal import PersonalData
+from signing.text import has_unprintable
 from storage import Storage, TraceQuery
 from storage.models import ContactRow
 from storage.outbox import CaseRecord, CaseWindow, NoticeRecord, notice_id
@@ -205,6 +206,8 @@ def check_case_request(
     note = doc.get("note")
     if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE_CHARS):
         raise InvalidField("note", f"text of at most {MAX_NOTE_CHARS} characters")
+    if note is not None and has_unprintable(note.replace("\n", " ")):
+        raise InvalidField("note", "contains control, invisible or unassigned characters")
     return person_id, confirmed_at_ms, note or None
 
 

@@ -60,6 +60,7 @@ from gateway.pipeline.events import Rejection, ScanEvent, check_code, check_enve
 from gateway.pipeline.keyspace import door_lookups_key
 from gateway.settings import Settings
 from signing.personal import PersonalData
+from signing.text import has_unprintable
 from storage import Storage
 
 LookupOutcome = Literal["recorded", "unknown", "ambiguous", "refused_token", "refused_venue"]
@@ -211,7 +212,9 @@ async def post_manual_scan(request: web.Request) -> web.Response:
     if has_phone:
         phone = normalise_phone(doc["phone"])
         full_name = doc.get("full_name")
-        if full_name is not None and (not isinstance(full_name, str) or len(full_name) > 100):
+        if full_name is not None and (
+            not isinstance(full_name, str) or len(full_name) > 100 or has_unprintable(full_name)
+        ):
             raise InvalidField("full_name", "the person's name as declared")
     else:
         card = parse_id_card(doc["id_card"])

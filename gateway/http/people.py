@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway.http.errors import InvalidField, InvalidPhone
+from signing.text import has_unprintable
 from storage.models import VENUE_KINDS
 
 _PHONE_SEPARATORS: Final = re.compile(r"[\s.\-()]")
@@ -79,8 +80,8 @@ def _text(doc: dict[str, Any], field: str, max_chars: int, *, required: bool = T
         raise InvalidField(field, "must not be empty")
     if len(cleaned) > max_chars:
         raise InvalidField(field, f"at most {max_chars} characters")
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs") for c in cleaned):
-        raise InvalidField(field, "contains control or invisible characters")
+    if has_unprintable(cleaned):
+        raise InvalidField(field, "contains control, invisible or unassigned characters")
     return cleaned
 
 

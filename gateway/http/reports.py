@@ -30,16 +30,30 @@ GROUPINGS: Final[tuple[ReportBy, ...]] = ("province", "venue_kind", "venue")
 FORMATS: Final[tuple[ReportFormat, ...]] = ("json", "csv", "png")
 
 
-def report_range(first: str, last: str) -> tuple[dt.date, dt.date]:
-    """The two days of a report; ValueError with a message fit for a ``detail``."""
-    try:
-        first_day, last_day = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
-    except ValueError:
-        raise ValueError("from/to: days written YYYY-MM-DD") from None
+# No check-in data is older than this; and nobody reports on days a year ahead. The bounds
+# also keep every day the report walks (the day after the last, in particular) a date.
+FIRST_REPORT_DAY: Final = dt.date(2020, 1, 1)
+REPORT_DAYS_AHEAD: Final = 366
+
+
+def report_range(first: str, last: str, today: dt.date) -> tuple[dt.date, dt.date]:
+    """The two days of a report; ValueError with a message fit for a ``detail``, naming
+    the parameter (``from`` or ``to``) that is wrong."""
+    latest = today + dt.timedelta(days=REPORT_DAYS_AHEAD)
+    days = []
+    for name, text in (("from", first), ("to", last)):
+        try:
+            day = dt.date.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{name}: a day written YYYY-MM-DD") from None
+        if not FIRST_REPORT_DAY <= day <= latest:
+            raise ValueError(f"{name}: a day from {FIRST_REPORT_DAY} to {latest}")
+        days.append(day)
+    first_day, last_day = days
     if last_day < first_day:
-        raise ValueError("from/to: the last day is before the first")
+        raise ValueError("to: the last day is before the first")
     if (last_day - first_day).days >= MAX_REPORT_DAYS:
-        raise ValueError(f"from/to: at most {MAX_REPORT_DAYS} days")
+        raise ValueError(f"to: at most {MAX_REPORT_DAYS} days, the first included")
     return first_day, last_day
 
 
@@ -73,7 +87,8 @@ async def get_daily_report(request: web.Request) -> web.Response:
         raise InvalidRequest("format: json, csv or png")
     by, fmt = GROUPINGS[GROUPINGS.index(by_text)], FORMATS[FORMATS.index(fmt_text)]
     try:
-        first_day, last_day = report_range(query.get("from", ""), query.get("to", ""))
+        today = dt.datetime.now(ZoneInfo(request.app[SETTINGS].timezone)).date()
+        first_day, last_day = report_range(query.get("from", ""), query.get("to", ""), today)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     timezone = request.app[SETTINGS].timezone

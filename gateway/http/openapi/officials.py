@@ -284,8 +284,19 @@ PATHS: Final[dict[str, Schema]] = {
             "description": "Days in SCANGATE_TIMEZONE, at most 92.",
             "security": ADMIN,
             "parameters": [
-                _query("from", {"type": "string", "format": "date"}, "First day."),
-                _query("to", {"type": "string", "format": "date"}, "Last day."),
+                _query(
+                    "from",
+                    {"type": "string", "format": "date"},
+                    "First day: 2020-01-01 or later.",
+                    required=True,
+                ),
+                _query(
+                    "to",
+                    {"type": "string", "format": "date"},
+                    "Last day: at most 92 days from the first, and at most 366 days "
+                    "after today.",
+                    required=True,
+                ),
                 _query(
                     "by",
                     {"enum": ["province", "venue_kind", "venue"], "default": "province"},

@@ -156,11 +156,11 @@ def _format_param(types: dict[str, str]) -> Schema:
     return _path_param("format", {"enum": list(types)}, "The image format, as a file suffix.")
 
 
-def _query(name: str, schema: Schema, description: str) -> Schema:
+def _query(name: str, schema: Schema, description: str, *, required: bool = False) -> Schema:
     return {
         "name": name,
         "in": "query",
-        "required": False,
+        "required": required,
         "schema": schema,
         "description": description,
     }

@@ -7,9 +7,11 @@ what it reads or decides is audit-logged with ``cli:<user>`` as the actor."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -351,9 +353,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from storage.reports import rows_to_csv
 
     try:
-        first_day, last_day = report_range(args.first, args.last)
+        today = dt.datetime.now(ZoneInfo(settings.timezone)).date()
+        first_day, last_day = report_range(args.first, args.last, today)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--{exc}") from None
     if args.format == "png" and args.output is None:
         raise UsageError("--format png writes a file: give -o FILE.png")
     actor = cli_actor()
