@@ -293,8 +293,7 @@ PATHS: Final[dict[str, Schema]] = {
                 _query(
                     "to",
                     {"type": "string", "format": "date"},
-                    "Last day: at most 92 days from the first, and at most 366 days "
-                    "after today.",
+                    "Last day: at most 92 days from the first, and at most 366 days after today.",
                     required=True,
                 ),
                 _query(
