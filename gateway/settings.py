@@ -138,6 +138,18 @@ class Settings:
     # by its supervisor (gunicorn's worker timeout): a handler stuck in a blocking call
     # must not hold the port while answering nothing.
     worker_timeout_s: float = 30
+    # Each connection's deadlines (gateway.http.protocol): a request's head from its first
+    # byte, its body from the end of the head; the idle time allowed between requests
+    # (above a load balancer's own idle timeout, 60 s on most, so that it never reuses a
+    # connection the gateway is closing); and a worker's cap on open connections.
+    header_timeout_s: float = 5
+    body_timeout_s: float = 10
+    keepalive_timeout_s: float = 75
+    max_connections: int = 1000
+    # /metrics on a listener of its own (0: on the public port, as before), so the public
+    # port need not show per-app volumes; Kubernetes scrapes the pod's address.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # The app the web pages act as (/khai-bao, /dang-ky-diem): None turns those pages off.
     web_app: str | None = None
 
@@ -210,6 +222,13 @@ class Settings:
             raise SettingsError("SCANGATE_AUDIT_RETENTION: at least 1d")
         if self.worker_timeout_s < 2:
             raise SettingsError("SCANGATE_WORKER_TIMEOUT: at least 2s")
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            if not 0.5 <= getattr(self, name) <= 3600:
+                raise SettingsError(f"SCANGATE_{name.upper().removesuffix('_S')}: 500ms to 1h")
+        if not 10 <= self.max_connections <= 1_000_000:
+            raise SettingsError("SCANGATE_MAX_CONNECTIONS: 10 to 1000000")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError("SCANGATE_METRICS_PORT: 0 (on the public port) to 65535")
         if self.last_use_flush_s <= 0:
             raise SettingsError("SCANGATE_LAST_USE_FLUSH: over 0")
         if self.notice_poll_s <= 0 or self.notice_retry_s <= 0:

@@ -22,6 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import Settings
 from gateway.http.app import create_app
+from gateway.http.keys import SETTINGS
+from gateway.http.protocol import ConnectionLimits, GuardedRunner
 
 StorageKind = Literal["sqlite", "postgresql"]
 
@@ -57,6 +59,15 @@ class GatewayUnderTest:
 GatewayStarter = Callable[..., Awaitable[GatewayUnderTest]]
 
 
+class GuardedTestServer(TestServer):
+    """aiohttp's test server running the gateway as ``scangate serve`` does: its
+    connections keep the deadlines of the app's settings (``gateway.http.protocol``)."""
+
+    async def _make_runner(self, **kwargs: Any) -> GuardedRunner:
+        limits = ConnectionLimits.of(self.app[SETTINGS])
+        return GuardedRunner(self.app, limits, **kwargs)
+
+
 async def start_gateway(
     data_dir: Path,
     master_key: bytes,
@@ -85,7 +96,7 @@ async def start_gateway(
         redis = aioredis.Redis.from_url(redis_url)
         opened.push_async_callback(redis.aclose)
         app = create_app(settings)
-        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+        client: TestClient[Any, Any] = TestClient(GuardedTestServer(app, host="127.0.0.1"))
         opened.push_async_callback(client.close)
         await client.start_server()
     except BaseException:

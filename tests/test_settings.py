@@ -116,7 +116,10 @@ def test_every_field_is_read_as_the_type_it_is_declared_with() -> None:
     bool true or false."""
     hints = typing.get_type_hints(Settings)
     samples = {float: ("2d", 172800.0), int: ("7", 7), bool: ("yes", True)}
-    bounded = {"clock_skew_s": ("30m", 1800.0)}  # at most 1h
+    bounded = {  # at most 1h; at least 10 connections
+        name: ("30m", 1800.0)
+        for name in ("clock_skew_s", "header_timeout_s", "body_timeout_s", "keepalive_timeout_s")
+    } | {"max_connections": ("70", 70)}
     env = {"SCANGATE_REDIS_URL": "redis://127.0.0.1:6379/0"}  # a cluster needs one
     expected: dict[str, object] = {}
     for field in dataclasses.fields(Settings):

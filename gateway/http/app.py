@@ -35,6 +35,7 @@ from gateway.http.errors import (
     HTTP_STATUS_CODES,
     ApiError,
 )
+from gateway.http.headers import answer_headers
 from gateway.http.keyring_refresh import KeyringRefresh
 from gateway.http.keys import (
     BACKGROUND,
@@ -110,6 +111,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     """
     logging.getLogger("aiohttp.server").addFilter(_NO_REQUEST_BYTES)  # once: same object
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_observe_and_answer_errors])
+    app.on_response_prepare.append(answer_headers)
     sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
     app[SETTINGS] = settings
     app[SEALER] = sealer

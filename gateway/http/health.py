@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.http.context import JSON
 from gateway.http.errors import Unavailable
-from gateway.http.keys import BUFFER, METRICS, STORAGE
+from gateway.http.keys import BUFFER, METRICS, SETTINGS, STORAGE
 from gateway.metrics import CONTENT_TYPE
 
 RETRY_AFTER_UNAVAILABLE_S: Final = 1
@@ -37,7 +37,21 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+def metrics_app(gateway: web.Application) -> web.Application:
+    """An application serving only ``/metrics`` of ``gateway``, for a listener of its own
+    (``SCANGATE_METRICS_PORT``)."""
+
+    async def get_gateway_metrics(request: web.Request) -> web.Response:
+        body = gateway[METRICS].exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_gateway_metrics, name="metrics")
+    return app
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", get_healthz, name="healthz")
     app.router.add_get("/readyz", get_readyz, name="readyz")
-    app.router.add_get("/metrics", get_metrics, name="metrics")
+    if not app[SETTINGS].metrics_port:  # else on its own listener (metrics_app)
+        app.router.add_get("/metrics", get_metrics, name="metrics")

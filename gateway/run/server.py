@@ -71,6 +71,8 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     lock_fd = supervision.hold_data_dir(settings.data_dir)
     try:
         port_guard = supervision.hold_port(options.host, options.port)
+        if settings.metrics_port:
+            port_guard += supervision.hold_port(settings.metrics_host, settings.metrics_port)
     except BaseException:
         supervision.release(lock_fd, [])
         raise
@@ -253,18 +255,30 @@ async def _serve_worker(
     from aiohttp import web
 
     from gateway.http.app import create_app
+    from gateway.http.health import metrics_app
+    from gateway.http.protocol import ConnectionLimits, GuardedRunner
 
     stop = asyncio.Event()
     stop_on_signals(stop)
 
     app = create_app(settings, workers=options.workers)
     calm_collector()
-    runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=options.shutdown_deadline_s, handle_signals=False
+    runner = GuardedRunner(
+        app,
+        ConnectionLimits.of(settings),
+        access_log=None,
+        shutdown_timeout=options.shutdown_deadline_s,
+        handle_signals=False,
     )
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port, reuse_port=True, backlog=2048)
     await site.start()
+    if settings.metrics_port:
+        metrics_runner = web.AppRunner(metrics_app(app), access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        await web.TCPSite(
+            metrics_runner, settings.metrics_host, settings.metrics_port, reuse_port=True
+        ).start()
     ready.put(("ready", os.getpid()))
     beating = asyncio.create_task(
         supervision.beat(heartbeat, supervision.heartbeat_period_s(settings.worker_timeout_s))
@@ -273,6 +287,8 @@ async def _serve_worker(
     beating.cancel()
     # Stop accepting, let requests in flight finish (bounded by shutdown_timeout), close.
     await runner.cleanup()
+    if settings.metrics_port:
+        await metrics_runner.cleanup()
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
