@@ -7,6 +7,7 @@ Text shrinks, then wraps, then (last resort) ends in an ellipsis: it never leave
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import io
 import math
@@ -139,7 +140,19 @@ def render_poster(
         # Black and white: a printer prints it so anyway, and Group 4 (Pillow's wheels have
         # libtiff) keeps the module edges exact where JPEG, its choice for grey, blurs them.
         page = _paint(layout).convert("1", dither=Image.Dither.NONE)
-        page.save(out, "PDF", resolution=float(dpi), title=f"{TITLE}: {_clean(venue_name)}")
+        # Dated by the code's issue time, not by the render: the same code gives the same
+        # file.
+        parsed = parse_code(code)
+        assert parsed is not None  # layout_poster refuses what is not a venue code
+        issued = dt.datetime.fromtimestamp(parsed.issued_at, dt.UTC)
+        page.save(
+            out,
+            "PDF",
+            resolution=float(dpi),
+            title=f"{TITLE}: {_clean(venue_name)}",
+            creationDate=issued,
+            modDate=issued,
+        )
     return out.getvalue()
 
 

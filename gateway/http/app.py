@@ -46,6 +46,7 @@ from gateway.http.keys import (
     METRICS,
     OTP,
     PERSONAL,
+    POSTERS,
     RATE_LIMITS,
     REDIS,
     REVOKED_VENUES,
@@ -60,6 +61,7 @@ from gateway.http.keys import (
 )
 from gateway.http.last_use import LastUse
 from gateway.http.otp import OtpLimits, OtpService
+from gateway.http.posters import Posters
 from gateway.http.ratelimit import TokenBuckets
 from gateway.metrics import Metrics
 from gateway.outbox.notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
@@ -148,6 +150,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
             _sms,
             _background,
             _revoked_venues,
+            _posters,
             _notifier,
             _metrics_publisher,
         ]
@@ -306,6 +309,15 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = app[BACKGROUND] = BackgroundTasks()
     yield
     await tasks.wait(SHUTDOWN_BACKGROUND_S)
+
+
+async def _posters(app: web.Application) -> AsyncIterator[None]:
+    """Rendered posters, emptied whenever the keyring changes (a key rotated or retired,
+    an app renamed: each changes what a poster shows)."""
+    posters = app[POSTERS] = Posters()
+    app[KEYRING_REFRESH].on_change.append(posters.clear)
+    yield
+    await asyncio.to_thread(posters.close)
 
 
 async def _revoked_venues(app: web.Application) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from signing import Keyring
@@ -27,6 +28,8 @@ class KeyringRefresh:
         self._lock = asyncio.Lock()
         self._last_start = float("-inf")  # loop time at which the latest check began
         self.checks = 0  # how many times the store was asked (for tests)
+        # Called after each change is applied: what is kept from the keyring goes stale.
+        self.on_change: list[Callable[[], None]] = []
 
     async def since(self, moment: float) -> None:
         """Return once a check of the store that began at or after ``moment`` (loop time)
@@ -59,3 +62,5 @@ class KeyringRefresh:
         raw, version = await asyncio.to_thread(store.read)
         keyring.load(raw, version)
         log.info("keyring changed: reloaded")
+        for changed in self.on_change:
+            changed()

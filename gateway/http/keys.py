@@ -30,6 +30,7 @@ from gateway.background import BackgroundTasks
 from gateway.http.keyring_refresh import KeyringRefresh
 from gateway.http.last_use import LastUse
 from gateway.http.otp import OtpService
+from gateway.http.posters import Posters
 from gateway.http.ratelimit import TokenBuckets
 from gateway.metrics import Metrics
 from gateway.outbox.sms import SmsSender
@@ -120,6 +121,9 @@ class RevokedVenues:
     def add(self, venue_id: str) -> None:
         self.ids = self.ids | {venue_id}
 
+
+POSTERS: Final = web.AppKey("posters", Posters)
+"""Rendered venue posters and the threads that render them (``gateway.http.posters``)."""
 
 REVOKED_VENUES: Final = web.AppKey("revoked_venues", RevokedVenues)
 """The revoked venues, as this process last read them."""

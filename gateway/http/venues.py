@@ -21,8 +21,9 @@ from aiohttp import web
 
 from gateway.http.context import authenticate, json_response, read_json
 from gateway.http.errors import InvalidRequest, NotFound, Unauthorized
-from gateway.http.keys import KEYRING, PERSONAL, REVOKED_VENUES, STORAGE
+from gateway.http.keys import KEYRING, PERSONAL, POSTERS, REVOKED_VENUES, STORAGE
 from gateway.http.people import VenueForm, new_id, parse_venue
+from gateway.http.posters import poster_code
 from signing import Keyring, hash_token
 from signing.codes import ID_PATTERN
 from signing.personal import PersonalData
@@ -89,8 +90,9 @@ async def new_staff_token(storage: Storage, venue: VenueRecord) -> dict[str, str
 
 
 def poster(keyring: Keyring, venue: VenueRecord, fmt: PosterFormat) -> bytes:
+    """The venue's poster, drawn here and now (the CLI; the server keeps them: ``Posters``)."""
     return render_poster(
-        keyring.issue(venue.app_id, "venue", venue.venue_id),
+        poster_code(keyring, venue),
         venue_name=venue.name,
         address=venue.address,
         app_name=keyring.app_name(venue.app_id),
@@ -119,6 +121,7 @@ async def delete_venue(request: web.Request) -> web.Response:
     await storage.revoke_venue(venue.venue_id, _now_ms())
     # This process refuses it at once; the others within their refresh interval.
     app[REVOKED_VENUES].add(venue.venue_id)
+    app[POSTERS].drop_venue(venue.venue_id)
     return json_response({"venue_id": venue.venue_id, "revoked": True})
 
 
@@ -141,13 +144,17 @@ async def delete_staff_token(request: web.Request) -> web.Response:
 
 
 async def get_poster(request: web.Request) -> web.Response:
-    keyring = request.app[KEYRING]
+    app = request.app
+    keyring = app[KEYRING]
     app_id = await authenticate(request, keyring)
     fmt = request.match_info["format"]
     if fmt not in POSTER_TYPES:
         raise InvalidRequest("a poster is .svg, .png or .pdf")
-    venue = await owned_venue(request.app[STORAGE], request.match_info["venue_id"], app_id)
-    body = poster(keyring, venue, fmt)  # type: ignore[arg-type]
+    venue = await owned_venue(app[STORAGE], request.match_info["venue_id"], app_id)
+    if venue.revoked_at_ms is not None or venue.venue_id in app[REVOKED_VENUES].ids:
+        app[POSTERS].drop_venue(venue.venue_id)
+        raise NotFound("this venue's code is revoked: it has no poster")
+    body = await app[POSTERS].poster(keyring, venue, fmt)  # type: ignore[arg-type]
     return web.Response(
         body=body,
         headers={

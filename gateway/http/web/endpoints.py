@@ -16,10 +16,14 @@ verified SIM alone.
 from __future__ import annotations
 
 import hmac
+import math
+import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from aiohttp import web
 
+from gateway.http.addresses import address_bucket, client_address
 from gateway.http.context import ACTING_APP, json_response, read_json
 from gateway.http.declarations import (
     get_person_code,
@@ -28,9 +32,10 @@ from gateway.http.declarations import (
     post_otp_verify,
     session_phone,
 )
-from gateway.http.errors import ApiError, Forbidden
-from gateway.http.keys import KEYRING, OTP, PERSONAL, SETTINGS, STORAGE
+from gateway.http.errors import ApiError, Forbidden, RateLimited
+from gateway.http.keys import KEYRING, OTP, PERSONAL, SETTINGS, STORAGE, TRUSTED_PROXIES
 from gateway.http.people import parse_venue
+from gateway.http.ratelimit import TokenBuckets
 from gateway.http.venues import get_poster, register_venue
 
 from .pages import web_app_problem
@@ -54,6 +59,31 @@ def web_app(app: web.Application) -> str:
             else "SCANGATE_WEB_APP names an app that does not exist: scangate apps add it"
         )
     return settings.web_app
+
+
+# The public poster route takes no session: a limit per client address keeps one client
+# from keeping the render threads busy (it gets 429), while a venue's owner fetching its
+# poster in three formats a few times over never meets it.
+POSTER_RATE_PER_S: Final = 0.5
+POSTER_BURST: Final = 10
+
+
+def per_address(handler: Handler, buckets: TokenBuckets) -> Handler:
+    """``handler`` behind a token bucket per client address (an IPv4 address, an IPv6
+    /64; behind ``SCANGATE_TRUSTED_PROXIES``, the client they name)."""
+
+    async def limited(request: web.Request) -> web.StreamResponse:
+        trusted = request.app[TRUSTED_PROXIES]
+        bucket = address_bucket(client_address(request, trusted))
+        wait_s = buckets.take(bucket, 1, time.monotonic())
+        if wait_s:
+            raise RateLimited(
+                "too many requests from this address; try again shortly",
+                retry_after_s=max(1, math.ceil(wait_s)),
+            )
+        return await handler(request)
+
+    return limited
 
 
 def as_web_app(handler: Handler) -> Handler:
@@ -94,5 +124,7 @@ def add_routes(app: web.Application) -> None:
     )
     router.add_post("/web/api/venues", as_web_app(post_venue), name="web_venues")
     router.add_get(
-        "/web/api/venues/{venue_id}/poster.{format}", as_web_app(get_poster), name="web_poster"
+        "/web/api/venues/{venue_id}/poster.{format}",
+        per_address(as_web_app(get_poster), TokenBuckets(POSTER_RATE_PER_S, POSTER_BURST)),
+        name="web_poster",
     )
