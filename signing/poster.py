@@ -7,10 +7,10 @@ Text shrinks, then wraps, then (last resort) ends in an ellipsis: it never leave
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import io
 import math
+import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import KW_ONLY, dataclass
@@ -144,7 +144,7 @@ def render_poster(
         # file.
         parsed = parse_code(code)
         assert parsed is not None  # layout_poster refuses what is not a venue code
-        issued = dt.datetime.fromtimestamp(parsed.issued_at, dt.UTC)
+        issued = time.gmtime(parsed.issued_at)  # Pillow writes a struct_time as a PDF date
         page.save(
             out,
             "PDF",

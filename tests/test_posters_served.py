@@ -77,6 +77,7 @@ async def test_a_poster_is_the_same_file_each_time_it_is_drawn(make_desk: DeskFa
     venue = await desk.venue()
     for fmt in ("svg", "png", "pdf"):
         first = await fetch(desk, venue["venue_id"], fmt)
+        assert first[0] == 200, first
         desk.app[POSTERS].clear()
         await asyncio.sleep(1.1)  # another second: the code's issue time must not move
         assert await fetch(desk, venue["venue_id"], fmt) == first, fmt
