@@ -1,16 +1,15 @@
-"""Posters as the gateway serves them: drawn on their own threads, a few at a time, kept
+"""Posters as the gateway serves them: drawn in a process of their own, once each, kept
 until what they show changes, refused for a revoked venue, and limited per address on the
 public route."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, Final
 
 import pytest
 
-from gateway.http import posters as posters_module
+import signing.poster
 from gateway.http.keys import KEYRING_REFRESH, POSTERS
 from gateway.http.web.endpoints import POSTER_BURST
 from signing import Keyring
@@ -22,27 +21,13 @@ __all__ = ["make_desk"]  # the fixture, used here
 ONE_REDIS: Final = pytest.mark.parametrize("redis_server", ["valkey"], indirect=True)
 
 
-class RenderLog:
-    """Wraps the drawing: which threads drew, and how many drew at once at most."""
+def draw_nothing_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make drawing fail in this process: a poster that is served was drawn elsewhere."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.threads: list[str] = []
-        self.at_once = self.most_at_once = 0
-        self._lock = threading.Lock()
-        real = posters_module._render
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a poster was drawn in the gateway's own process")
 
-        def render(*args: Any) -> bytes:
-            with self._lock:
-                self.threads.append(threading.current_thread().name)
-                self.at_once += 1
-                self.most_at_once = max(self.most_at_once, self.at_once)
-            try:
-                return real(*args)
-            finally:
-                with self._lock:
-                    self.at_once -= 1
-
-        monkeypatch.setattr(posters_module, "_render", render)
+    monkeypatch.setattr(signing.poster, "layout_poster", refuse)
 
 
 async def fetch(desk: Desk, venue_id: str, fmt: str = "png") -> tuple[int, bytes]:
@@ -51,24 +36,24 @@ async def fetch(desk: Desk, venue_id: str, fmt: str = "png") -> tuple[int, bytes
 
 
 @ONE_REDIS
-async def test_posters_are_drawn_off_the_loop_a_few_at_a_time_and_kept(
+async def test_posters_are_drawn_in_a_process_of_their_own_and_kept(
     make_desk: DeskFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = RenderLog(monkeypatch)
+    draw_nothing_here(monkeypatch)
     desk: Desk = await make_desk()
+    posters = desk.app[POSTERS]
     venues = [await desk.venue(name=f"Chợ số {i}") for i in range(8)]
     answers = await asyncio.gather(*(fetch(desk, v["venue_id"]) for v in venues))
-    assert all(status == 200 for status, _ in answers)
-    assert len(log.threads) == 8
-    assert all(name.startswith("poster") for name in log.threads), log.threads
-    assert log.most_at_once <= posters_module.RENDER_THREADS
+    assert all(status == 200 for status, _ in answers), answers[0]
+    assert all(body.startswith(b"\x89PNG") for _, body in answers)
+    assert posters.renders == 8
     # Again: every one from the cache, byte for byte.
     again = await asyncio.gather(*(fetch(desk, v["venue_id"]) for v in venues))
-    assert again == answers and len(log.threads) == 8
+    assert again == answers and posters.renders == 8
     # Eight at once for one poster not yet drawn: drawn once.
     fresh = await desk.venue(name="Chợ mới")
     same = await asyncio.gather(*(fetch(desk, fresh["venue_id"], "pdf") for _ in range(8)))
-    assert len({body for _, body in same}) == 1 and len(log.threads) == 9
+    assert len({body for _, body in same}) == 1 and posters.renders == 9
 
 
 @ONE_REDIS
@@ -85,9 +70,8 @@ async def test_a_poster_is_the_same_file_each_time_it_is_drawn(make_desk: DeskFa
 
 @ONE_REDIS
 async def test_a_key_rotation_or_retirement_redraws_and_a_revocation_refuses(
-    make_desk: DeskFactory, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+    make_desk: DeskFactory, keyring: Keyring
 ) -> None:
-    log = RenderLog(monkeypatch)
     desk: Desk = await make_desk()
     venue = await desk.venue()
     status, before = await fetch(desk, venue["venue_id"], "svg")
@@ -96,12 +80,12 @@ async def test_a_key_rotation_or_retirement_redraws_and_a_revocation_refuses(
     await desk.app[KEYRING_REFRESH].now()
     assert desk.app[POSTERS].kept() == []  # emptied by the change
     status, after = await fetch(desk, venue["venue_id"], "svg")
-    assert status == 200 and after != before and len(log.threads) == 2
+    assert status == 200 and after != before and desk.app[POSTERS].renders == 2
     keyring.retire("vhd", "K1")  # the key the first poster was signed with
     await desk.app[KEYRING_REFRESH].now()
     assert desk.app[POSTERS].kept() == []
     status, redrawn = await fetch(desk, venue["venue_id"], "svg")
-    assert status == 200 and redrawn == after and len(log.threads) == 3
+    assert status == 200 and redrawn == after and desk.app[POSTERS].renders == 3
     status, doc, _ = await desk.call("DELETE", f"/v1/venues/{venue['venue_id']}")
     assert status == 200, doc
     status, body = await fetch(desk, venue["venue_id"], "svg")

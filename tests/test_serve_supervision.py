@@ -181,3 +181,34 @@ def test_the_data_dir_and_its_files_are_for_their_owner_only(tmp_path: Path) -> 
             continue  # the server's socket: inside a 0700 directory
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path.relative_to(tmp_path)} is {mode:o}"
+
+
+def test_a_workers_poster_renderer_exits_when_the_worker_is_killed(tmp_path: Path) -> None:
+    token = json.loads(cli(tmp_path, "apps", "add", "vhd"))["token"]
+    served = Served(tmp_path, 1)
+    try:
+        status, body = request(
+            served.base + "/v1/venues",
+            {
+                "name": "Chợ Bến Thành",
+                "phone": "0983829927",
+                "address": "Lê Lợi",
+                "province": "Hồ Chí Minh",
+                "kind": "market",
+            },
+            token,
+        )
+        assert status == 201, body
+        venue_id = json.loads(body)["venue_id"]
+        (worker,) = {pid for pid in children(served.proc.pid) if _listens_on_tcp(pid)}
+        assert children(worker) == set()  # no renderer before the first poster
+        status, _ = request(f"{served.base}/v1/venues/{venue_id}/poster.png", token=token)
+        assert status == 200
+        renderers = children(worker)
+        assert renderers, "the poster was drawn with no process of its own"
+        os.kill(worker, signal.SIGKILL)
+        took = wait_until(lambda: not any(alive(pid) for pid in renderers), 10)
+        assert took <= 2.0, f"the renderer outlived its worker by {took:.1f} s"
+        wait_until(lambda: answers(served.base + "/readyz"), 30)  # a new worker took over
+    finally:
+        assert served.stop()[0] == 0

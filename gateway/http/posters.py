@@ -1,11 +1,12 @@
-"""Venue posters, rendered off the event loop and kept.
+"""Venue posters, rendered away from the event loop and kept.
 
 A poster takes tens of milliseconds of drawing (Pillow). Rendered on the event loop, eight
-people fetching posters raised the scan path's median from 1.9 ms to 221 ms. So:
-- posters render on a pool of ``RENDER_THREADS`` threads of their own, never more at once,
-  and a request for a poster being rendered waits for that render, not for one of its own
-  (the loop keeps running between the threads' turns; benchmarks/RESULTS.md measures what
-  the scans feel);
+people fetching posters raised the scan path's median from 1.9 ms to 221 ms; rendered on
+threads of the same process, the drawing still held the interpreter against the loop (the
+scan median at 5x idle, ``benchmarks/bench_hostile.py``). So:
+- posters render in a process of their own (``RENDER_PROCESSES``, started on the first
+  poster, one render at a time each), and a request for a poster being rendered waits
+  for that render, not for one of its own;
 - a poster's code carries its venue's registration time as its issue time, so the same
   venue, key and text give the same bytes, and rendered posters are kept, up to
   ``CACHE_BYTES``, keyed by everything they show: the venue, its app, the app's active
@@ -19,14 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import multiprocessing
+import os
 from collections import OrderedDict
 from typing import Final, NamedTuple
 
+from gateway.lifetime import exit_when_orphaned
 from signing import Keyring
 from signing.poster import PosterFormat, render_poster
 from storage.registry import VenueRecord
 
-RENDER_THREADS: Final = 2
+RENDER_PROCESSES: Final = 1
 CACHE_BYTES: Final = 64 * 1024 * 1024
 
 
@@ -51,13 +56,27 @@ def poster_code(keyring: Keyring, venue: VenueRecord) -> str:
 class Posters:
     """Rendered posters of one process: a bounded cache, and a bounded render pool."""
 
-    def __init__(self, cache_bytes: int = CACHE_BYTES, threads: int = RENDER_THREADS) -> None:
+    def __init__(self, cache_bytes: int = CACHE_BYTES, processes: int = RENDER_PROCESSES) -> None:
         self._cache: OrderedDict[PosterKey, bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._held_bytes = 0
         self._rendering: dict[PosterKey, asyncio.Future[bytes]] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="poster")
+        self._processes = processes
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.renders = 0  # how many were drawn (for tests and the benchmark)
+
+    def _renderer(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            # Spawned, not forked: a fork of a process running an event loop and threads
+            # inherits their locks in whatever state they were.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self._processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                # A worker killed outright must not leave its renderer behind.
+                initializer=exit_when_orphaned,
+                initargs=(os.getpid(),),
+            )
+        return self._pool
 
     async def poster(self, keyring: Keyring, venue: VenueRecord, fmt: PosterFormat) -> bytes:
         app_name = keyring.app_name(venue.app_id)
@@ -82,9 +101,19 @@ class Posters:
             # goes to the pool.
             code = poster_code(keyring, venue)
             loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(
-                self._pool, _render, code, venue.name, venue.address, app_name, fmt
+            render = functools.partial(
+                render_poster,
+                code,
+                venue_name=venue.name,
+                address=venue.address,
+                app_name=app_name,
+                fmt=fmt,
             )
+            try:
+                pending = loop.run_in_executor(self._renderer(), render)
+            except concurrent.futures.BrokenExecutor:
+                self._pool = None  # the render process died: the next poster starts another
+                raise
             self._rendering[key] = pending
             pending.add_done_callback(lambda done: self._rendered(key, done))
         # Shielded: a caller that goes away does not cancel the render others wait for.
@@ -92,7 +121,11 @@ class Posters:
 
     def _rendered(self, key: PosterKey, done: asyncio.Future[bytes]) -> None:
         self._rendering.pop(key, None)
-        if done.cancelled() or done.exception() is not None:
+        if done.cancelled():
+            return
+        if isinstance(done.exception(), concurrent.futures.BrokenExecutor):
+            self._pool = None  # the render process died: the next poster starts another
+        if done.exception() is not None:
             return
         self.renders += 1
         body = done.result()
@@ -117,8 +150,5 @@ class Posters:
         self._held_bytes = 0
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _render(code: str, name: str, address: str, app_name: str, fmt: PosterFormat) -> bytes:
-    return render_poster(code, venue_name=name, address=address, app_name=app_name, fmt=fmt)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -24,13 +24,13 @@ import fcntl
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Final
 
+from gateway import lifetime
+
 LOCK_NAME: Final = "serve.lock"
-ORPHAN_POLL_S: Final = 0.25
 # A worker told to stop because its supervisor died has this long, from the death, to
 # finish its requests in flight; then it exits anyway.
 ORPHAN_EXIT_S: Final = 4.5
@@ -94,14 +94,12 @@ def exit_with_supervisor(supervisor_pid: int) -> None:
     """In a child of ``serve``: once the supervisor is gone (the child is re-parented),
     stop as SIGTERM stops, and exit within ``ORPHAN_EXIT_S`` whatever is in flight."""
 
-    def watch() -> None:
-        while os.getppid() == supervisor_pid:
-            time.sleep(ORPHAN_POLL_S)
+    def stop() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(ORPHAN_EXIT_S - ORPHAN_POLL_S)
+        time.sleep(ORPHAN_EXIT_S - lifetime.POLL_S)
         os._exit(1)  # still here: the graceful stop did not finish in time
 
-    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+    lifetime.when_orphaned(supervisor_pid, stop)
 
 
 async def beat(heartbeat: Any, every_s: float) -> None:
