@@ -47,7 +47,7 @@ from setup_data import build_data_set, open_keyring  # noqa: E402
 PROBE_RATE: Final = 100  # requests/s
 SLOW_CLIENTS: Final = 300
 POSTER_FETCHERS: Final = 8
-VENUES: Final = 600
+VENUES: Final = 4000  # more than the misses phase fetches: every fetch there is a miss
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -271,7 +271,12 @@ def main() -> int:
             beside = f"{row['count']:,} slow connections closed at the header deadline"
             target = f"p99 ≤ 2x: {'met' if p99_ratio <= 2 else '**missed**'}"
         else:
-            beside = f"{row['count']:,} posters served ({row['count'] / seconds:.0f}/s)"
+            served = row["count"]
+            beside = f"{served:,} posters served ({served / seconds:.0f}/s)"
+            if i == 2:
+                beside += (
+                    ", each drawn (a miss)" if served <= VENUES else f", the first {VENUES:,} drawn"
+                )
             target = f"p50 ≤ 2x: {'met' if p50_ratio <= 2 else '**missed**'}"
         lines.append(
             f"| {row['phase']} | {row['requests']:,} | {row['p50']:.2f} | {row['p99']:.2f} | "

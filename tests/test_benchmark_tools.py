@@ -230,3 +230,25 @@ def test_the_statement_profile_refuses_a_server_of_the_operators_own() -> None:
     assert result.stderr.splitlines()[-1] == (
         "bench_flush.py: error: --statements profiles the private cluster only: drop --postgres-url"
     )
+
+
+def test_the_hostile_traffic_benchmark_runs_every_phase(tmp_path: Path) -> None:
+    """The smoke run of benchmarks/bench_hostile.py (issue 18): each phase served its
+    probe's scans beside its attackers, and the table is written. Its ratios are the
+    benchmark's verdict on a quiet machine, not asserted here."""
+    results = tmp_path / "RESULTS.md"
+    result = run_script("bench_hostile.py", "--quick", "--results", str(results), timeout_s=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows = rows[1:]  # below the heading row
+    phases = [row[1].strip() for row in rows]
+    assert phases == [
+        "idle",
+        "300 slow clients",
+        "8 poster fetchers, many venues (misses)",
+        "8 poster fetchers, one venue (hits)",
+    ], result.stdout
+    assert all(int(row[2].replace(",", "")) > 100 for row in rows)  # scans answered
+    assert "slow connections closed at the header deadline" in rows[1][7]
+    assert "each drawn (a miss)" in rows[2][7]
+    assert "<!-- bench_hostile:start -->" in results.read_text()
