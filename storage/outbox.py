@@ -153,13 +153,29 @@ class Outbox(SharedSql):
         )
         return [_notice(r) for r in rows]
 
-    async def risky_windows(self, since_ms: int) -> list[CaseWindow]:
-        """Windows that end at or after ``since_ms``, of every case."""
-        rows = await self._fetch(
-            "SELECT venue_id, from_at, to_at, level FROM case_windows WHERE to_at >= $1 "
-            "ORDER BY venue_id, from_at",
-            since_ms,
-        )
+    async def risky_windows(
+        self, since_ms: int, after_venue: str = "", venues: int | None = None
+    ) -> list[CaseWindow]:
+        """Windows that end at or after ``since_ms``, of every case, by venue: those of
+        the first ``venues`` venues (all, when None) whose ids sort after ``after_venue``,
+        each venue's windows whole (a page never cuts a venue's windows apart)."""
+        if venues is None:
+            rows = await self._fetch(
+                "SELECT venue_id, from_at, to_at, level FROM case_windows "
+                "WHERE to_at >= $1 AND venue_id > $2 ORDER BY venue_id, from_at",
+                since_ms,
+                after_venue,
+            )
+        else:
+            rows = await self._fetch(
+                "SELECT w.venue_id, w.from_at, w.to_at, w.level FROM case_windows w "
+                "JOIN (SELECT DISTINCT venue_id FROM case_windows "
+                "      WHERE to_at >= $1 AND venue_id > $2 ORDER BY venue_id LIMIT $3) v "
+                "ON w.venue_id = v.venue_id WHERE w.to_at >= $1 ORDER BY w.venue_id, w.from_at",
+                since_ms,
+                after_venue,
+                venues,
+            )
         return [CaseWindow(*r) for r in rows]
 
     async def claim_notices(

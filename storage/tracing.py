@@ -18,8 +18,11 @@ A storage backend fetches visits and calls these functions:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -161,6 +164,90 @@ def contacts_of(
     return rows
 
 
+def case_visits_in_order(case_visits: Sequence[Visit], query: TraceQuery) -> list[Visit]:
+    """A person's visits in the window, in the order a trace gives their contacts: by
+    check-in, then venue (then the rest of the visit, so the order is total)."""
+    return sorted(
+        _case_visits_in_window(case_visits, query),
+        key=lambda v: (v.checkin_at_ms, v.venue_id, v.checkout_at_ms, v.closed_by, v.source_at_ms),
+    )
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TracePosition:
+    """Where a trace goes on: a unit is one case visit (at depth 2, one visit of the
+    ``via_index``-th depth-2 person) with its contacts, and ``offset`` rows of it have
+    been given. Units come in order: depth 1's, then depth 2's person by person."""
+
+    depth: int = 1
+    via_index: int = 0
+    visit_index: int = 0
+    offset: int = 0
+
+    def unit(self) -> tuple[int, int, int]:
+        return self.depth, self.via_index, self.visit_index
+
+
+CURSOR_VERSION: Final = 1
+# The widest trace anyone may ask for (the API's and the CLI's checks; a cursor's too).
+MAX_TRACE_DAYS: Final = 60
+MAX_TRACE_WINDOW_MS: Final = 24 * 3_600_000
+
+
+def encode_cursor(query: TraceQuery, position: TracePosition) -> str:
+    """The text a client sends back for the next page: the query as it ran (its ``now``
+    included, so every page traces the same window) and where the page ended."""
+    doc = [
+        CURSOR_VERSION,
+        query.now_ms,
+        query.days,
+        query.margin_ms,
+        query.min_overlap_ms,
+        query.depth,
+        position.depth,
+        position.via_index,
+        position.visit_index,
+        position.offset,
+    ]
+    return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
+
+
+def decode_cursor(text: str, person_id: str) -> tuple[TraceQuery, TracePosition]:
+    """The query and position a cursor holds, for ``person_id``; ValueError when the text
+    is not a cursor this code made (a client can change one, but only into a trace it
+    could have asked for anyway)."""
+    try:
+        if len(text) > MAX_CURSOR_CHARS:
+            raise ValueError
+        doc = json.loads(base64.urlsafe_b64decode(text.encode("ascii")))
+        if (
+            not isinstance(doc, list)
+            or len(doc) != 10
+            or doc[0] != CURSOR_VERSION
+            or not all(type(n) is int and 0 <= n < 2**53 for n in doc)
+        ):
+            raise ValueError
+        _, now_ms, days, margin_ms, min_overlap_ms, depth, p_depth, via, visit, offset = doc
+        query = TraceQuery(
+            person_id=person_id,
+            now_ms=now_ms,
+            days=days,
+            margin_ms=margin_ms,
+            min_overlap_ms=min_overlap_ms,
+            depth=1 if depth == 1 else 2,
+        )
+        if depth not in (1, 2) or p_depth not in (1, 2) or p_depth > depth:
+            raise ValueError
+        if days > MAX_TRACE_DAYS or max(margin_ms, min_overlap_ms) > MAX_TRACE_WINDOW_MS:
+            raise ValueError
+        return query, TracePosition(p_depth, via, visit, offset)
+    except (ValueError, UnicodeError, binascii.Error, RecursionError):
+        raise ValueError("cursor: not one this server gave") from None
+
+
+MAX_CURSOR_CHARS: Final = 512
+
+
 def depth2_persons(rows: Sequence[ContactRow]) -> list[str]:
     """The distinct persons of the depth-1 rows, sorted: whose contacts depth 2 adds."""
     return sorted({row.person_id for row in rows if row.depth == 1})
@@ -213,9 +300,20 @@ def rows_to_csv(rows: Sequence[ContactRow], revealed: Revealed | None = None) ->
     (RFC 4180, the csv module's default), so write the text to a file opened with
     ``newline=""``.
     """
+    return csv_header(revealed is not None) + csv_lines(rows, revealed)
+
+
+def csv_header(revealed: bool) -> str:
+    """The CSV's first line (with ``full_name`` and ``phone`` when contacts are revealed)."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(CSV_COLUMNS + (("full_name", "phone") if revealed else ()))
+    return buffer.getvalue()
+
+
+def csv_lines(rows: Sequence[ContactRow], revealed: Revealed | None = None) -> str:
+    """The CSV lines of ``rows``, without the header (a stream writes it once)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS + (("full_name", "phone") if revealed is not None else ()))
     for row in rows:
         cells: tuple[str, ...] = (
             row.person_id,

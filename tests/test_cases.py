@@ -449,14 +449,17 @@ async def test_risky_venues_carry_no_person_id(make_desk: DeskFactory, keyring: 
     _, made = await post_case(desk, auth, start)
     status, body, _ = await desk.call("GET", f"/v1/risky-venues?since={start - 24 * HOUR}")
     assert status == 200
-    assert body == [
-        {"venue_id": "MARKET", "from": start - HOUR, "to": start + 2 * HOUR, "level": "high"}
-    ]
+    assert body == {
+        "windows": [
+            {"venue_id": "MARKET", "from": start - HOUR, "to": start + 2 * HOUR, "level": "high"}
+        ],
+        "next": None,
+    }
     raw = json.dumps(body)
     for person in ("CASE", "A", "B", "E", made["case_id"]):
         assert f'"{person}"' not in raw
     status, body, _ = await desk.call("GET", f"/v1/risky-venues?since={start + 3 * HOUR}")
-    assert body == []
+    assert body == {"windows": [], "next": None}
     status, doc, _ = await desk.call("GET", "/v1/risky-venues?since=yesterday")
     assert (status, doc["error"]) == (400, "invalid_request")
     status, doc, _ = await desk.call("GET", "/v1/risky-venues", headers=auth)
@@ -662,3 +665,40 @@ async def test_an_sms_that_cannot_be_sent_is_retried_then_given_up(
     entries = [e for e in await desk.storage.audit_entries() if e.action == "notice"]
     assert len(entries) == 1 and "outcome=failed" in entries[0].detail
     assert "+84" not in entries[0].detail  # no phone in the audit log
+
+
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
+async def test_risky_venues_come_in_pages_of_whole_venues(
+    make_desk: DeskFactory, storage_kind: str
+) -> None:
+    desk: Desk = await make_desk(storage=storage_kind, **FAST)
+    now = int(time.time() * 1000)
+    # 25 venues, two cases each: overlapping windows (merged) and a later one.
+    for case in range(2):
+        record = CaseRecord(f"C{case}", f"P{case}", now, None, now, "test", 0, 0)
+        windows = [
+            CaseWindow(f"V{v:03d}", now - 3 * HOUR + case * HOUR, now - HOUR + case * HOUR, "high")
+            for v in range(25)
+        ] + [
+            CaseWindow(f"V{v:03d}", now + 5 * HOUR, now + 6 * HOUR, "low") for v in range(0, 25, 5)
+        ]
+        await desk.storage.add_case(record, windows, [])
+    since = now - 24 * HOUR
+    pages, windows = 0, []
+    status, body, _ = await desk.call("GET", f"/v1/risky-venues?since={since}&limit=10")
+    while True:
+        assert status == 200, body
+        pages += 1
+        windows += body["windows"]
+        assert len({w["venue_id"] for w in body["windows"]}) <= 10
+        if body["next"] is None:
+            break
+        status, body, _ = await desk.call("GET", f"/v1/risky-venues?cursor={body['next']}&limit=10")
+    assert pages == 3
+    assert [w["venue_id"] for w in windows] == sorted(w["venue_id"] for w in windows)
+    # Each venue's two overlapping windows merged into one, whichever page it fell on.
+    assert len([w for w in windows if w["level"] == "high"]) == 25
+    assert len([w for w in windows if w["level"] == "low"]) == 5
+    for bad in ("limit=0", "limit=5001", "cursor=W10=", "cursor=nothing"):
+        status, body, _ = await desk.call("GET", f"/v1/risky-venues?{bad}")
+        assert (status, body["error"]) == (400, "invalid_request"), bad

@@ -615,13 +615,15 @@ async def test_tracing_reveals_contact_details_only_when_asked_and_audits_it(des
     admin = {"Authorization": f"Bearer {token}"}
     path = f"/v1/trace/{case['person_id']}"
 
-    status, rows, _ = await desk.call("GET", path, headers=admin)
+    status, page, _ = await desk.call("GET", path, headers=admin)
+    rows = page["rows"]
     assert status == 200 and [r["person_id"] for r in rows] == [contact["person_id"]]
     assert "full_name" not in rows[0] and "phone" not in rows[0]
     assert not [e for e in await desk.storage.audit_entries() if e.action == "reveal"]
 
-    status, rows, _ = await desk.call("GET", path + "?reveal=1", headers=admin)
+    status, page, _ = await desk.call("GET", path + "?reveal=1", headers=admin)
     assert status == 200
+    rows = page["rows"]
     assert (rows[0]["full_name"], rows[0]["phone"]) == ("Phạm Văn Đồng", "+84387654321")
     reveals = [e for e in await desk.storage.audit_entries() if e.action == "reveal"]
     assert [(e.actor, e.subject) for e in reveals] == [("admin:officer", case["person_id"])]

@@ -721,10 +721,11 @@ def test_success_and_refusal_answers_are_as_documented(
         query={"reveal": 1, "depth": 2, "min_overlap": "1m"},
     )
     assert status == 200
-    rows = {(row["person_id"], row["depth"], row["full_name"]) for row in body}
+    assert body["next"] is None
+    rows = {(row["person_id"], row["depth"], row["full_name"]) for row in body["rows"]}
     # The door check-ins above were at the same venue, within the margin.
     assert {("P2", 1, None), (world.person_id, 1, "Nguyễn Thị Hồng Nhung")} <= rows
-    assert all("via" in row for row in body if row["depth"] == 2)
+    assert all("via" in row for row in body["rows"] if row["depth"] == 2)
     status, body = answer(
         "GET",
         "/v1/trace/{person_id}",

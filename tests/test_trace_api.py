@@ -118,7 +118,9 @@ async def test_http_trace_needs_an_admin_token_and_is_audited(
         auth = {"Authorization": f"Bearer {admin_token}"}
         resp = await client.get("/v1/trace/CASE", headers=auth)
         assert resp.status == 200
-        rows = await resp.json()
+        page = await resp.json()
+        assert page["next"] is None
+        rows = page["rows"]
         assert [(r["person_id"], r["overlap_minutes"]) for r in rows] == [("=CONTACT", 90.0)]
         resp = await client.get("/v1/trace/CASE?depth=3", headers=auth)
         assert resp.status == 400
@@ -157,7 +159,7 @@ async def test_tracing_reads_the_trace_storage_and_audits_in_the_primary(
     try:
         storage = gateway.app[STORAGE]
         auth = {"Authorization": f"Bearer {await storage.add_admin('officer1')}"}
-        rows = await (await client.get("/v1/trace/CASE", headers=auth)).json()
+        rows = (await (await client.get("/v1/trace/CASE", headers=auth)).json())["rows"]
         assert [r["person_id"] for r in rows] == ["=CONTACT"]
         assert await storage.all_visits() == []
         assert [a.action for a in await storage.audit_entries()] == ["trace"]

@@ -15,11 +15,14 @@ the tracing margin), merged with the overlapping windows of other cases at that 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 
 from gateway.http.context import authenticate, authenticate_admin, json_response, read_json
@@ -37,6 +40,8 @@ from storage.times import format_time_ms, parse_time_ms
 
 CASE_DAYS: Final = 14
 MAX_NOTE_CHARS: Final = 500
+DEFAULT_RISKY_VENUES: Final = 1000
+MAX_RISKY_VENUES: Final = 5000
 DAY_MS: Final = 86_400_000
 
 
@@ -330,19 +335,59 @@ async def get_case(request: web.Request) -> web.Response:
 
 
 async def get_risky_venues(request: web.Request) -> web.Response:
-    """Venue windows where cases were present, for matching on the device."""
+    """Venue windows where cases were present, for matching on the device: a page of
+    venues (``limit``), each with all its windows, and a ``next`` cursor while more
+    follow."""
     await authenticate(request, request.app[KEYRING])
+    params = request.query
     now_ms = int(time.time() * 1000)
-    since = request.query.get("since", str(now_ms - CASE_DAYS * DAY_MS))
-    if not since.isdecimal() or len(since) > 15:
-        raise InvalidRequest("since: epoch milliseconds")
-    windows = merge_windows(await request.app[STORAGE].risky_windows(int(since)))
+    try:
+        cursor = params.get("cursor")
+        if cursor is not None:
+            since, after = _decode_venue_cursor(cursor)
+        else:
+            since_text = params.get("since", str(now_ms - CASE_DAYS * DAY_MS))
+            if not since_text.isdecimal() or len(since_text) > 15:
+                raise ValueError("since: epoch milliseconds")
+            since, after = int(since_text), ""
+        limit_text = params.get("limit", str(DEFAULT_RISKY_VENUES))
+        if not limit_text.isdecimal() or not 1 <= int(limit_text) <= MAX_RISKY_VENUES:
+            raise ValueError(f"limit: 1 to {MAX_RISKY_VENUES} venues")
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    limit = int(limit_text)
+    # One venue more than the page, to know whether another page follows.
+    found = await request.app[STORAGE].risky_windows(since, after, limit + 1)
+    venues = sorted({w.venue_id for w in found})
+    shown = [w for w in found if w.venue_id in set(venues[:limit])]
+    more = len(venues) > limit
     return json_response(
-        [
-            {"venue_id": w.venue_id, "from": w.from_ms, "to": w.to_ms, "level": w.level}
-            for w in windows
-        ]
+        {
+            "windows": [
+                {"venue_id": w.venue_id, "from": w.from_ms, "to": w.to_ms, "level": w.level}
+                for w in merge_windows(shown)
+            ],
+            "next": _encode_venue_cursor(since, venues[limit - 1]) if more else None,
+        }
     )
+
+
+def _encode_venue_cursor(since_ms: int, after_venue: str) -> str:
+    doc = orjson.dumps([1, since_ms, after_venue])
+    return base64.urlsafe_b64encode(doc).decode()
+
+
+def _decode_venue_cursor(text: str) -> tuple[int, str]:
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(text.encode("ascii")))
+        version, since, after = doc
+        if version != 1 or type(since) is not int or not 0 <= since < 2**53:
+            raise ValueError
+        if not isinstance(after, str) or not ID_PATTERN.fullmatch(after):
+            raise ValueError
+    except (ValueError, TypeError, UnicodeError, binascii.Error, orjson.JSONDecodeError):
+        raise ValueError("cursor: not one this server gave") from None
+    return since, after
 
 
 def add_routes(app: web.Application) -> None:

@@ -127,24 +127,43 @@ PATHS: Final[dict[str, Schema]] = {
                     "since",
                     {"type": "integer", "minimum": 0},
                     "Windows ending at or after this (epoch ms; default 14 days ago).",
-                )
+                ),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 5000, "default": 1000},
+                    "Venues per page (each with all its windows).",
+                ),
+                _query(
+                    "cursor",
+                    {"type": "string", "maxLength": 512},
+                    "The next page: the `next` of the page before (it holds `since`).",
+                ),
             ],
             "responses": {
                 "200": _json(
-                    {
-                        "type": "array",
-                        "items": _object(
-                            {
-                                **VENUE_ID_MEMBER,
-                                "from": {"type": "integer"},
-                                "to": {"type": "integer"},
-                                "level": {"enum": ["high", "low"]},
-                            }
-                        ),
-                    },
-                    "The windows",
+                    _object(
+                        {
+                            "windows": {
+                                "type": "array",
+                                "items": _object(
+                                    {
+                                        **VENUE_ID_MEMBER,
+                                        "from": {"type": "integer"},
+                                        "to": {"type": "integer"},
+                                        "level": {"enum": ["high", "low"]},
+                                    }
+                                ),
+                            },
+                            "next": {
+                                "type": ["string", "null"],
+                                "description": "The cursor of the next page; null after "
+                                "the last venue.",
+                            },
+                        }
+                    ),
+                    "A page of venues' windows, by venue id",
                 ),
-                **_error(400, "since is not epoch milliseconds", "invalid_request"),
+                **_error(400, "since, limit or cursor breaks its rule", "invalid_request"),
                 **_unauthorized("no app token, or an unknown one"),
             },
         }

@@ -103,18 +103,42 @@ PATHS: Final[dict[str, Schema]] = {
                 _query(
                     "format",
                     {"enum": ["json", "csv"], "default": "json"},
-                    "csv: the same rows as a CSV file (as scangate trace --format csv).",
+                    "csv: every row as a CSV file, written as the trace goes (as scangate "
+                    "trace --format csv); json: a page of rows.",
+                ),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 5000, "default": 1000},
+                    "Rows per JSON page.",
+                ),
+                _query(
+                    "cursor",
+                    {"type": "string", "maxLength": 512},
+                    "The next page: the `next` of the page before. It holds that trace's "
+                    "parameters and moment, so every page traces the same window; the other "
+                    "parameters are not needed with it.",
                 ),
             ],
             "responses": {
                 "200": {
-                    "description": "One row per pair of overlapping visits",
+                    "description": "One row per pair of overlapping visits: contacts of each "
+                    "of the person's visits in turn (by check-in), then, at depth 2, of each "
+                    "contact's visits, contact by contact",
                     "content": {
                         JSON: {
-                            "schema": {
-                                "type": "array",
-                                "items": {"$ref": "#/components/schemas/Contact"},
-                            }
+                            "schema": _object(
+                                {
+                                    "rows": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Contact"},
+                                    },
+                                    "next": {
+                                        "type": ["string", "null"],
+                                        "description": "The cursor of the next page; null "
+                                        "after the last row.",
+                                    },
+                                }
+                            )
                         },
                         "text/csv": {"schema": {"type": "string"}},
                     },

@@ -81,8 +81,8 @@ def add_trace(groups: Subcommands) -> None:
 
 
 def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway.http.trace import trace_query
-    from storage.tracing import rows_to_csv, rows_to_json
+    from gateway.http.trace import revealed_batches, trace_query
+    from storage.tracing import csv_header, csv_lines, rows_to_json
 
     if (args.person_id is None) == (args.national_id is None):
         raise UsageError("give PERSON_ID or --national-id NUMBER (one of them)")
@@ -109,23 +109,30 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
             replica = await connect_storage(
                 settings.trace_storage_url, timezone=settings.timezone, migrate=False
             )
+        personal = await personal_data(storage, settings) if args.reveal else None
+        out = sys.stdout
+        # Written as the trace goes, however many rows: CSV line by line, JSON as one
+        # array on one line (the output contract), a batch of rows at a time.
+        out.write(csv_header(args.reveal) if args.format == "csv" else "[")
+        first = True
         try:
-            rows = await storage.trace(query, actor=actor, read_from=replica)
+            batches = revealed_batches(
+                storage.trace_stream(query, actor, replica), storage, personal, actor,
+                args.person_id,
+            )  # fmt: skip
+            async for rows, revealed in batches:
+                if args.format == "csv":
+                    out.write(csv_lines(rows, revealed))
+                    continue
+                for item in rows_to_json(rows, revealed):
+                    out.write(("" if first else ",") + orjson.dumps(item).decode())
+                    first = False
         finally:
             if replica is not None:
                 await replica.close()
-        revealed = None
-        if args.reveal:
-            from gateway.http.declarations import reveal_contacts
-
-            personal = await personal_data(storage, settings)
-            revealed = await reveal_contacts(
-                storage, personal, [r.person_id for r in rows], actor, args.person_id
-            )
-        if args.format == "csv":
-            sys.stdout.write(rows_to_csv(rows, revealed))
-        else:
-            emit(rows_to_json(rows, revealed))
+        if args.format == "json":
+            out.write("]\n")
+        out.flush()
         return 0
 
     return run_storage(settings, work)

@@ -1,0 +1,209 @@
+"""Traces too big for one answer: pages with a cursor over HTTP, every row streamed as CSV
+and by the CLI, and the event loop free between the units of a trace. On both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from gateway.http.keys import STORAGE
+from gateway.http.trace import MAX_PAGE_ROWS
+from signing import Keyring
+from storage import PairingRules, ScanEvent, Storage, TraceQuery
+from storage.tracing import TracePosition, decode_cursor, encode_cursor
+
+from .harness import GatewayStarter
+from .test_declarations import Desk, DeskFactory, make_desk
+from .test_trace_api import cli
+
+__all__ = ["make_desk"]  # the fixture, used here
+
+HOUR: Final = 3_600_000
+MINUTE: Final = 60_000
+ONE_REDIS: Final = pytest.mark.parametrize("redis_server", ["valkey"], indirect=True)
+
+
+async def plant_crowd(storage: Storage, venues: int, visitors: int) -> int:
+    """CASE visits ``venues`` venues an hour each, one after another, ``visitors`` others
+    overlap each visit, and one of them (V0-0) met a stranger later (for depth 2). The
+    moment to trace from."""
+    start = int(time.time() * 1000) - 30 * HOUR
+    events: list[ScanEvent] = []
+
+    def visit(person: str, venue: str, t0: int, t1: int) -> None:
+        n = len(events)
+        events.append(ScanEvent("vhd", f"E{n:09d}", "checkin", venue, person, t0, t0, None))
+        events.append(ScanEvent("vhd", f"E{n + 1:09d}", "checkout", venue, person, t1, t1, None))
+
+    for v in range(venues):
+        t = start + v * 2 * HOUR
+        visit("CASE", f"VENUE{v}", t, t + HOUR)
+        for i in range(visitors):
+            visit(f"V{v}-{i}", f"VENUE{v}", t + (i % 30) * MINUTE, t + HOUR + (i % 7) * MINUTE)
+    later = start + venues * 2 * HOUR + HOUR
+    visit("V0-0", "CAFE", later, later + HOUR)
+    visit("STRANGER", "CAFE", later + 10 * MINUTE, later + HOUR)
+    for i in range(0, len(events), 10_000):
+        await storage.store_batch(events[i : i + 10_000], PairingRules())
+    return int(time.time() * 1000)
+
+
+@pytest.mark.parametrize("limit", [1, 7, 40, 1000])
+async def test_pages_put_together_are_the_whole_trace(storage: Storage, limit: int) -> None:
+    now = await plant_crowd(storage, venues=3, visitors=8)
+    query = TraceQuery(person_id="CASE", now_ms=now, days=3, depth=2)
+    whole = await storage.trace(query, "test")
+    # Depth 1: the 24 visitors; depth 2: each visitor's 7 fellow visitors, and STRANGER.
+    assert len(whole) == 24 + 24 * 7 + 1
+    assert [r.depth for r in whole] == [1] * 24 + [2] * (24 * 7 + 1)
+    assert ("STRANGER", "V0-0") in {(r.person_id, r.via) for r in whole}
+    pages: list[Any] = []
+    position: TracePosition | None = TracePosition()
+    while position is not None:
+        # Through the cursor's text, as a client carries it.
+        query, position = decode_cursor(encode_cursor(query, position), "CASE")
+        rows, position = await storage.trace_page(query, "test", limit, position)
+        assert 1 <= len(rows) <= limit
+        pages.append(rows)
+    assert [row for page in pages for row in page] == whole
+    assert all(len(page) == limit for page in pages[:-1])
+    traces = [e for e in await storage.audit_entries() if e.action == "trace"]
+    assert len(traces) == 1 + len(pages)  # the whole one, and one per page
+
+
+async def test_a_trace_lets_the_event_loop_run_between_its_units(storage: Storage) -> None:
+    now = await plant_crowd(storage, venues=6, visitors=5)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = asyncio.create_task(ticker())
+    try:
+        ticks_before = ticks
+        rows = await storage.trace(TraceQuery(person_id="CASE", now_ms=now, days=3), "test")
+        ran = ticks - ticks_before
+    finally:
+        running.cancel()
+    assert len(rows) == 6 * 5
+    assert ran >= 6  # at least once per unit (one per case visit)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "",
+        "not a cursor",
+        "W10=",  # []
+        encode_cursor(TraceQuery(person_id="X", now_ms=1, days=60), TracePosition())[:-4],
+    ],
+)
+def test_a_cursor_not_made_here_is_refused(cursor: str) -> None:
+    with pytest.raises(ValueError, match="cursor"):
+        decode_cursor(cursor, "CASE")
+
+
+def test_a_cursor_cannot_ask_for_a_wider_trace_than_the_api_allows() -> None:
+    wide = TraceQuery(person_id="CASE", now_ms=1, days=61)
+    with pytest.raises(ValueError, match="cursor"):
+        decode_cursor(encode_cursor(wide, TracePosition()), "CASE")
+    margin = TraceQuery(person_id="CASE", now_ms=1, margin_ms=25 * HOUR)
+    with pytest.raises(ValueError, match="cursor"):
+        decode_cursor(encode_cursor(margin, TracePosition()), "CASE")
+
+
+@ONE_REDIS
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
+async def test_http_pages_with_a_cursor_and_csv_streams_every_row(
+    gateway_under_test: GatewayStarter, redis_url: str, storage_kind: str
+) -> None:
+    gateway = await gateway_under_test(redis_url, storage=storage_kind)
+    storage = gateway.app[STORAGE]
+    await plant_crowd(storage, venues=2, visitors=MAX_PAGE_ROWS // 2 + 300)
+    auth = {"Authorization": f"Bearer {await storage.add_admin('officer')}"}
+    client = gateway.client
+    rows: list[dict[str, Any]] = []
+    pages = 0
+    response = await client.get("/v1/trace/CASE?days=3&limit=2500", headers=auth)
+    while True:
+        assert response.status == 200, await response.text()
+        assert response.headers["Cache-Control"] == "no-store"
+        page = await response.json()
+        assert len(page["rows"]) <= 2500
+        rows += page["rows"]
+        pages += 1
+        if page["next"] is None:
+            break
+        # The cursor carries the query (and its moment); the page size is each request's.
+        response = await client.get(
+            f"/v1/trace/CASE?cursor={page['next']}&limit=2500", headers=auth
+        )
+    expected = 2 * (MAX_PAGE_ROWS // 2 + 300)
+    assert len(rows) == expected and pages == 3
+    assert len({(r["person_id"], r["venue_id"]) for r in rows}) == expected
+    # The default page, and the largest allowed, are bounded.
+    page = await (await client.get("/v1/trace/CASE?days=3", headers=auth)).json()
+    assert len(page["rows"]) == 1000 and page["next"]
+    page = await (
+        await client.get(f"/v1/trace/CASE?days=3&limit={MAX_PAGE_ROWS}", headers=auth)
+    ).json()
+    assert len(page["rows"]) == MAX_PAGE_ROWS
+    # CSV: every row, past any page size, in the same order as the pages.
+    response = await client.get("/v1/trace/CASE?days=3&format=csv", headers=auth)
+    assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+    table = list(csv.reader(io.StringIO(await response.text())))
+    assert len(table) == 1 + expected
+    assert [(r[0], r[1]) for r in table[1:]] == [(r["person_id"], r["venue_id"]) for r in rows]
+    for bad in ("limit=0", f"limit={MAX_PAGE_ROWS + 1}", "cursor=xyz", "format=csv&cursor=x"):
+        response = await client.get(f"/v1/trace/CASE?days=3&{bad}", headers=auth)
+        assert response.status == 400, bad
+        assert (await response.json())["error"] == "invalid_request"
+
+
+async def test_the_cli_writes_every_row_of_a_big_trace(tmp_path: Path) -> None:
+    from storage import connect_storage
+
+    storage = await connect_storage(f"sqlite:///{tmp_path / 'scangate.db'}")
+    try:
+        await plant_crowd(storage, venues=2, visitors=MAX_PAGE_ROWS // 2 + 300)
+    finally:
+        await storage.close()
+    expected = 2 * (MAX_PAGE_ROWS // 2 + 300)
+    result = cli(tmp_path, "trace", "CASE", "--days", "3")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1  # one JSON array on one line
+    assert len(json.loads(result.stdout)) == expected
+    result = cli(tmp_path, "trace", "CASE", "--days", "3", "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    assert len(list(csv.reader(io.StringIO(result.stdout)))) == 1 + expected
+
+
+@ONE_REDIS
+async def test_a_case_counts_every_contact_past_any_page_size(
+    make_desk: DeskFactory, keyring: Keyring
+) -> None:
+    keyring.set_webhook("vhd", "http://127.0.0.1:9/hook")  # a notice per contact's visit
+    desk: Desk = await make_desk(notice_poll_s=60, webhook_private=True)  # none delivered
+    visitors = MAX_PAGE_ROWS // 2 + 300
+    now = await plant_crowd(desk.storage, venues=2, visitors=visitors)
+    auth = {"Authorization": f"Bearer {await desk.storage.add_admin('officer')}"}
+    status, made, _ = await desk.call(
+        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": now - 1000}, headers=auth
+    )
+    assert status == 201, made
+    assert made["contacts"] == 2 * visitors
+    status, shown, _ = await desk.call("GET", f"/v1/cases/{made['case_id']}", headers=auth)
+    assert status == 200
+    stored = await desk.storage.case_notices(made["case_id"])
+    # One notice per contact (each met the case once, at one venue), every one listed.
+    assert len(shown["notices"]) == len(stored) == made["notices"] == 2 * visitors
