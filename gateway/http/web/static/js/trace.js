@@ -39,6 +39,8 @@ function query(format) {
   });
   if (data.get("reveal")) params.set("reveal", "1");
   if (format) params.set("format", format);
+  // The table shows one page, the largest the API gives; the CSV has every row.
+  else params.set("limit", "5000");
   const person = data.get("person_id").trim().toUpperCase();
   return { person, path: `/v1/trace/${encodeURIComponent(person)}?${params}` };
 }
@@ -71,7 +73,7 @@ function cell(text) {
   return td;
 }
 
-function render(person, rows, revealed) {
+function render(person, rows, revealed, more) {
   const body = table.tBodies[0];
   body.replaceChildren(
     ...rows.map((row) => {
@@ -93,7 +95,7 @@ function render(person, rows, revealed) {
     person, count: rows.length,
   });
   results.hidden = false;
-  say(region, t("js.trace.found", { count: rows.length }), "ok");
+  say(region, t(more ? "js.trace.more" : "js.trace.found", { count: rows.length }), "ok");
 }
 
 document.getElementById("trace-signin-form").addEventListener("submit", (event) => {
@@ -115,8 +117,8 @@ form.addEventListener("submit", async (event) => {
   const { person, path } = query();
   await busy(form, async () => {
     try {
-      const rows = await call("GET", path, { headers: auth() });
-      render(person, rows, form.reveal.checked);
+      const page = await call("GET", path, { headers: auth() });
+      render(person, page.rows, form.reveal.checked, page.next !== null);
       shown = { person, path: query("csv").path };
       csvButton.disabled = false;
     } catch (refusal) {
