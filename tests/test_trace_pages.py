@@ -207,3 +207,41 @@ async def test_a_case_counts_every_contact_past_any_page_size(
     stored = await desk.storage.case_notices(made["case_id"])
     # One notice per contact (each met the case once, at one venue), every one listed.
     assert len(shown["notices"]) == len(stored) == made["notices"] == 2 * visitors
+
+
+@ONE_REDIS
+async def test_the_trace_by_national_id_gives_a_first_page_and_the_cursor_of_the_rest(
+    make_desk: DeskFactory,
+) -> None:
+    desk: Desk = await make_desk()
+    session = await desk.session()
+    status, made = await desk.declare(session, national_id="079200001234")
+    assert status == 201, made
+    person = made["person_id"]
+    # The declared person met 1,200 others: more than the first page.
+    storage = desk.storage
+    start = int(time.time() * 1000) - 5 * HOUR
+    events = [
+        ScanEvent("vhd", "N0", "checkin", "VENUE", person, start, start, None),
+        ScanEvent("vhd", "N1", "checkout", "VENUE", person, start + HOUR, start + HOUR, None),
+    ]
+    for i in range(1200):
+        t = start + (i % 20) * MINUTE
+        events += [
+            ScanEvent("vhd", f"M{i}a", "checkin", "VENUE", f"X{i}", t, t, None),
+            ScanEvent("vhd", f"M{i}b", "checkout", "VENUE", f"X{i}", t + HOUR, t + HOUR, None),
+        ]
+    await storage.store_batch(events, PairingRules())
+    auth = {"Authorization": f"Bearer {await storage.add_admin('officer')}"}
+    status, found, _ = await desk.call(
+        "POST", "/v1/trace/national-id", {"national_id": "079200001234"}, headers=auth
+    )
+    assert status == 200, found
+    (entry,) = found["persons"]
+    assert len(found["contacts"]) == 1000 and entry["contacts_next"]
+    status, rest, _ = await desk.call(
+        "GET", f"/v1/trace/{person}?cursor={entry['contacts_next']}", headers=auth
+    )
+    assert status == 200 and rest["next"] is None
+    everyone = {c["person_id"] for c in found["contacts"]} | {r["person_id"] for r in rest["rows"]}
+    assert everyone == {f"X{i}" for i in range(1200)}

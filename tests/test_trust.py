@@ -126,6 +126,8 @@ async def test_a_card_shown_at_a_door_does_not_block_its_owners_declaration(desk
     assert status == 200 and headers["Cache-Control"] == "no-store"
     kinds = {p["found_as"]: p["person_id"] for p in found["persons"]}
     assert set(kinds) == {"claim", "door_card"} and kinds["claim"] == made["person_id"]
+    # Contacts come as the first page of each person's trace: here all of them.
+    assert all(p["contacts_next"] is None for p in found["persons"])
     by_person = Counter(v["person_id"] for v in found["visits"])
     assert by_person == {made["person_id"]: 1, kinds["door_card"]: 1}
     # The number is never in the audit log.

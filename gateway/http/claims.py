@@ -22,13 +22,13 @@ from gateway.http.declarations import reveal_contacts
 from gateway.http.errors import InvalidRequest, NotFound
 from gateway.http.keys import PERSONAL, STORAGE, TRACE_STORAGE
 from gateway.http.people import national_id
-from gateway.http.trace import trace_query
+from gateway.http.trace import DEFAULT_PAGE_ROWS, trace_query
 from signing.codes import ID_PATTERN
 from signing.personal import PersonalData
 from storage import Storage
 from storage.registry import ClaimRecord
 from storage.times import format_time_ms
-from storage.tracing import rows_to_json
+from storage.tracing import encode_cursor, rows_to_json
 
 
 def _now_ms() -> int:
@@ -106,11 +106,14 @@ async def trace_national_id(
     *,
     reveal: bool = False,
     read_from: Storage | None = None,
+    contacts_limit: int | None = None,
 ) -> dict[str, Any]:
     """Everyone an id number names, their visits and their contacts: every claimant (any
     state) and the person its card was recorded under at the doors. Each person's trace is
     audit-logged as a trace of that person, and the search itself as ``trace_national_id``
-    (the number is never logged)."""
+    (the number is never logged). With ``contacts_limit``, each person's contacts are the
+    first page of their trace, and ``contacts_next`` on the person is the cursor of the
+    rest (``GET /v1/trace/{person_id}?cursor=``); without, every contact."""
     index = personal.blind_index("national_id", id_number)
     found: list[dict[str, Any]] = []
     for claim in await storage.id_claims([index]):
@@ -144,7 +147,13 @@ async def trace_national_id(
                     "closed_by": visit.closed_by,
                 }
             )
-        rows = await storage.trace(query, actor=actor, read_from=read_from)
+        if contacts_limit is None:
+            rows = await storage.trace(query, actor=actor, read_from=read_from)
+        else:
+            rows, after = await storage.trace_page(
+                query, actor, contacts_limit, read_from=read_from
+            )
+            person["contacts_next"] = None if after is None else encode_cursor(query, after)
         revealed = None
         if reveal and rows:
             revealed = await reveal_contacts(
@@ -212,6 +221,7 @@ async def post_trace_national_id(request: web.Request) -> web.Response:
             f"admin:{admin}",
             reveal=_flag(doc.get("reveal"), "reveal"),
             read_from=request.app[TRACE_STORAGE],
+            contacts_limit=DEFAULT_PAGE_ROWS,
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None

@@ -183,7 +183,9 @@ PATHS: Final[dict[str, Schema]] = {
                             "contacts": {"type": "array", "items": {"type": "object"}},
                         }
                     ),
-                    "Persons found, their visits, and each one's contacts",
+                    "Persons found, their visits, and each one's contacts: the first "
+                    "1,000 of each person's trace, and on the person, contacts_next, the "
+                    "cursor of the rest (GET /v1/trace/{person_id}?cursor=), null when none",
                     {"Cache-Control": {"schema": {"const": "no-store"}}},
                 ),
                 **_body_errors("malformed_json", "invalid_request", "invalid_field"),
