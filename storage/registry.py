@@ -286,20 +286,29 @@ class Registry(SharedSql):
         )
         return ClaimRecord(*rows[0]) if rows else None
 
-    async def contested_claims(self, include_resolved: bool = False) -> list[ClaimRecord]:
-        """The claims on every id claimed more than once, grouped by id, oldest first:
-        only ids with no accepted claim yet unless ``include_resolved``."""
+    async def contested_claims(
+        self, include_resolved: bool = False, after_index: str = "", groups: int | None = None
+    ) -> list[ClaimRecord]:
+        """The claims on every id claimed more than once, grouped by id (its blind index),
+        oldest first: only ids with no accepted claim yet unless ``include_resolved``; the
+        ids after ``after_index``, the first ``groups`` of them (all when None), each
+        group whole."""
         unresolved = (
             ""
             if include_resolved
             else "AND NOT EXISTS (SELECT 1 FROM id_claims a WHERE "
-            "a.national_id_index = c.national_id_index AND a.state = 'accepted') "
+            "a.national_id_index = g.national_id_index AND a.state = 'accepted') "
         )
+        limit = "" if groups is None else f"LIMIT {int(groups)}"
         rows = await self._fetch(
             f"SELECT {', '.join('c.' + col for col in _CLAIM_COLUMNS.split(', '))} "
-            "FROM id_claims c WHERE (SELECT count(*) FROM id_claims o "
-            f"WHERE o.national_id_index = c.national_id_index) > 1 {unresolved}"
-            "ORDER BY c.national_id_index, c.claimed_at, c.claim_id"
+            "FROM id_claims c JOIN ("
+            "  SELECT g.national_id_index FROM id_claims g WHERE g.national_id_index > $1 "
+            f"  {unresolved}GROUP BY g.national_id_index HAVING count(*) > 1 "
+            f"  ORDER BY g.national_id_index {limit}"
+            ") ids ON c.national_id_index = ids.national_id_index "
+            "ORDER BY c.national_id_index, c.claimed_at, c.claim_id",
+            after_index,
         )
         return [ClaimRecord(*r) for r in rows]
 

@@ -522,3 +522,33 @@ def test_every_test_the_threat_model_names_exists() -> None:
     for file, test in named:
         source = (Path(__file__).parent / file).read_text(encoding="utf-8")
         assert re.search(rf"^(async )?def {test}\(", source, re.M), f"{file}::{test}"
+
+
+async def test_claims_come_in_pages_of_whole_ids(desk: Desk) -> None:
+    first, second = await desk.session(PHONE), await desk.session(OTHER_PHONE)
+    for i in range(5):
+        for session, phone, name in (
+            (first, PHONE, "Lê Văn Tám"),
+            (second, OTHER_PHONE, "Trần Thị Mai"),
+        ):
+            status, made = await desk.declare(
+                session, phone=phone, national_id=f"07920000{i:04d}", full_name=name
+            )
+            assert status == 201, made
+    auth = await admin(desk)
+    pages: list[list[dict[str, object]]] = []
+    status, listed, _ = await desk.call("GET", "/v1/claims?limit=2", headers=auth)
+    while True:
+        assert status == 200, listed
+        pages.append(listed["claims"])
+        if listed["next"] is None:
+            break
+        status, listed, _ = await desk.call(
+            "GET", f"/v1/claims?limit=2&cursor={listed['next']}", headers=auth
+        )
+    assert [len(page) for page in pages] == [4, 4, 2]  # two ids of two claims, a page
+    groups = [{c["competing_group"] for c in page} for page in pages]
+    assert [len(g) for g in groups] == [2, 2, 1] and not set.intersection(*groups)
+    for bad in ("limit=0", "limit=5001", "cursor=nothing", "cursor=YWJj"):
+        status, doc, _ = await desk.call("GET", f"/v1/claims?{bad}", headers=auth)
+        assert (status, doc["error"]) == (400, "invalid_request"), bad

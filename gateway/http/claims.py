@@ -10,9 +10,12 @@ here is audit-logged, by ids only.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -24,11 +27,15 @@ from gateway.http.keys import PERSONAL, STORAGE, TRACE_STORAGE
 from gateway.http.people import national_id
 from gateway.http.trace import DEFAULT_PAGE_ROWS, trace_query
 from signing.codes import ID_PATTERN
-from signing.personal import PersonalData
+from signing.personal import BLIND_INDEX_HEX, PersonalData
 from storage import Storage
 from storage.registry import ClaimRecord
 from storage.times import format_time_ms
 from storage.tracing import encode_cursor, rows_to_json
+
+DEFAULT_CLAIM_GROUPS: Final = 500
+MAX_CLAIM_GROUPS: Final = 5000
+_BLIND_INDEX: Final = re.compile(f"[0-9a-f]{{{BLIND_INDEX_HEX}}}")
 
 
 def _now_ms() -> int:
@@ -57,11 +64,24 @@ async def contested_claims(
     *,
     include_resolved: bool = False,
     reveal: bool = False,
-) -> list[dict[str, Any]]:
+    after: str = "",
+    groups: int | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
     """Claims on ids that more than one declaration claims, grouped (``competing_group``
     is the first claim of the group); unresolved groups only unless ``include_resolved``.
-    With ``reveal``, each claimant's declared name and phone, decrypted (audit-logged)."""
-    claims = await storage.contested_claims(include_resolved)
+    With ``reveal``, each claimant's declared name and phone, decrypted (audit-logged).
+    A page of ``groups`` ids after ``after`` (all when None), and the id to page on from
+    (None after the last)."""
+    # One group more than asked for, to know whether another page follows.
+    claims = await storage.contested_claims(
+        include_resolved, after, None if groups is None else groups + 1
+    )
+    ids = sorted({c.national_id_index for c in claims})
+    more = groups is not None and len(ids) > groups
+    if more:
+        assert groups is not None
+        kept = set(ids[:groups])
+        claims = [c for c in claims if c.national_id_index in kept]
     listed: list[dict[str, Any]] = []
     group_of: dict[str, str] = {}
     for claim in claims:
@@ -74,7 +94,7 @@ async def contested_claims(
         )
         for item in listed:
             item["full_name"], item["phone"] = revealed.get(item["person_id"], (None, None))
-    return listed
+    return listed, (ids[groups - 1] if more and groups is not None else None)
 
 
 async def accept_claim(storage: Storage, claim_id: str, actor: str) -> dict[str, Any]:
@@ -184,14 +204,35 @@ def _flag(value: object, name: str) -> bool:
 async def get_claims(request: web.Request) -> web.Response:
     storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
-    listed = await contested_claims(
+    params = request.query
+    try:
+        after = _decode_claims_cursor(params["cursor"]) if "cursor" in params else ""
+        limit_text = params.get("limit", str(DEFAULT_CLAIM_GROUPS))
+        if not limit_text.isdecimal() or not 1 <= int(limit_text) <= MAX_CLAIM_GROUPS:
+            raise ValueError(f"limit: 1 to {MAX_CLAIM_GROUPS} ids")
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    listed, last = await contested_claims(
         storage,
         request.app[PERSONAL],
         f"admin:{admin}",
-        include_resolved=_flag(request.query.get("all"), "all"),
-        reveal=_flag(request.query.get("reveal"), "reveal"),
+        include_resolved=_flag(params.get("all"), "all"),
+        reveal=_flag(params.get("reveal"), "reveal"),
+        after=after,
+        groups=int(limit_text),
     )
-    return _no_store({"claims": listed})
+    cursor = None if last is None else base64.urlsafe_b64encode(last.encode()).decode()
+    return _no_store({"claims": listed, "next": cursor})
+
+
+def _decode_claims_cursor(text: str) -> str:
+    try:
+        after = base64.urlsafe_b64decode(text.encode("ascii")).decode("ascii")
+    except (ValueError, UnicodeError, binascii.Error):
+        raise ValueError("cursor: not one this server gave") from None
+    if not _BLIND_INDEX.fullmatch(after):
+        raise ValueError("cursor: not one this server gave")
+    return after
 
 
 async def post_accept_claim(request: web.Request) -> web.Response:

@@ -205,11 +205,30 @@ PATHS: Final[dict[str, Schema]] = {
                     {"enum": [0, 1], "default": 0},
                     "1 adds each claimant's full_name and phone (audit-logged).",
                 ),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 5000, "default": 500},
+                    "Ids per page, each with all its claims.",
+                ),
+                _query(
+                    "cursor",
+                    {"type": "string", "maxLength": 512},
+                    "The next page: the `next` of the page before.",
+                ),
             ],
             "responses": {
                 "200": _json(
-                    _object({"claims": {"type": "array", "items": CLAIM}}),
-                    "The claims, grouped by id (competing_group)",
+                    _object(
+                        {
+                            "claims": {"type": "array", "items": CLAIM},
+                            "next": {
+                                "type": ["string", "null"],
+                                "description": "The cursor of the next page; null after "
+                                "the last id.",
+                            },
+                        }
+                    ),
+                    "The claims, grouped by id (competing_group), a page of ids",
                     {"Cache-Control": {"schema": {"const": "no-store"}}},
                 ),
                 **_body_errors("invalid_request"),

@@ -211,7 +211,7 @@ def cmd_claims_list(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(storage: Storage) -> int:
         personal = await personal_data(storage, settings)
-        listed = await contested_claims(
+        listed, _ = await contested_claims(
             storage,
             personal,
             cli_actor(),
