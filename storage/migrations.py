@@ -301,6 +301,7 @@ SQLITE: Final[tuple[Migration, ...]] = (
     (4, RETENTION_BOUNDARY),
     (5, _identity("BLOB", "INTEGER", "INTEGER")),
     (6, _tokens_and_audit("INTEGER")),
+    (7, ("ALTER TABLE notices ADD COLUMN checkout_recorded INTEGER NOT NULL DEFAULT 1",)),
 )
 
 
@@ -379,6 +380,8 @@ POSTGRES: Final[tuple[Migration, ...]] = (
     (6, _identity("bytea", "bigint", "boolean")),
     (7, _tokens_and_audit("timestamptz")),
     (8, (KEYRING_DOCUMENT,)),
+    # An exposure that rests on an assumed end (no check-out scanned) says so (issue 19).
+    (9, ("ALTER TABLE notices ADD COLUMN checkout_recorded boolean NOT NULL DEFAULT true",)),
 )
 
 # The tables partitioned by day on PostgreSQL, with their partition column and the storage

@@ -111,3 +111,7 @@ class ContactRow(NamedTuple):
     overlap_minutes: float
     depth: int
     via: str | None
+    # False when the overlap rests on an end that was assumed rather than scanned: the
+    # case's or the contact's visit had no check-out (DESIGN's assumed end, or the next
+    # check-in). The overlap never runs past the moment traced either way.
+    checkout_recorded: bool = True

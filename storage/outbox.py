@@ -61,6 +61,8 @@ class NoticeRecord(NamedTuple):
     last_error: str | None
     delivered_at_ms: int | None
     created_at_ms: int
+    # False when the exposure rests on an assumed end (``ContactRow.checkout_recorded``).
+    checkout_recorded: bool = True
 
 
 _CASE_COLUMNS: Final = ", ".join(CaseRecord._fields).replace("_ms", "")
@@ -246,4 +248,8 @@ class Outbox(SharedSql):
 
 def _notice(row: Sequence[Any]) -> NoticeRecord:
     record = NoticeRecord(*row)
-    return record._replace(overlap_minutes=float(record.overlap_minutes))
+    # SQLite gives the flag back as 0 or 1.
+    return record._replace(
+        overlap_minutes=float(record.overlap_minutes),
+        checkout_recorded=bool(record.checkout_recorded),
+    )

@@ -39,7 +39,11 @@ CSV_COLUMNS: Final = (
     "overlap_minutes",
     "depth",
     "via",
+    "checkout_recorded",
 )
+# How visits whose end was scanned are closed: a check-out, or a check-out with no
+# check-in before it (an orphan: its start is assumed, its end is not).
+RECORDED_ENDS: Final = frozenset({"checkout", "orphan"})
 # First characters a spreadsheet may read as a formula or a control (OWASP, "CSV Injection").
 _FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
 
@@ -144,9 +148,12 @@ def contacts_of(
     rows: list[ContactRow] = []
     for case in cases:
         widened_start, widened_end = widen(case, query.margin_ms)
+        case_recorded = case.closed_by in RECORDED_ENDS
         for contact in by_venue.get(case.venue_id, ()):
             start = max(widened_start, contact.checkin_at_ms)
-            end = min(widened_end, contact.checkout_at_ms)
+            # Never past the moment traced (now, or a case's confirmation): a visit with
+            # no check-out yet has an assumed end hours ahead.
+            end = min(widened_end, contact.checkout_at_ms, query.now_ms)
             # "> 0" as well: with min_overlap 0, visits that only touch are still not contacts.
             if end - start >= query.min_overlap_ms and end > start:
                 rows.append(
@@ -158,6 +165,7 @@ def contacts_of(
                         overlap_minutes=round((end - start) / 60_000, 2),
                         depth=depth,
                         via=via,
+                        checkout_recorded=case_recorded and contact.closed_by in RECORDED_ENDS,
                     )
                 )
     rows.sort(key=lambda r: (r.overlap_start_ms, r.venue_id, r.person_id, r.overlap_end_ms))
@@ -277,6 +285,7 @@ def rows_to_json(
         }
         if row.via is not None:
             item["via"] = row.via
+        item["checkout_recorded"] = row.checkout_recorded
         if revealed is not None:
             item["full_name"], item["phone"] = revealed.get(row.person_id, (None, None))
         out.append(item)
@@ -323,6 +332,7 @@ def csv_lines(rows: Sequence[ContactRow], revealed: Revealed | None = None) -> s
             f"{row.overlap_minutes:.2f}",
             str(row.depth),
             row.via or "",
+            "true" if row.checkout_recorded else "false",
         )
         if revealed is not None:
             name, phone = revealed.get(row.person_id, (None, None))

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -31,6 +32,7 @@ from gateway.outbox.notifier import ADVICE, sign, sms_text, without_diacritics
 from signing import Keyring, KeyringError
 from storage import PairingRules, ScanEvent, Storage, connect_storage
 from storage.outbox import CaseRecord, CaseWindow, NoticeRecord, notice_id
+from storage.times import format_time_ms, parse_time_ms
 
 from .servers import scangate_env
 from .test_declarations import Desk, DeskFactory, make_desk
@@ -241,9 +243,11 @@ async def test_a_case_notifies_exactly_its_contacts_by_their_apps_or_by_sms(
         "exposure_start",
         "exposure_end",
         "overlap_minutes",
+        "checkout_recorded",
         "advice",
     }
     assert (first["venue_id"], first["advice"]) == ("MARKET", ADVICE)
+    assert first["checkout_recorded"] is True  # both visits were checked out
     assert first["overlap_minutes"] == 40.0
     # C got an SMS in Vietnamese (without diacritics, as operators send them).
     texts = [m["text"] for m in desk.sms() if m["to"] == "+84912345678"]
@@ -702,3 +706,42 @@ async def test_risky_venues_come_in_pages_of_whole_venues(
     for bad in ("limit=0", "limit=5001", "cursor=W10=", "cursor=nothing"):
         status, body, _ = await desk.call("GET", f"/v1/risky-venues?{bad}")
         assert (status, body["error"]) == (400, "invalid_request"), bad
+
+
+async def test_an_exposure_with_no_check_out_ends_at_the_confirmation_and_says_so(
+    make_desk: DeskFactory, keyring: Keyring
+) -> None:
+    """A case and a contact who both checked in and never out: their stored visits end
+    four hours on (the assumed stay), but the exposure stops at the confirmation."""
+    keyring.set_webhook("vhd", "http://127.0.0.1:9/hook")
+    desk: Desk = await make_desk(notice_poll_s=60, webhook_private=True)
+    now = int(time.time() * 1000)
+    await desk.storage.store_batch(
+        [
+            ScanEvent("vhd", "OPEN1", "checkin", "MARKET", "CASE", now - 30 * 60_000, now, None),
+            ScanEvent("vhd", "OPEN2", "checkin", "MARKET", "NEAR", now - 20 * 60_000, now, None),
+        ],
+        PairingRules(),
+    )
+    confirmed = now - 5 * 60_000
+    auth = await admin(desk)
+    status, made, _ = await desk.call(
+        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": confirmed}, headers=auth
+    )
+    assert status == 201, made
+    status, shown, _ = await desk.call("GET", f"/v1/cases/{made['case_id']}", headers=auth)
+    (notice,) = shown["notices"]
+    assert notice["exposure_end"] == format_time_ms(confirmed)  # not four hours on
+    assert notice["overlap_minutes"] == 15.0
+    assert notice["checkout_recorded"] is False
+    (window,) = await desk.storage.risky_windows(0)
+    assert window.to_ms == confirmed
+
+
+def test_the_sms_says_in_words_when_no_check_out_was_recorded() -> None:
+    zone = ZoneInfo("Asia/Ho_Chi_Minh")
+    start = parse_time_ms("2026-12-05T02:00:00Z")
+    recorded = sms_text("Chợ Bến Thành", start, start + HOUR, zone)
+    assumed = sms_text("Chợ Bến Thành", start, start + HOUR, zone, checkout_recorded=False)
+    assert "den 10:00 05/12." in recorded and "khong ghi nhan" not in recorded
+    assert "den khoang 10:00 05/12 (khong ghi nhan gio ra)." in assumed

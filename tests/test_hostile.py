@@ -1532,7 +1532,7 @@ async def test_trace_query_parameters_are_checked(gate: Gate, query: str) -> Non
     if reply.status == 400:
         assert reply.body["error"] == "invalid_request"
     else:
-        assert reply.body == []
+        assert reply.body == {"rows": [], "next": None}
 
 
 def json_values() -> st.SearchStrategy[Any]:

@@ -80,6 +80,7 @@ async def test_cli_trace_json_and_csv_and_admins(tmp_path: Path) -> None:
         "overlap_minutes",
         "depth",
         "via",
+        "checkout_recorded",
     ]
     assert table[1][0] == "'=CONTACT"  # formula injection neutralised
     assert len(table) == 2

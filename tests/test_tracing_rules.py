@@ -156,8 +156,46 @@ def test_window_ends_are_inclusive() -> None:
         visit("B", "V1", q.window_start_ms - 30 * MINUTE, q.window_start_ms),
         visit("C", "V2", NOW, NOW + 30 * MINUTE),
     ]
+    # Both case visits are in the window; the one starting now has had no time yet with
+    # anyone (nothing after the moment traced counts).
+    assert [w[0] for w in candidate_windows([ends_at_start, starts_at_now], q)] == ["V1", "V2"]
     rows = depth1([ends_at_start, starts_at_now], candidates, q)
-    assert [(r.person_id, r.overlap_minutes) for r in rows] == [("B", 30.0), ("C", 30.0)]
+    assert [(r.person_id, r.overlap_minutes) for r in rows] == [("B", 30.0)]
+
+
+def open_visit(person: str, venue: str, start: int) -> Visit:
+    """A check-in with no check-out yet: stored with its assumed end, four hours on."""
+    return Visit(person, venue, start, start + 240 * MINUTE, "auto", start)
+
+
+def test_a_visit_with_no_check_out_counts_up_to_the_moment_traced_not_its_assumed_end() -> None:
+    """Someone who checked in 3 minutes ago showed overlap_minutes 240, ending four hours
+    ahead (issue 19)."""
+    q = query(min_overlap_ms=0)
+    case = visit(CASE, "V1", NOW - 60 * MINUTE, NOW - 30 * MINUTE)
+    rows = depth1([case], [open_visit("B", "V1", NOW - 3 * MINUTE)], q)
+    assert [(r.overlap_end_ms, r.overlap_minutes, r.checkout_recorded) for r in rows] == [
+        (NOW, 3.0, False)
+    ]
+    # The case's own visit open: the contact's check-out bounds the overlap, but it rests
+    # on the case's assumed stay, so it is not "recorded" either.
+    rows = depth1([open_visit(CASE, "V1", NOW - 20 * MINUTE)], [case_at("B")], q)
+    assert [(r.overlap_end_ms, r.checkout_recorded) for r in rows] == [(NOW - 10 * MINUTE, False)]
+    # Both ends scanned: recorded, and still never past now.
+    rows = depth1([case], [visit("B", "V1", NOW - 50 * MINUTE, NOW - 40 * MINUTE)], q)
+    assert [r.checkout_recorded for r in rows] == [True]
+
+
+def case_at(person: str) -> Visit:
+    return visit(person, "V1", NOW - 30 * MINUTE, NOW - 10 * MINUTE)
+
+
+def test_a_case_is_traced_no_further_than_its_confirmation() -> None:
+    confirmed = NOW - 60 * MINUTE
+    q = TraceQuery(person_id=CASE, now_ms=confirmed, min_overlap_ms=0)
+    case = open_visit(CASE, "V1", confirmed - 30 * MINUTE)
+    rows = depth1([case], [open_visit("B", "V1", confirmed - 20 * MINUTE)], q)
+    assert [(r.overlap_end_ms, r.overlap_minutes) for r in rows] == [(confirmed, 20.0)]
 
 
 def test_two_case_visits_overlapping_one_contact_visit_give_two_rows() -> None:
@@ -236,7 +274,7 @@ def test_depth_and_via_must_agree() -> None:
 # -- formatting ---------------------------------------------------------------------------
 
 ROW1 = ContactRow("B", "V1", parse_time_ms("2026-11-25T09:00:00.250Z"), at("10:15"), 74.75, 1, None)
-ROW2 = ContactRow("C", "V2", at("15:30"), at("17:00"), 90.0, 2, "B")
+ROW2 = ContactRow("C", "V2", at("15:30"), at("17:00"), 90.0, 2, "B", checkout_recorded=False)
 
 
 def test_rows_to_json() -> None:
@@ -248,6 +286,7 @@ def test_rows_to_json() -> None:
             "overlap_end": "2026-11-25T10:15:00.000Z",
             "overlap_minutes": 74.75,
             "depth": 1,
+            "checkout_recorded": True,
         },
         {
             "person_id": "C",
@@ -257,6 +296,7 @@ def test_rows_to_json() -> None:
             "overlap_minutes": 90.0,
             "depth": 2,
             "via": "B",
+            "checkout_recorded": False,
         },
     ]
     assert rows_to_json([]) == []
@@ -264,9 +304,9 @@ def test_rows_to_json() -> None:
 
 def test_rows_to_csv() -> None:
     assert rows_to_csv([ROW1, ROW2]) == (
-        "person_id,venue_id,overlap_start,overlap_end,overlap_minutes,depth,via\r\n"
-        "B,V1,2026-11-25T09:00:00.250Z,2026-11-25T10:15:00.000Z,74.75,1,\r\n"
-        "C,V2,2026-11-25T15:30:00.000Z,2026-11-25T17:00:00.000Z,90.00,2,B\r\n"
+        "person_id,venue_id,overlap_start,overlap_end,overlap_minutes,depth,via,checkout_recorded\r\n"
+        "B,V1,2026-11-25T09:00:00.250Z,2026-11-25T10:15:00.000Z,74.75,1,,true\r\n"
+        "C,V2,2026-11-25T15:30:00.000Z,2026-11-25T17:00:00.000Z,90.00,2,B,false\r\n"
     )
     assert rows_to_csv([]) == ",".join(CSV_COLUMNS) + "\r\n"
 

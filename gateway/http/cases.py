@@ -76,6 +76,7 @@ class CasePlan:
                     "exposure_start": format_time_ms(row.overlap_start_ms),
                     "exposure_end": format_time_ms(row.overlap_end_ms),
                     "overlap_minutes": row.overlap_minutes,
+                    "checkout_recorded": row.checkout_recorded,
                     "channels": channels.get(
                         (row.person_id, row.venue_id, row.overlap_start_ms), []
                     ),
@@ -108,7 +109,8 @@ async def plan_case(
             CaseWindow(
                 v.venue_id,
                 v.checkin_at_ms - query.margin_ms,
-                v.checkout_at_ms + query.margin_ms,
+                # Not past the confirmation: an open visit's assumed end may be later.
+                min(v.checkout_at_ms + query.margin_ms, confirmed_at_ms),
                 "high" if v.checkout_at_ms - v.checkin_at_ms >= query.min_overlap_ms else "low",
             )
             for v in case_visits
@@ -153,6 +155,7 @@ async def plan_case(
                         last_error=None,
                         delivered_at_ms=None,
                         created_at_ms=now_ms,
+                        checkout_recorded=row.checkout_recorded,
                     )
                 )
     # One notice per unique tuple, as the table's key would keep it.
@@ -233,6 +236,7 @@ def case_json(case: CaseRecord, notices: Sequence[NoticeRecord], note: str | Non
                 "exposure_start": format_time_ms(n.exposure_start_ms),
                 "exposure_end": format_time_ms(n.exposure_end_ms),
                 "overlap_minutes": n.overlap_minutes,
+                "checkout_recorded": n.checkout_recorded,
                 "channel": n.channel,
                 "app_id": n.app_id or None,
                 "state": n.state,

@@ -103,6 +103,9 @@ def webhook_body(notice: NoticeRecord, event_ids: Sequence[str]) -> bytes:
             "exposure_start": format_time_ms(notice.exposure_start_ms),
             "exposure_end": format_time_ms(notice.exposure_end_ms),
             "overlap_minutes": notice.overlap_minutes,
+            # false: one of the two visits had no check-out scanned; the exposure runs to
+            # its assumed end, and no further than the case's confirmation.
+            "checkout_recorded": notice.checkout_recorded,
             "advice": ADVICE,
         }
     )
@@ -119,16 +122,20 @@ def without_diacritics(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
-def sms_text(venue_name: str, start_ms: int, end_ms: int, tz: ZoneInfo) -> str:
-    """The exposure SMS, in Vietnamese without diacritics (one 160-character part each)."""
+def sms_text(
+    venue_name: str, start_ms: int, end_ms: int, tz: ZoneInfo, checkout_recorded: bool = True
+) -> str:
+    """The exposure SMS, in Vietnamese without diacritics. When no check-out was scanned,
+    the end is "about" and the text says why ("no check-out time recorded")."""
 
     def local(ms: int) -> str:
         return dt.datetime.fromtimestamp(ms / 1000, tz).strftime("%H:%M %d/%m")
 
     place = without_diacritics(venue_name)[:40]
+    end = local(end_ms) if checkout_recorded else f"khoang {local(end_ms)} (khong ghi nhan gio ra)"
     return (
         f"[Khai bao y te] Ban co the da tiep xuc voi ca benh tai {place} tu {local(start_ms)}"
-        f" den {local(end_ms)}. Hay tu theo doi suc khoe 14 ngay, deo khau trang va lien he "
+        f" den {end}. Hay tu theo doi suc khoe 14 ngay, deo khau trang va lien he "
         "tram y te neu co sot, ho, kho tho."
     )
 
@@ -291,6 +298,7 @@ class Notifier:
             notice.exposure_start_ms,
             notice.exposure_end_ms,
             self._tz,
+            notice.checkout_recorded,
         )
         # The notice id goes with it: a provider that keeps message ids ({id} in
         # SCANGATE_SMS_TEMPLATE) drops a repeat sent after a worker died mid-send.

@@ -50,10 +50,23 @@ CONTACT: Final[Schema] = _object(
             "$ref": "#/components/schemas/Id",
             "description": "Depth-2 rows: the depth-1 contact they came through.",
         },
+        "checkout_recorded": {
+            "type": "boolean",
+            "description": "false: the case's or the contact's visit had no check-out scanned, "
+            "so the overlap runs to an assumed end (never past the moment traced).",
+        },
         "full_name": {"type": ["string", "null"], "description": "With reveal=1."},
         "phone": {"type": ["string", "null"], "description": "With reveal=1."},
     },
-    required=["person_id", "venue_id", "overlap_start", "overlap_end", "overlap_minutes", "depth"],
+    required=[
+        "person_id",
+        "venue_id",
+        "overlap_start",
+        "overlap_end",
+        "overlap_minutes",
+        "depth",
+        "checkout_recorded",
+    ],
 )
 
 AUDIT_ENTRY: Final[Schema] = _object(

@@ -82,7 +82,11 @@ function render(person, rows, revealed, more) {
         cell(row.person_id),
         cell(row.venue_id),
         cell(when.format(new Date(row.overlap_start))),
-        cell(when.format(new Date(row.overlap_end))),
+        // An end that rests on a visit with no check-out scanned says so, in words.
+        cell(
+          when.format(new Date(row.overlap_end)) +
+            (row.checkout_recorded ? "" : ` (${t("js.trace.no_checkout")})`),
+        ),
         cell(String(row.overlap_minutes)),
         cell(row.depth === 2 ? `2 (${row.via})` : "1"),
       );
