@@ -169,6 +169,7 @@ class AppInfo:
     kids: tuple[str, ...]
     tokens: int  # not revoked
     created_at: int
+    name: str = ""  # what people know it by (posters)
 
 
 def hash_token(token: str) -> str:
@@ -324,6 +325,7 @@ class Keyring:
                 kids=tuple(format_kid(k) for k in sorted(int(k) for k in app["keys"])),
                 tokens=sum(1 for t in app["tokens"] if t.get("revoked_at") is None),
                 created_at=int(app["created_at"]),
+                name=self.app_name(app_id),
             )
             for app_id, app in sorted(self._doc["apps"].items())
         ]
@@ -354,7 +356,8 @@ class Keyring:
         self.refresh(force=True)
 
     def add_app(self, app_id: str, prefix: str | None = None, name: str | None = None) -> NewApp:
-        """Register an app; ``name`` is what people see (on posters), default the app id."""
+        """Register an app; ``name`` is what people see (on posters and pages), by default
+        the app id in capitals until ``set_name`` gives it one."""
         if name is not None and not 1 <= len(name.strip()) <= 40:
             raise KeyringError("app name: 1 to 40 characters")
         if name is not None and has_unprintable(name):
@@ -373,7 +376,7 @@ class Keyring:
                 raise KeyringError(f"prefix {prefix!r} is already used by app {taken[prefix]!r}")
             apps[app_id] = {
                 "prefix": prefix,
-                "name": (name or app_id).strip(),
+                "name": (name or app_id.upper()).strip(),
                 "created_at": int(time.time()),
                 "active_kid": 1,
                 "next_kid": 2,
@@ -382,6 +385,15 @@ class Keyring:
             }
             token = _add_new_token(doc, app_id)
         return NewApp(app_id=app_id, prefix=prefix, kid=format_kid(1), token=token)
+
+    def set_name(self, app_id: str, name: str) -> None:
+        """The name people know the app by, printed on its venues' posters."""
+        if not 1 <= len(name.strip()) <= 40:
+            raise KeyringError("app name: 1 to 40 characters")
+        if has_unprintable(name):
+            raise KeyringError("app name: no control, invisible or unassigned characters")
+        with self._change() as doc:
+            _app(doc, app_id)["name"] = name.strip()
 
     def rotate(self, app_id: str) -> str:
         """Add a key and make it the active one; codes of older keys keep verifying."""

@@ -44,6 +44,7 @@ _DPI: Final[dict[str, int]] = {"svg": SVG_DPI, "png": PNG_DPI, "pdf": PDF_DPI}
 MAX_VENUE_NAME_CHARS: Final = 120
 MAX_ADDRESS_CHARS: Final = 200
 MAX_APP_NAME_CHARS: Final = 40
+MAX_PROVINCE_CHARS: Final = 64
 
 TITLE: Final = "KHAI BÁO Y TẾ — QUÉT MÃ QR"
 SVG_FONT_FAMILY: Final = "DejaVu Sans, Arial, sans-serif"
@@ -120,17 +121,26 @@ class _SetBlock:
 
 
 def render_poster(
-    code: str, *, venue_name: str, address: str, app_name: str, fmt: PosterFormat
+    code: str,
+    *,
+    venue_name: str,
+    address: str,
+    app_name: str,
+    fmt: PosterFormat,
+    province: str = "",
 ) -> bytes:
     """An A4 portrait poster of a venue code, to print and post at the entrance.
 
-    Raises ``ValueError`` for a code that is not a venue code and for a name, address or
-    app name that is empty (the address may be) or longer than the page has room for.
+    Raises ``ValueError`` for a code that is not a venue code and for a name, address,
+    province or app name that is empty (the address and province may be) or longer than
+    the page has room for.
     """
     dpi = _DPI.get(fmt)
     if dpi is None:
         raise ValueError(f"unknown poster format {fmt!r}: use svg, png or pdf")
-    layout = layout_poster(code, venue_name=venue_name, address=address, app_name=app_name, dpi=dpi)
+    layout = layout_poster(
+        code, venue_name=venue_name, address=address, app_name=app_name, dpi=dpi, province=province
+    )
     if fmt == "svg":
         return _svg(layout, venue_name)
     out = io.BytesIO()
@@ -157,7 +167,7 @@ def render_poster(
 
 
 def layout_poster(
-    code: str, *, venue_name: str, address: str, app_name: str, dpi: int
+    code: str, *, venue_name: str, address: str, app_name: str, dpi: int, province: str = ""
 ) -> PosterLayout:
     """Where every line and the QR symbol go on an A4 page at ``dpi``.
 
@@ -171,6 +181,9 @@ def layout_poster(
     _check_length("app name", app, MAX_APP_NAME_CHARS)
     if len(addr) > MAX_ADDRESS_CHARS:
         raise ValueError(f"address: at most {MAX_ADDRESS_CHARS} characters")
+    prov = _clean(province)
+    if len(prov) > MAX_PROVINCE_CHARS:
+        raise ValueError(f"province: at most {MAX_PROVINCE_CHARS} characters")
 
     width, height, margin = _px(PAGE_WIDTH_MM, dpi), _px(PAGE_HEIGHT_MM, dpi), _px(MARGIN_MM, dpi)
     matrix = tuple(bytes(row) for row in make_qr(code).matrix)
@@ -182,8 +195,10 @@ def layout_poster(
         _Block((TITLE,), bold=True, size_mm=9.0, min_size_mm=7.0, max_lines=2, gap_after_mm=4),
         _Block((name,), bold=True, size_mm=12.0, min_size_mm=6.0, max_lines=3, gap_after_mm=2),
     ]
-    if addr:
-        header.append(_Block((addr,), bold=False, size_mm=5.5, min_size_mm=3.8, max_lines=4))
+    # Where the venue is, as people would say it: the address, then its province.
+    place = tuple(part for part in (addr, prov) if part)
+    if place:
+        header.append(_Block(place, bold=False, size_mm=5.5, min_size_mm=3.8, max_lines=4))
     app_line = f"Dùng ứng dụng {app} để quét"
     steps = (
         f"1. Mở ứng dụng {app} và quét mã khi VÀO (check-in).",

@@ -245,3 +245,50 @@ def test_set_webhook_warns_when_deliveries_could_not_reach_it(
         assert len(warnings) == 1, result.stderr
         assert any(address in warnings[0] for address in warned.split("|")), warnings
         assert "SCANGATE_WEBHOOK_PRIVATE is off" in warnings[0]
+
+
+def test_posters_name_the_app_people_know_and_the_province(tmp_path: Path) -> None:
+    added = run(tmp_path, "apps", "add", "vhd")
+    ok_json(added)
+    warnings = [line for line in added.stderr.splitlines() if "no --name" in line]
+    assert len(warnings) == 1 and "apps set-name vhd" in warnings[0], added.stderr
+    (app,) = ok_json(run(tmp_path, "apps", "list"))  # type: ignore[misc]
+    assert app["name"] == "VHD"
+    venue = ok_json(
+        run(
+            tmp_path,
+            "venues",
+            "add",
+            "--app",
+            "vhd",
+            "--name",
+            "Chợ Bến Thành",
+            "--phone",
+            "0983829927",
+            "--address",
+            "Lê Lợi, Quận 1",
+            "--province",
+            "Hồ Chí Minh",
+            "--kind",
+            "market",
+        )
+    )
+    assert isinstance(venue, dict)
+
+    def poster_text() -> str:
+        out = tmp_path / "poster.svg"
+        result = run(tmp_path, "venues", "poster", venue["venue_id"], "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        return out.read_text(encoding="utf-8")
+
+    first = poster_text()
+    assert "Dùng ứng dụng VHD để quét" in first and "Hồ Chí Minh" in first
+    assert ok_json(run(tmp_path, "apps", "set-name", "vhd", "PC-Covid")) == {
+        "app_id": "vhd",
+        "name": "PC-Covid",
+    }
+    assert "Dùng ứng dụng PC-Covid để quét" in poster_text()
+    named = run(tmp_path, "apps", "add", "bz", "--name", "Bluezone")
+    assert named.returncode == 0 and "no --name" not in named.stderr
+    bad = run(tmp_path, "apps", "set-name", "vhd", "\u0378")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1

@@ -106,6 +106,7 @@ class Posters:
                 code,
                 venue_name=venue.name,
                 address=venue.address,
+                province=venue.province,
                 app_name=app_name,
                 fmt=fmt,
             )

@@ -95,6 +95,7 @@ def poster(keyring: Keyring, venue: VenueRecord, fmt: PosterFormat) -> bytes:
         poster_code(keyring, venue),
         venue_name=venue.name,
         address=venue.address,
+        province=venue.province,
         app_name=keyring.app_name(venue.app_id),
         fmt=fmt,
     )

@@ -54,8 +54,17 @@ def add_apps(groups: Subcommands) -> None:
     p.add_argument(
         "--name",
         metavar="NAME",
-        help='the name people see on posters, e.g. "Vietnam Health Declaration"',
+        help='the name people know the app by, printed on posters, e.g. "PC-Covid" '
+        "(default: APP_ID in capitals, with a warning; apps set-name changes it)",
     )
+    p = leaf(
+        apps_sub,
+        "set-name",
+        cmd_apps_set_name,
+        "set the name people know the app by, printed on its venues' posters",
+    )
+    p.add_argument("app_id", metavar="APP_ID")
+    p.add_argument("name", metavar="NAME", help="1 to 40 characters")
     p = leaf(
         apps_sub,
         "rotate",
@@ -115,6 +124,13 @@ def add_apps(groups: Subcommands) -> None:
 
 def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
     new = open_keyring(settings).add_app(args.app_id, args.prefix, args.name)
+    if args.name is None:
+        # Posters print "Dùng ứng dụng <name> để quét": an internal id there tells people
+        # nothing, so say so now rather than at the first poster.
+        sys.stderr.write(
+            f"{PROG}: warning: no --name: posters will say {args.app_id.upper()!r}; give the "
+            f"name people know the app by with: {PROG} apps set-name {args.app_id} NAME\n"
+        )
     emit(
         {
             "app_id": new.app_id,
@@ -124,6 +140,12 @@ def cmd_apps_add(args: argparse.Namespace, settings: Settings) -> int:
             "token_id": new.token_id,
         }
     )
+    return 0
+
+
+def cmd_apps_set_name(args: argparse.Namespace, settings: Settings) -> int:
+    open_keyring(settings).set_name(args.app_id, args.name)
+    emit({"app_id": args.app_id, "name": args.name.strip()})
     return 0
 
 
@@ -190,6 +212,7 @@ def cmd_apps_list(args: argparse.Namespace, settings: Settings) -> int:
         [
             {
                 "app_id": a.app_id,
+                "name": a.name,
                 "prefix": a.prefix,
                 "active_kid": a.active_kid,
                 "kids": list(a.kids),
