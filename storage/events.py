@@ -28,6 +28,8 @@ from .sql import SharedSql
 K = TypeVar("K")
 # The order every list of visits is read in (the visits' own sort order, first by person).
 _VISIT_ORDER: Final = "ORDER BY person_id, source_at, venue_id, checkin_at, closed_by"
+# Tables estimated to hold at least this many rows are not counted (see stored_counts).
+EXACT_COUNT_BELOW: Final = 1_000_000
 
 
 class BatchResult(NamedTuple):
@@ -235,6 +237,33 @@ class EventStore(SharedSql):
             end_ms,
         )
         return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    async def person_events(self, person_id: str) -> list[ScanEvent]:
+        """Every stored scan event of a person, in scan order (what ``scangate visits``
+        shows; retention keeps it to a few weeks)."""
+        ms = self._epoch_ms
+        rows = await self._fetch(
+            f"SELECT app_id, event_id, kind, venue_id, person_id, {ms('scanned_at')}, "
+            f"{ms('received_at')}, device_id FROM scan_events WHERE person_id = $1 "
+            "ORDER BY scanned_at, app_id, event_id",
+            person_id,
+        )
+        return [ScanEvent(*r) for r in rows]
+
+    async def stored_counts(self) -> tuple[int, int, bool]:
+        """(events, visits, exact): exact counts, or PostgreSQL's own estimates (from its
+        statistics, at no cost) once a table holds millions of rows, where counting would
+        read the whole table."""
+        estimated = await self._estimated_rows(("scan_events", "visits"))
+        if estimated is not None and min(estimated) >= EXACT_COUNT_BELOW:
+            return estimated[0], estimated[1], False
+        events = await self._fetch("SELECT count(*) FROM scan_events")
+        visits = await self._fetch("SELECT count(*) FROM visits")
+        return int(events[0][0]), int(visits[0][0]), True
+
+    async def _estimated_rows(self, tables: Sequence[str]) -> list[int] | None:
+        """The backend's estimate of each table's rows; None where it has none (SQLite)."""
+        return None
 
     async def count_events(self) -> int:
         rows = await self._fetch("SELECT count(*) FROM scan_events")

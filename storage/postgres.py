@@ -414,6 +414,19 @@ class PostgresStorage(Storage):
                 f"{_ts('checkout_at')}, closed_by, {_ts('source_at')} FROM batch_visits"
             )
 
+    async def _estimated_rows(self, tables: Sequence[str]) -> list[int] | None:
+        # reltuples is -1 for a partition never vacuumed or analyzed: counted as 0, so a
+        # young table is counted exactly (EXACT_COUNT_BELOW).
+        rows = await self._fetch(
+            "SELECT p.relname, coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint "
+            "FROM pg_class p JOIN pg_inherits i ON i.inhparent = p.oid "
+            "JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE p.relname = ANY($1::text[]) AND pg_table_is_visible(p.oid) GROUP BY p.relname",
+            list(tables),
+        )
+        found = {str(r[0]): int(r[1]) for r in rows}
+        return [found.get(t, 0) for t in tables]
+
     # -- retention -------------------------------------------------------------------------
 
     async def purge(self, cutoff_ms: int, rules: PairingRules) -> PurgeResult:

@@ -102,5 +102,10 @@ def test_the_readme_quick_start_posts_an_accepted_scan_at_the_first_paste(
     code, _log = served.stop()
     assert code == 0
     assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
+    answer, stored = (json.loads(line) for line in result.stdout.splitlines()[:2])
     assert answer["accepted"] == 1, answer
+    # It ends by showing the scan stored, with the visit it opened, and the buffer drained.
+    assert [e["event_id"] for e in stored["events"]] == ["EVT00000001"], stored
+    assert [v["venue_id"] for v in stored["visits"]] == ["SHOP42"]
+    table = "\n".join(result.stdout.splitlines()[2:])
+    assert "backlog        0 entries" in table and "storage        sqlite: 1 events" in table

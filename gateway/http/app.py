@@ -26,6 +26,7 @@ from gateway.http import (
     openapi,
     reports,
     scans,
+    stored,
     trace,
     venues,
 )
@@ -166,6 +167,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     cases.add_routes(app)
     reports.add_routes(app)
     audit.add_routes(app)
+    stored.add_routes(app)
     health.add_routes(app)
     return app
 

@@ -29,7 +29,13 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from gateway.metrics import FlusherMetrics, observe_many
 from gateway.pipeline.events import ScanEvent, decode_event
-from gateway.pipeline.keyspace import CONSUMER_GROUP, EVENT_FIELD, dead_letter_key, stream_key
+from gateway.pipeline.keyspace import (
+    CONSUMER_GROUP,
+    EVENT_FIELD,
+    LAST_FLUSH_KEY,
+    dead_letter_key,
+    stream_key,
+)
 from gateway.settings import Settings
 from storage import Storage
 from storage.models import PairingRules
@@ -331,7 +337,7 @@ class Flusher:
                     raise
                 await asyncio.sleep(wait)
         committed_ms = time.time() * 1000
-        await self._acknowledge(batch, dead)
+        await self._acknowledge(batch, dead, int(committed_ms))
         m = self.metrics
         m.flush_duration.observe(time.perf_counter() - started)
         m.flush_batch_size.observe(len(batch))
@@ -342,7 +348,9 @@ class Flusher:
             [max(0.0, (committed_ms - e.received_at_ms) / 1000) for e in events],
         )
 
-    async def _acknowledge(self, batch: Sequence[Entry], dead: list[tuple[Entry, str]]) -> None:
+    async def _acknowledge(
+        self, batch: Sequence[Entry], dead: list[tuple[Entry, str]], committed_ms: int
+    ) -> None:
         by_shard: dict[int, list[bytes]] = {}
         for entry in batch:
             by_shard.setdefault(entry.shard, []).append(entry.entry_id)
@@ -354,6 +362,7 @@ class Flusher:
         for shard, ids in by_shard.items():
             pipe.xack(stream_key(shard), CONSUMER_GROUP, *ids)
             pipe.xdel(stream_key(shard), *ids)
+        pipe.set(LAST_FLUSH_KEY, committed_ms)
         # If this fails the entries stay pending and are stored again later: harmless.
         await pipe.execute()
         if dead:

@@ -11,6 +11,8 @@ from typing import Final
 
 KEY_PREFIX: Final = "sg"
 CONSUMER_GROUP: Final = "scangate-flushers"
+# When a flusher last committed a batch (epoch ms): what ``scangate status`` shows.
+LAST_FLUSH_KEY: Final = f"{KEY_PREFIX}:last-flush"
 # The one field of a stream entry: the event as a compact JSON array (see gateway.pipeline.events).
 EVENT_FIELD: Final = b"e"
 

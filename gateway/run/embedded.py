@@ -29,6 +29,9 @@ MAX_UNIX_SOCKET_PATH_BYTES: Final = 100
 LOOPBACK: Final = "127.0.0.1"
 SOCKET_NAME: Final = "server.sock"
 LOG_NAME: Final = "server.log"
+# Under the data dir: where ``serve`` writes its embedded server's URL while it runs, for
+# the CLI (``scangate status``) to find it.
+EMBEDDED_URL_FILE: Final = "redis.url"
 # The server writes configuration errors to stderr: they happen before it opens its log.
 STDERR_NAME: Final = "server.stderr"
 POLL_INTERVAL_S: Final = 0.02

@@ -84,6 +84,7 @@ def serve(settings: Settings, options: ServeOptions) -> int:
 
 def _supervise(settings: Settings, options: ServeOptions, stopping: Callable[[], bool]) -> int:
     from gateway.run.embedded import (  # imported here: only serve needs it
+        EMBEDDED_URL_FILE,
         RedisProcess,
         valkey_binary,
     )
@@ -111,6 +112,10 @@ def _supervise(settings: Settings, options: ServeOptions, stopping: Callable[[],
         )
         embedded.start()
         log.info("embedded Valkey started (%s, append-only file on)", embedded.url)
+        url_file = settings.data_dir / EMBEDDED_URL_FILE
+        fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w", encoding="ascii") as f:
+            f.write(embedded.url + "\n")
         settings = dataclasses.replace(settings, redis_url=embedded.url)
 
     ctx = multiprocessing.get_context("spawn")
@@ -182,6 +187,7 @@ def _supervise(settings: Settings, options: ServeOptions, stopping: Callable[[],
     finally:
         _stop_all(list(workers.values()), options.shutdown_deadline_s + 5)
         if embedded is not None:
+            (settings.data_dir / EMBEDDED_URL_FILE).unlink(missing_ok=True)
             embedded.stop()
             log.info("embedded Valkey stopped")
         shutil.rmtree(metrics_dir, ignore_errors=True)

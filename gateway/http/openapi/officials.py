@@ -334,6 +334,60 @@ PATHS: Final[dict[str, Schema]] = {
             },
         }
     },
+    "/v1/visits/{person_id}": {
+        "get": {
+            "operationId": "getStoredVisits",
+            "summary": "A person's stored scan events and visits (audit-logged)",
+            "security": ADMIN,
+            "parameters": [PERSON_ID],
+            "responses": {
+                "200": _json(
+                    _object(
+                        {
+                            "person_id": {"$ref": "#/components/schemas/Id"},
+                            "events": {"type": "array", "items": {"type": "object"}},
+                            "visits": {"type": "array", "items": {"type": "object"}},
+                        }
+                    ),
+                    "Events in scan order; visits with closed_by and checkout_recorded",
+                    NO_STORE,
+                ),
+                **_error(400, "person_id breaks its rule", "invalid_request"),
+                **_unauthorized("no admin token, or an unknown or revoked one"),
+            },
+        }
+    },
+    "/v1/status": {
+        "get": {
+            "operationId": "getStatus",
+            "summary": "The buffer's backlog per shard, the last flush, what storage holds, "
+            "and the notices pending",
+            "security": ADMIN,
+            "responses": {
+                "200": _json(
+                    _object(
+                        {
+                            "buffer": {
+                                "type": "object",
+                                "description": "backlog, oldest_age_s, last_flush, "
+                                "last_flush_age_s, shards; or error when Redis does not "
+                                "answer",
+                            },
+                            "storage": {
+                                "type": "object",
+                                "description": "kind, events, visits, exact (false: "
+                                "PostgreSQL's estimates, for millions of rows)",
+                            },
+                            "outbox": {"type": "object", "description": "pending"},
+                        }
+                    ),
+                    "The status",
+                    NO_STORE,
+                ),
+                **_unauthorized("no admin token, or an unknown or revoked one"),
+            },
+        }
+    },
     "/v1/reports/daily": {
         "get": {
             "operationId": "getDailyReport",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 import time
 
 from gateway.settings import Settings
@@ -220,3 +221,49 @@ def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run_storage(settings, work)
+
+
+def add_status(groups: Subcommands) -> None:
+    """Add ``status``: the buffer, storage and outbox at a glance."""
+    p = leaf(
+        groups,
+        "status",
+        cmd_status,
+        "the buffer's backlog per shard and its oldest entry's age, the last flush, the "
+        "events and visits stored and the notices pending (as JSON, or --format table)",
+    )
+    p.add_argument("--format", choices=("json", "table"), default="json")
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.stored import pipeline_status
+    from gateway.pipeline.buffer import connect_redis
+    from gateway.pipeline.status import status_table
+
+    url = settings.redis_url or embedded_redis_url(settings)
+
+    async def work(storage: Storage) -> int:
+        client = None if url is None else connect_redis(url, settings.redis_cluster)
+        try:
+            doc = await pipeline_status(client, settings.shards, storage)
+        finally:
+            if client is not None:
+                await client.aclose()
+        if args.format == "table":
+            sys.stdout.write(status_table(doc))
+        else:
+            emit(doc)
+        return 0
+
+    return run_storage(settings, work)
+
+
+def embedded_redis_url(settings: Settings) -> str | None:
+    """The URL of the embedded server a running ``serve`` on this data dir started
+    (``serve`` writes it down), or None."""
+    from gateway.run.embedded import EMBEDDED_URL_FILE
+
+    try:
+        return (settings.data_dir / EMBEDDED_URL_FILE).read_text("ascii").strip() or None
+    except OSError:
+        return None

@@ -455,3 +455,25 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run_storage(settings, work)
+
+
+def add_visits(groups: Subcommands) -> None:
+    """Add ``visits``: what is stored of one person."""
+    p = leaf(
+        groups,
+        "visits",
+        cmd_visits,
+        "a person's stored scan events and visits: {person_id, events, visits} "
+        "(the read is audit-logged)",
+    )
+    p.add_argument("person_id", metavar="PERSON_ID", type=entity_id)
+
+
+def cmd_visits(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.stored import person_record
+
+    async def work(storage: Storage) -> int:
+        emit(await person_record(storage, args.person_id, cli_actor()))
+        return 0
+
+    return run_storage(settings, work)
