@@ -238,6 +238,13 @@ class EventStore(SharedSql):
         )
         return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
 
+    async def person_known(self, person_id: str) -> bool:
+        """Whether anything is stored of this person: a declaration, a scan or a visit."""
+        for table in ("persons", "scan_events", "visits"):
+            if await self._fetch(f"SELECT 1 FROM {table} WHERE person_id = $1 LIMIT 1", person_id):
+                return True
+        return False
+
     async def person_events(self, person_id: str) -> list[ScanEvent]:
         """Every stored scan event of a person, in scan order (what ``scangate visits``
         shows; retention keeps it to a few weeks)."""

@@ -132,7 +132,7 @@ async def test_a_card_shown_at_a_door_does_not_block_its_owners_declaration(desk
     assert by_person == {made["person_id"]: 1, kinds["door_card"]: 1}
     # The number is never in the audit log.
     entries = await desk.storage.audit_entries()
-    assert [e.action for e in entries].count("trace_national_id") == 1
+    assert [e.action for e in entries].count("trace_search") == 1
     assert not [e for e in entries if CARD_ID in f"{e.subject} {e.detail}"]
 
 
@@ -505,7 +505,7 @@ async def test_officials_list_and_accept_claims_and_trace_by_id_from_the_cli(des
         assert done.returncode == 2 and done.stderr.strip(), wrong
     actions = Counter(e.action for e in await desk.storage.audit_entries())
     assert actions["id_claims_read"] == 1 and actions["reveal"] == 1
-    assert actions["id_claim_accept"] == 1 and actions["trace_national_id"] == 1
+    assert actions["id_claim_accept"] == 1 and actions["trace_search"] == 1
 
 
 def test_every_test_the_threat_model_names_exists() -> None:
@@ -552,3 +552,99 @@ async def test_claims_come_in_pages_of_whole_ids(desk: Desk) -> None:
     for bad in ("limit=0", "limit=5001", "cursor=nothing", "cursor=YWJj"):
         status, doc, _ = await desk.call("GET", f"/v1/claims?{bad}", headers=auth)
         assert (status, doc["error"]) == (400, "invalid_request"), bad
+
+
+# -- finding people the way officials know them (issue 19) ------------------------------------
+
+
+async def test_a_phone_finds_everyone_declared_from_it_with_their_contacts(desk: Desk) -> None:
+    """A family shares a phone: the search by it finds each member, each with contacts;
+    with the mother's id too, one search, nobody twice."""
+    session = await desk.session(PHONE)
+    status, mother = await desk.declare(session, national_id="079185001111", full_name="Lê Thị Hoa")
+    assert status == 201, mother
+    status, child = await desk.declare(session, national_id="079212002222", full_name="Lê Văn An")
+    assert status == 201, child
+    start = int(time.time() * 1000) - 5 * HOUR
+    await desk.storage.store_batch(
+        [
+            ScanEvent("vhd", f"F{n}", kind, venue, person, start + at, start + at, None)
+            for n, (person, venue, kind, at) in enumerate(
+                [
+                    (mother["person_id"], "MARKET", "checkin", 0),
+                    (mother["person_id"], "MARKET", "checkout", HOUR),
+                    ("NEIGHBOUR", "MARKET", "checkin", 10 * MINUTE),
+                    ("NEIGHBOUR", "MARKET", "checkout", HOUR),
+                    (child["person_id"], "SCHOOL", "checkin", 2 * HOUR),
+                    (child["person_id"], "SCHOOL", "checkout", 3 * HOUR),
+                    ("CLASSMATE", "SCHOOL", "checkin", 2 * HOUR),
+                    ("CLASSMATE", "SCHOOL", "checkout", 3 * HOUR),
+                ]
+            )
+        ],
+        PairingRules(),
+    )
+    auth = await admin(desk)
+    status, found, headers = await desk.call(
+        "POST", "/v1/trace/search", {"phone": "+84 912 345 678"}, headers=auth
+    )
+    assert status == 200 and headers["Cache-Control"] == "no-store", found
+    assert {(p["person_id"], p["found_as"]) for p in found["persons"]} == {
+        (mother["person_id"], "phone"),
+        (child["person_id"], "phone"),
+    }
+    contacts = {(c["case_person_id"], c["person_id"]) for c in found["contacts"]}
+    assert contacts == {(mother["person_id"], "NEIGHBOUR"), (child["person_id"], "CLASSMATE")}
+    # Both numbers: one search; the mother is found by her claim first, and only once.
+    status, both, _ = await desk.call(
+        "POST",
+        "/v1/trace/search",
+        {"phone": PHONE, "national_id": "079185001111"},
+        headers=auth,
+    )
+    assert status == 200
+    assert [(p["person_id"], p["found_as"]) for p in both["persons"]] == [
+        (mother["person_id"], "claim"),
+        (child["person_id"], "phone"),
+    ]
+    # The numbers are in no URL and no audit entry; each search and trace is logged.
+    entries = await desk.storage.audit_entries()
+    assert [e.action for e in entries].count("trace_search") == 2
+    assert not [e for e in entries if "912" in f"{e.subject} {e.detail}"]
+    assert not [e for e in entries if "079185001111" in f"{e.subject} {e.detail}"]
+
+
+async def test_nobody_found_is_unknown_person_never_an_empty_list(desk: Desk) -> None:
+    auth = await admin(desk)
+    for body in ({"phone": OTHER_PHONE}, {"national_id": "079000000000"}):
+        status, doc, _ = await desk.call("POST", "/v1/trace/search", body, headers=auth)
+        assert (status, doc["error"]) == (404, "unknown_person"), body
+    status, doc, _ = await desk.call("GET", "/v1/trace/NOBODY", headers=auth)
+    assert (status, doc["error"]) == (404, "unknown_person")
+    status, doc, _ = await desk.call("GET", "/v1/visits/NOBODY", headers=auth)
+    assert (status, doc["error"]) == (404, "unknown_person")
+    status, doc, _ = await desk.call("POST", "/v1/trace/search", {}, headers=auth)
+    assert (status, doc["error"]) == (400, "invalid_request")
+    # The look-ups are audit-logged all the same.
+    actions = Counter(e.action for e in await desk.storage.audit_entries())
+    assert actions["trace_search"] == 2 and actions["trace"] == 1
+    for args in (
+        ("trace", "NOBODY"),
+        ("trace", "--phone", OTHER_PHONE),
+        ("trace", "--national-id", "079000000000"),
+        ("visits", "NOBODY"),
+    ):
+        done = await asyncio.to_thread(cli, desk, *args)
+        assert done.returncode == 1 and done.stdout == "", (args, done.stdout)
+        assert len(done.stderr.strip().splitlines()) == 1 and "unknown person" in done.stderr
+
+
+async def test_the_cli_searches_by_phone(desk: Desk) -> None:
+    status, made = await desk.declare(await desk.session(PHONE))
+    assert status == 201
+    done = await asyncio.to_thread(cli, desk, "trace", "--phone", "0912 345 678")
+    assert done.returncode == 0, done.stderr
+    found = orjson.loads(done.stdout)
+    assert [p["person_id"] for p in found["persons"]] == [made["person_id"]]
+    bad = await asyncio.to_thread(cli, desk, "trace", "--phone", "12")
+    assert bad.returncode == 2 and "--phone" in bad.stderr

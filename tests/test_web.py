@@ -20,6 +20,7 @@ from gateway.pipeline.events import EVENT_REASONS
 from gateway.settings import SettingsError
 from signing import Keyring
 from signing.codes import Code, CodeType
+from storage import PairingRules, ScanEvent
 
 from .test_declarations import PHONE, Desk, DeskFactory, declaration, make_desk
 
@@ -276,6 +277,12 @@ async def test_a_trace_can_be_had_as_csv(make_desk: DeskFactory, keyring: Keyrin
     admin = await storage.add_admin("so-y-te")
     auth = {"Authorization": f"Bearer {admin}"}
     response = await desk.client.get("/v1/trace/NOBODY?format=csv", headers=auth)
+    assert response.status == 404  # nothing stored of NOBODY: never an empty table
+    assert (await response.json())["error"] == "unknown_person"
+    await storage.store_batch(
+        [ScanEvent("vhd", "E1", "checkin", "MARKET", "SOMEBODY", 1, 1, None)], PairingRules()
+    )
+    response = await desk.client.get("/v1/trace/SOMEBODY?format=csv", headers=auth)
     assert response.status == 200 and response.content_type == "text/csv"
     assert (await response.text()).startswith("person_id,venue_id")
     status, doc, _ = await desk.call("GET", "/v1/trace/NOBODY?format=xml", headers=auth)

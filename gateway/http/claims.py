@@ -22,9 +22,9 @@ from aiohttp import web
 
 from gateway.http.context import JSON, authenticate_admin, json_response, read_json
 from gateway.http.declarations import reveal_contacts
-from gateway.http.errors import InvalidRequest, NotFound
+from gateway.http.errors import InvalidRequest, NotFound, UnknownPerson
 from gateway.http.keys import PERSONAL, STORAGE, TRACE_STORAGE
-from gateway.http.people import national_id
+from gateway.http.people import national_id, normalise_phone
 from gateway.http.trace import DEFAULT_PAGE_ROWS, trace_query
 from signing.codes import ID_PATTERN
 from signing.personal import BLIND_INDEX_HEX, PersonalData
@@ -117,40 +117,52 @@ async def accept_claim(storage: Storage, claim_id: str, actor: str) -> dict[str,
     return {"claim_id": claim_id, "person_id": claim.person_id, "rejected": rejected}
 
 
-async def trace_national_id(
+async def trace_search(
     storage: Storage,
     personal: PersonalData,
-    id_number: str,
     params: Mapping[str, str],
     actor: str,
     *,
+    phone: str | None = None,
+    id_number: str | None = None,
     reveal: bool = False,
     read_from: Storage | None = None,
     contacts_limit: int | None = None,
 ) -> dict[str, Any]:
-    """Everyone an id number names, their visits and their contacts: every claimant (any
-    state) and the person its card was recorded under at the doors. Each person's trace is
-    audit-logged as a trace of that person, and the search itself as ``trace_national_id``
-    (the number is never logged). With ``contacts_limit``, each person's contacts are the
-    first page of their trace, and ``contacts_next`` on the person is the cursor of the
-    rest (``GET /v1/trace/{person_id}?cursor=``); without, every contact."""
-    index = personal.blind_index("national_id", id_number)
+    """Everyone a phone number or a national id number names (both, when both are given),
+    their visits and their contacts: for a phone, every person declared from it (a family
+    shares one); for an id, every claimant (any state) and the person its card was
+    recorded under at the doors. Each person's trace is audit-logged as a trace of that
+    person, and the search itself as ``trace_search`` (the number never is). UnknownPerson
+    when nobody is found. With ``contacts_limit``, each person's contacts are the first
+    page of their trace, and ``contacts_next`` on the person is the cursor of the rest
+    (``GET /v1/trace/{person_id}?cursor=``); without, every contact."""
     found: list[dict[str, Any]] = []
-    for claim in await storage.id_claims([index]):
-        found.append(
-            {
-                "person_id": claim.person_id,
-                "found_as": "claim",
-                "claim_id": claim.claim_id,
-                "state": claim.state,
-            }
-        )
-    card = await storage.door_card_holder([index])
-    if card is not None:
-        found.append({"person_id": card, "found_as": "door_card"})
+    if id_number is not None:
+        index = personal.blind_index("national_id", id_number)
+        for claim in await storage.id_claims([index]):
+            found.append(
+                {
+                    "person_id": claim.person_id,
+                    "found_as": "claim",
+                    "claim_id": claim.claim_id,
+                    "state": claim.state,
+                }
+            )
+        card = await storage.door_card_holder([index])
+        if card is not None:
+            found.append({"person_id": card, "found_as": "door_card"})
+    if phone is not None:
+        for record in await storage.persons_by_phone(personal.blind_index("phone", phone)):
+            found.append({"person_id": record.person_id, "found_as": "phone"})
+    # One entry per person: the first way they were found.
+    found = list({p["person_id"]: p for p in reversed(found)}.values())[::-1]
+    by = ",".join(k for k, v in (("phone", phone), ("national_id", id_number)) if v is not None)
     await storage.audit(
-        actor, "trace_national_id", "-", f"persons={','.join(p['person_id'] for p in found)}"
+        actor, "trace_search", "-", f"by={by} persons={','.join(p['person_id'] for p in found)}"
     )
+    if not found:
+        raise UnknownPerson("nobody is known by that number")
     now_ms = _now_ms()
     visits: list[dict[str, Any]] = []
     contacts: list[dict[str, Any]] = []
@@ -243,23 +255,27 @@ async def post_accept_claim(request: web.Request) -> web.Response:
     )
 
 
-async def post_trace_national_id(request: web.Request) -> web.Response:
-    """Trace by national id. The id comes in the body, never the URL: URLs end up in
-    access logs, proxies and browser history."""
+async def post_trace_search(request: web.Request) -> web.Response:
+    """Trace by phone number and/or national id. The numbers come in the body, never the
+    URL: URLs end up in access logs, proxies and browser history."""
     storage = request.app[STORAGE]
     admin = await authenticate_admin(request, storage)
     doc = await read_json(request)
     if not isinstance(doc, dict):
-        raise InvalidRequest('expected {"national_id": ..., "days": ..., ...}')
-    id_number = national_id(doc.get("national_id"))
+        raise InvalidRequest('expected {"phone": ..., "national_id": ..., "days": ..., ...}')
+    if doc.get("phone") is None and doc.get("national_id") is None:
+        raise InvalidRequest('give "phone", "national_id", or both')
+    phone = normalise_phone(doc["phone"]) if doc.get("phone") is not None else None
+    id_number = national_id(doc["national_id"]) if doc.get("national_id") is not None else None
     params = {k: str(doc[k]) for k in ("days", "margin", "min_overlap", "depth") if k in doc}
     try:
-        found = await trace_national_id(
+        found = await trace_search(
             storage,
             request.app[PERSONAL],
-            id_number,
             params,
             f"admin:{admin}",
+            phone=phone,
+            id_number=id_number,
             reveal=_flag(doc.get("reveal"), "reveal"),
             read_from=request.app[TRACE_STORAGE],
             contacts_limit=DEFAULT_PAGE_ROWS,
@@ -272,4 +288,6 @@ async def post_trace_national_id(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/claims", get_claims, name="claims")
     app.router.add_post("/v1/claims/{claim_id}/accept", post_accept_claim, name="claim_accept")
-    app.router.add_post("/v1/trace/national-id", post_trace_national_id, name="trace_national_id")
+    app.router.add_post("/v1/trace/search", post_trace_search, name="trace_search")
+    # The search's first form, by national id only: kept for the tools that use it.
+    app.router.add_post("/v1/trace/national-id", post_trace_search, name="trace_national_id")

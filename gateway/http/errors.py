@@ -64,6 +64,13 @@ class NotFound(ApiError):
     status, code = 404, "not_found"
 
 
+class UnknownPerson(ApiError):
+    """Nobody is known by that id, phone or national id: no declaration, scan or visit is
+    stored of them (an official must not read "no contacts" into it)."""
+
+    status, code = 404, "unknown_person"
+
+
 class Conflict(ApiError):
     status, code = 409, "conflict"
 

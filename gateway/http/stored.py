@@ -10,7 +10,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from gateway.http.context import authenticate_admin, json_response
-from gateway.http.errors import InvalidRequest
+from gateway.http.errors import InvalidRequest, UnknownPerson
 from gateway.http.keys import REDIS, SETTINGS, STORAGE
 from gateway.pipeline.status import buffer_status, storage_status
 from signing.codes import ID_PATTERN
@@ -76,6 +76,8 @@ async def get_visits(request: web.Request) -> web.Response:
     person_id = request.match_info["person_id"]
     if not ID_PATTERN.fullmatch(person_id):
         raise InvalidRequest("person_id: 1 to 16 characters of A-Z0-9")
+    if not await storage.person_known(person_id):
+        raise UnknownPerson(f"nothing is stored of {person_id}")
     doc = await person_record(storage, person_id, f"admin:{admin}")
     return json_response(doc, no_store=True)
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.http.context import JSON, authenticate_admin
 from gateway.http.declarations import reveal_contacts
-from gateway.http.errors import InvalidRequest
+from gateway.http.errors import InvalidRequest, UnknownPerson
 from gateway.http.keys import PERSONAL, STORAGE, TRACE_STORAGE
 from gateway.settings import parse_duration_s
 from signing.codes import ID_PATTERN
@@ -72,6 +72,12 @@ async def get_trace(request: web.Request) -> web.StreamResponse:
     actor = f"admin:{admin}"
     personal = request.app[PERSONAL] if reveal == "1" else None
     read_from = request.app[TRACE_STORAGE]
+    if not await storage.person_known(person_id) and not (
+        read_from is not None and await read_from.person_known(person_id)
+    ):
+        # Logged all the same: who looks for whom is the audit log's business.
+        await storage.audit(actor, "trace", person_id, "unknown person")
+        raise UnknownPerson(f"nothing is stored of {person_id}")
     if fmt == "csv":
         response = web.StreamResponse(
             headers={

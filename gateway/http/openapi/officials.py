@@ -12,6 +12,7 @@ from gateway.http.openapi.schemas import (
     ADMIN,
     NO_STORE,
     PERSON_ID,
+    PHONE,
     TIMESTAMP,
     Schema,
     _body_errors,
@@ -68,6 +69,63 @@ CONTACT: Final[Schema] = _object(
         "checkout_recorded",
     ],
 )
+
+
+def _trace_search(
+    operation_id: str,
+    summary: str,
+    description: str,
+    numbers: dict[str, Schema],
+    required: list[str],
+) -> Schema:
+    """A search by number: the numbers in the body, the trace's parameters beside them."""
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "description": description,
+            "security": ADMIN,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON: {
+                        "schema": _object(
+                            {
+                                **numbers,
+                                "days": {"type": "integer", "minimum": 1, "maximum": 60},
+                                "margin": {"type": "string"},
+                                "min_overlap": {"type": "string"},
+                                "depth": {"enum": [1, 2]},
+                                "reveal": {"type": "boolean"},
+                            },
+                            required=required,
+                        )
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    _object(
+                        {
+                            "persons": {"type": "array", "items": {"type": "object"}},
+                            "visits": {"type": "array", "items": {"type": "object"}},
+                            "contacts": {"type": "array", "items": {"type": "object"}},
+                        }
+                    ),
+                    "Persons found, their visits, and each one's contacts: the first "
+                    "1,000 of each person's trace, and on the person, contacts_next, the "
+                    "cursor of the rest (GET /v1/trace/{person_id}?cursor=), null when none",
+                    {"Cache-Control": {"schema": {"const": "no-store"}}},
+                ),
+                **_body_errors(
+                    "malformed_json", "invalid_request", "invalid_field", "invalid_phone"
+                ),
+                **_unauthorized("no admin token, or an unknown one"),
+                **_error(404, "nobody is known by that number", "unknown_person"),
+            },
+        }
+    }
+
 
 AUDIT_ENTRY: Final[Schema] = _object(
     {
@@ -158,54 +216,28 @@ PATHS: Final[dict[str, Schema]] = {
                 },
                 **_error(400, "a parameter breaks its rule", "invalid_request"),
                 **_unauthorized("no admin token, or an unknown one"),
+                **_error(404, "nothing is stored of that person", "unknown_person"),
             },
         }
     },
-    "/v1/trace/national-id": {
-        "post": {
-            "operationId": "traceNationalId",
-            "summary": "Everyone an id number names, their visits and contacts",
-            "description": "Every claimant and the person the id's card was recorded "
-            "under at the doors. The number goes in the body, never in a URL. "
-            "Audit-logged (the number is not).",
-            "security": ADMIN,
-            "requestBody": {
-                "required": True,
-                "content": {
-                    JSON: {
-                        "schema": _object(
-                            {
-                                "national_id": {"type": "string"},
-                                "days": {"type": "integer", "minimum": 1, "maximum": 60},
-                                "margin": {"type": "string"},
-                                "min_overlap": {"type": "string"},
-                                "depth": {"enum": [1, 2]},
-                                "reveal": {"type": "boolean"},
-                            },
-                            required=["national_id"],
-                        )
-                    }
-                },
-            },
-            "responses": {
-                "200": _json(
-                    _object(
-                        {
-                            "persons": {"type": "array", "items": {"type": "object"}},
-                            "visits": {"type": "array", "items": {"type": "object"}},
-                            "contacts": {"type": "array", "items": {"type": "object"}},
-                        }
-                    ),
-                    "Persons found, their visits, and each one's contacts: the first "
-                    "1,000 of each person's trace, and on the person, contacts_next, the "
-                    "cursor of the rest (GET /v1/trace/{person_id}?cursor=), null when none",
-                    {"Cache-Control": {"schema": {"const": "no-store"}}},
-                ),
-                **_body_errors("malformed_json", "invalid_request", "invalid_field"),
-                **_unauthorized("no admin token, or an unknown one"),
-            },
-        }
-    },
+    "/v1/trace/search": _trace_search(
+        "traceSearch",
+        "Everyone a phone number or national id names, their visits and contacts",
+        "For a phone, everyone declared from it (a family shares one); for an id, every "
+        "claimant and the person the id's card was recorded under at the doors; both when "
+        "both are given. The numbers go in the body, never in a URL. Audit-logged (the "
+        "numbers are not). Nobody found: 404 unknown_person.",
+        {"phone": PHONE, "national_id": {"type": "string"}},
+        required=[],
+    ),
+    "/v1/trace/national-id": _trace_search(
+        "traceNationalId",
+        "Everyone an id number names (the search by id alone; see /v1/trace/search)",
+        "Every claimant and the person the id's card was recorded under at the doors. The "
+        "number goes in the body, never in a URL. Audit-logged (the number is not).",
+        {"national_id": {"type": "string"}},
+        required=["national_id"],
+    ),
     "/v1/claims": {
         "get": {
             "operationId": "getClaims",
@@ -354,6 +386,7 @@ PATHS: Final[dict[str, Schema]] = {
                 ),
                 **_error(400, "person_id breaks its rule", "invalid_request"),
                 **_unauthorized("no admin token, or an unknown or revoked one"),
+                **_error(404, "nothing is stored of that person", "unknown_person"),
             },
         }
     },

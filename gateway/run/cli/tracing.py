@@ -19,6 +19,7 @@ from gateway.settings import Settings
 from storage import Storage, connect_storage
 
 from .common import (
+    EXIT_INVALID,
     PROG,
     Subcommands,
     UsageError,
@@ -35,8 +36,14 @@ from .common import (
 CLI_MAX_AUDIT_ENTRIES = 100_000
 
 
+def unknown_person(detail: str) -> int:
+    """A trace of nobody: one line, exit 1 (an empty list would read as "no contacts")."""
+    sys.stderr.write(f"{PROG}: unknown person: {detail}\n")
+    return EXIT_INVALID
+
+
 def add_trace(groups: Subcommands) -> None:
-    """Add ``trace``: a person's contacts, or everyone a national id names."""
+    """Add ``trace``: a person's contacts, or everyone a phone or national id names."""
     p = leaf(
         groups,
         "trace",
@@ -45,6 +52,12 @@ def add_trace(groups: Subcommands) -> None:
     )
     p.add_argument(
         "person_id", metavar="PERSON_ID", type=entity_id, nargs="?", help="the case's person id"
+    )
+    p.add_argument(
+        "--phone",
+        metavar="NUMBER",
+        help="instead of PERSON_ID: everyone declared from this phone (a family shares one), "
+        "with their visits and contacts; JSON only; with --national-id, one search of both",
     )
     p.add_argument(
         "--national-id",
@@ -84,10 +97,11 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.trace import revealed_batches, trace_query
     from storage.tracing import csv_header, csv_lines, rows_to_json
 
-    if (args.person_id is None) == (args.national_id is None):
-        raise UsageError("give PERSON_ID or --national-id NUMBER (one of them)")
-    if args.national_id is not None:
-        return _trace_national_id(args, settings)
+    searching = args.national_id is not None or args.phone is not None
+    if (args.person_id is None) == (not searching):
+        raise UsageError("give PERSON_ID, or --phone and/or --national-id (not both kinds)")
+    if searching:
+        return _trace_search(args, settings)
     try:
         query = trace_query(
             args.person_id,
@@ -109,6 +123,13 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
             replica = await connect_storage(
                 settings.trace_storage_url, timezone=settings.timezone, migrate=False
             )
+        if not await (replica or storage).person_known(args.person_id) and not (
+            await storage.person_known(args.person_id)
+        ):
+            if replica is not None:
+                await replica.close()
+            await storage.audit(actor, "trace", args.person_id, "unknown person")
+            return unknown_person(f"nothing is stored of {args.person_id}")
         personal = await personal_data(storage, settings) if args.reveal else None
         out = sys.stdout
         # Written as the trace goes, however many rows: CSV line by line, JSON as one
@@ -138,17 +159,24 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     return run_storage(settings, work)
 
 
-def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway.http.claims import trace_national_id
-    from gateway.http.errors import InvalidField
-    from gateway.http.people import national_id
+def _trace_search(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.http.claims import trace_search
+    from gateway.http.errors import InvalidField, InvalidPhone, UnknownPerson
+    from gateway.http.people import national_id, normalise_phone
 
     if args.format != "json":
-        raise UsageError("--national-id answers in JSON only (persons, visits, contacts)")
+        raise UsageError(
+            "--phone and --national-id answer in JSON only (persons, visits, contacts)"
+        )
     try:
-        id_number = national_id(args.national_id, "--national-id")
+        id_number = (
+            national_id(args.national_id, "--national-id") if args.national_id is not None else None
+        )
+        phone = normalise_phone(args.phone) if args.phone is not None else None
     except InvalidField as exc:
         raise UsageError(f"--national-id: {exc.detail}") from None
+    except InvalidPhone as exc:
+        raise UsageError(f"--phone: {exc.detail}") from None
     params = {
         "days": str(args.days),
         "margin": args.margin,
@@ -159,16 +187,19 @@ def _trace_national_id(args: argparse.Namespace, settings: Settings) -> int:
     async def work(storage: Storage) -> int:
         personal = await personal_data(storage, settings)
         try:
-            found = await trace_national_id(
+            found = await trace_search(
                 storage,
                 personal,
-                id_number,
                 params,
                 cli_actor(),
+                phone=phone,
+                id_number=id_number,
                 reveal=args.reveal,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        except UnknownPerson as exc:
+            return unknown_person(exc.detail)
         emit(found)
         return 0
 
@@ -473,6 +504,8 @@ def cmd_visits(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.stored import person_record
 
     async def work(storage: Storage) -> int:
+        if not await storage.person_known(args.person_id):
+            return unknown_person(f"nothing is stored of {args.person_id}")
         emit(await person_record(storage, args.person_id, cli_actor()))
         return 0
 
