@@ -30,6 +30,18 @@ class VenueRecord(NamedTuple):
     revoked_at_ms: int | None = None
 
 
+class VenueLabel(NamedTuple):
+    """A venue as its poster names it: public, unlike the rest of its record."""
+
+    name: str
+    address: str
+    province: str
+
+
+# Venue ids per look-up (SQLite allows 32,766 parameters; PostgreSQL 65,535).
+LABEL_CHUNK: Final = 500
+
+
 class StaffTokenRecord(NamedTuple):
     token_id: str
     venue_id: str
@@ -139,6 +151,22 @@ class Registry(SharedSql):
         """Registered venue id -> kind (the flusher's maximum stay per kind)."""
         rows = await self._fetch("SELECT venue_id, kind FROM venues")
         return {r[0]: r[1] for r in rows}
+
+    async def venue_labels(self, venue_ids: Sequence[str]) -> dict[str, VenueLabel]:
+        """What a venue's poster shows of it, by id, for the registered ones among
+        ``venue_ids``: its name, address and province. Public, whichever app registered
+        it; nothing else of a venue (its phone, its staff) is ever read with it."""
+        wanted = sorted(set(venue_ids))
+        labels: dict[str, VenueLabel] = {}
+        for i in range(0, len(wanted), LABEL_CHUNK):
+            chunk = wanted[i : i + LABEL_CHUNK]
+            marks = ", ".join(f"${n + 1}" for n in range(len(chunk)))
+            rows = await self._fetch(
+                f"SELECT venue_id, name, address, province FROM venues WHERE venue_id IN ({marks})",
+                *chunk,
+            )
+            labels.update({r[0]: VenueLabel(r[1], r[2], r[3]) for r in rows})
+        return labels
 
     async def venue_places(self) -> dict[str, tuple[str, str]]:
         """Registered venue id -> (province, kind): how reports group venues."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from storage.models import ContactRow, Visit
+from storage.registry import VenueLabel
 from storage.times import format_time_ms
 
 DAY_MS: Final = 86_400_000
@@ -41,6 +42,8 @@ CSV_COLUMNS: Final = (
     "via",
     "checkout_recorded",
 )
+# After CSV_COLUMNS when the venues are named (what their posters show).
+VENUE_COLUMNS: Final = ("venue_name", "venue_address", "venue_province")
 # How visits whose end was scanned are closed: a check-out, or a check-out with no
 # check-in before it (an orphan: its start is assumed, its end is not).
 RECORDED_ENDS: Final = frozenset({"checkout", "orphan"})
@@ -266,18 +269,23 @@ Revealed = Mapping[str, tuple[str | None, str | None]]
 
 
 def rows_to_json(
-    rows: Sequence[ContactRow], revealed: Revealed | None = None
+    rows: Sequence[ContactRow],
+    revealed: Revealed | None = None,
+    venues: Mapping[str, VenueLabel] | None = None,
 ) -> list[dict[str, object]]:
     """Rows as JSON objects, times in RFC 3339 UTC with milliseconds.
 
     ``overlap_minutes`` is a number; ``via`` is present only on depth-2 rows. With
-    ``revealed`` each row also has ``full_name`` and ``phone`` (null when unknown).
+    ``revealed`` each row also has ``full_name`` and ``phone`` (null when unknown); with
+    ``venues``, ``venue_name``, ``venue_address`` and ``venue_province`` (null for a venue
+    not registered here).
     """
     out: list[dict[str, object]] = []
     for row in rows:
         item: dict[str, object] = {
             "person_id": row.person_id,
             "venue_id": row.venue_id,
+            **({} if venues is None else _venue_members(venues.get(row.venue_id))),
             "overlap_start": format_time_ms(row.overlap_start_ms),
             "overlap_end": format_time_ms(row.overlap_end_ms),
             "overlap_minutes": row.overlap_minutes,
@@ -292,6 +300,16 @@ def rows_to_json(
     return out
 
 
+def _venue_members(label: VenueLabel | None) -> dict[str, object]:
+    if label is None:
+        return {"venue_name": None, "venue_address": None, "venue_province": None}
+    return {
+        "venue_name": label.name,
+        "venue_address": label.address,
+        "venue_province": label.province,
+    }
+
+
 def neutralise_cell(text: str) -> str:
     """``text`` with a ``'`` in front if a spreadsheet could take it for a formula.
 
@@ -301,7 +319,11 @@ def neutralise_cell(text: str) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-def rows_to_csv(rows: Sequence[ContactRow], revealed: Revealed | None = None) -> str:
+def rows_to_csv(
+    rows: Sequence[ContactRow],
+    revealed: Revealed | None = None,
+    venues: Mapping[str, VenueLabel] | None = None,
+) -> str:
     """Rows as CSV text: a header of :data:`CSV_COLUMNS`, then one line per row.
 
     Times are RFC 3339 UTC with milliseconds, minutes have two decimals, ``via`` is empty at
@@ -309,17 +331,26 @@ def rows_to_csv(rows: Sequence[ContactRow], revealed: Revealed | None = None) ->
     (RFC 4180, the csv module's default), so write the text to a file opened with
     ``newline=""``.
     """
-    return csv_header(revealed is not None) + csv_lines(rows, revealed)
+    return csv_header(revealed is not None, venues is not None) + csv_lines(rows, revealed, venues)
 
 
-def csv_header(revealed: bool) -> str:
-    """The CSV's first line (with ``full_name`` and ``phone`` when contacts are revealed)."""
+def csv_header(revealed: bool, venues: bool = False) -> str:
+    """The CSV's first line (with ``full_name`` and ``phone`` when contacts are revealed,
+    and the venues' names, addresses and provinces with ``venues``)."""
     buffer = io.StringIO()
-    csv.writer(buffer).writerow(CSV_COLUMNS + (("full_name", "phone") if revealed else ()))
+    csv.writer(buffer).writerow(
+        CSV_COLUMNS
+        + (VENUE_COLUMNS if venues else ())
+        + (("full_name", "phone") if revealed else ())
+    )
     return buffer.getvalue()
 
 
-def csv_lines(rows: Sequence[ContactRow], revealed: Revealed | None = None) -> str:
+def csv_lines(
+    rows: Sequence[ContactRow],
+    revealed: Revealed | None = None,
+    venues: Mapping[str, VenueLabel] | None = None,
+) -> str:
     """The CSV lines of ``rows``, without the header (a stream writes it once)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -334,6 +365,9 @@ def csv_lines(rows: Sequence[ContactRow], revealed: Revealed | None = None) -> s
             row.via or "",
             "true" if row.checkout_recorded else "false",
         )
+        if venues is not None:
+            label = venues.get(row.venue_id)
+            cells += ("", "", "") if label is None else (label.name, label.address, label.province)
         if revealed is not None:
             name, phone = revealed.get(row.person_id, (None, None))
             cells += (name or "", phone or "")

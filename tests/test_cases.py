@@ -240,6 +240,9 @@ async def test_a_case_notifies_exactly_its_contacts_by_their_apps_or_by_sms(
         "notice_id",
         "event_ids",
         "venue_id",
+        "venue_name",
+        "venue_address",
+        "venue_province",
         "exposure_start",
         "exposure_end",
         "overlap_minutes",
@@ -455,7 +458,16 @@ async def test_risky_venues_carry_no_person_id(make_desk: DeskFactory, keyring: 
     assert status == 200
     assert body == {
         "windows": [
-            {"venue_id": "MARKET", "from": start - HOUR, "to": start + 2 * HOUR, "level": "high"}
+            {
+                "venue_id": "MARKET",
+                # MARKET is registered with no app here: no name to show.
+                "venue_name": None,
+                "venue_address": None,
+                "venue_province": None,
+                "from": start - HOUR,
+                "to": start + 2 * HOUR,
+                "level": "high",
+            }
         ],
         "next": None,
     }

@@ -81,6 +81,9 @@ async def test_cli_trace_json_and_csv_and_admins(tmp_path: Path) -> None:
         "depth",
         "via",
         "checkout_recorded",
+        "venue_name",
+        "venue_address",
+        "venue_province",
     ]
     assert table[1][0] == "'=CONTACT"  # formula injection neutralised
     assert len(table) == 2

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import time
 from pathlib import Path
 from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -245,3 +247,85 @@ async def test_the_trace_by_national_id_gives_a_first_page_and_the_cursor_of_the
     assert status == 200 and rest["next"] is None
     everyone = {c["person_id"] for c in found["contacts"]} | {r["person_id"] for r in rest["rows"]}
     assert everyone == {f"X{i}" for i in range(1200)}
+
+
+@ONE_REDIS
+async def test_venues_are_named_as_their_posters_name_them_and_no_more(
+    make_desk: DeskFactory,
+) -> None:
+    """A venue bluezone registered, where vhd's users met: the trace, the case, the risky
+    venues and the report name it as its poster does, and show nothing else of it."""
+    desk: Desk = await make_desk()
+    venue = await desk.venue(
+        app="bluezone", name="Chợ Bến Thành", address="Lê Lợi, Quận 1", province="Hồ Chí Minh"
+    )
+    start = int(time.time() * 1000) - 5 * HOUR
+    await desk.storage.store_batch(
+        [
+            ScanEvent("vhd", "N1", "checkin", venue["venue_id"], "CASE", start, start, None),
+            ScanEvent(
+                "vhd", "N2", "checkout", venue["venue_id"], "CASE", start + HOUR, start, None
+            ),
+            ScanEvent("vhd", "N3", "checkin", venue["venue_id"], "NEAR", start, start, None),
+            ScanEvent(
+                "vhd", "N4", "checkout", venue["venue_id"], "NEAR", start + HOUR, start, None
+            ),
+            ScanEvent(
+                "vhd", "N5", "checkin", "UNREGISTERED", "CASE", start + 2 * HOUR, start, None
+            ),
+            ScanEvent(
+                "vhd", "N6", "checkin", "UNREGISTERED", "NEAR", start + 2 * HOUR, start, None
+            ),
+        ],
+        PairingRules(),
+    )
+    auth = {"Authorization": f"Bearer {await desk.storage.add_admin('officer')}"}
+    named = {
+        "venue_name": "Chợ Bến Thành",
+        "venue_address": "Lê Lợi, Quận 1",
+        "venue_province": "Hồ Chí Minh",
+    }
+    nameless = dict.fromkeys(named)
+    status, page, _ = await desk.call("GET", "/v1/trace/CASE", headers=auth)
+    assert status == 200, page
+    by_venue = {r["venue_id"]: {k: r[k] for k in named} for r in page["rows"]}
+    assert by_venue == {venue["venue_id"]: named, "UNREGISTERED": nameless}
+    for row in page["rows"]:  # nothing else of the venue: not its phone
+        assert set(row) <= {
+            "person_id", "venue_id", *named, "overlap_start", "overlap_end",
+            "overlap_minutes", "depth", "via", "checkout_recorded", "full_name", "phone",
+        }  # fmt: skip
+        assert "0983829927" not in json.dumps(row)
+    response = await desk.client.get("/v1/trace/CASE?format=csv", headers=auth)
+    table = list(csv.reader(io.StringIO(await response.text())))
+    assert table[0][-3:] == list(named)
+    assert {tuple(r[-3:]) for r in table[1:]} == {tuple(named.values()), ("", "", "")}
+    # The case's notices and the risky venues name it too.
+    status, made, _ = await desk.call(
+        "POST", "/v1/cases?dry_run=1", {"person_id": "CASE", "confirmed_at": start + 3 * HOUR},
+        headers=auth,
+    )  # fmt: skip
+    assert status == 200, made
+    assert {e["venue_name"] for e in made["exposures"]} == {"Chợ Bến Thành", None}
+    status, made, _ = await desk.call(
+        "POST", "/v1/cases", {"person_id": "CASE", "confirmed_at": start + 3 * HOUR}, headers=auth
+    )
+    assert status == 201, made
+    status, risky, _ = await desk.call("GET", f"/v1/risky-venues?since={start - HOUR}")
+    assert {w["venue_id"]: w["venue_name"] for w in risky["windows"]} == {
+        venue["venue_id"]: "Chợ Bến Thành",
+        "UNREGISTERED": None,
+    }
+    # The report by venue names it.
+    day = dt.datetime.fromtimestamp(start / 1000, ZoneInfo("Asia/Ho_Chi_Minh")).date()
+    status, report, _ = await desk.call(
+        "GET", f"/v1/reports/daily?from={day}&to={day}&by=venue", headers=auth
+    )
+    assert status == 200, report
+    assert {r["group"]: r["group_name"] for r in report["rows"]} == {
+        venue["venue_id"]: "Chợ Bến Thành",
+        "UNREGISTERED": None,
+    }
+    # And vhd learns nothing else of bluezone's venue: its occupancy is not vhd's to see.
+    status, doc, _ = await desk.call("GET", f"/v1/venues/{venue['venue_id']}/occupancy")
+    assert (status, doc["error"]) == (404, "not_found")

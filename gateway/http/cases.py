@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,6 +37,7 @@ from signing.text import has_unprintable
 from storage import Storage, TraceQuery
 from storage.models import ContactRow
 from storage.outbox import CaseRecord, CaseWindow, NoticeRecord, notice_id
+from storage.registry import VenueLabel
 from storage.times import format_time_ms, parse_time_ms
 
 CASE_DAYS: Final = 14
@@ -54,6 +56,7 @@ class CasePlan:
     windows: list[CaseWindow]
     notices: list[NoticeRecord]
     unreachable: list[str]  # contacts with no channel: no app webhook and no phone
+    venues: Mapping[str, VenueLabel] = dataclasses.field(default_factory=dict)
 
     @property
     def contacts(self) -> int:
@@ -73,6 +76,7 @@ class CasePlan:
                 {
                     "person_id": row.person_id,
                     "venue_id": row.venue_id,
+                    **venue_members(self.venues.get(row.venue_id)),
                     "exposure_start": format_time_ms(row.overlap_start_ms),
                     "exposure_end": format_time_ms(row.overlap_end_ms),
                     "overlap_minutes": row.overlap_minutes,
@@ -170,7 +174,8 @@ async def plan_case(
         contacts=len({row.person_id for row in rows}),
         notices=len(unique),
     )
-    return CasePlan(case, rows, windows, unique, unreachable)
+    venues = await storage.venue_labels([row.venue_id for row in rows])
+    return CasePlan(case, rows, windows, unique, unreachable, venues)
 
 
 async def record_case(storage: Storage, plan: CasePlan) -> None:
@@ -219,7 +224,22 @@ def check_case_request(
     return person_id, confirmed_at_ms, note or None
 
 
-def case_json(case: CaseRecord, notices: Sequence[NoticeRecord], note: str | None) -> Any:
+def venue_members(label: VenueLabel | None) -> dict[str, str | None]:
+    """A venue's public members in an answer: what its poster shows (null when the venue
+    is not registered here). Nothing else of another app's venue is ever shown."""
+    return {
+        "venue_name": label.name if label else None,
+        "venue_address": label.address if label else None,
+        "venue_province": label.province if label else None,
+    }
+
+
+def case_json(
+    case: CaseRecord,
+    notices: Sequence[NoticeRecord],
+    note: str | None,
+    venues: Mapping[str, VenueLabel],
+) -> Any:
     return {
         "case_id": case.case_id,
         "person_id": case.person_id,
@@ -233,6 +253,7 @@ def case_json(case: CaseRecord, notices: Sequence[NoticeRecord], note: str | Non
                 "notice_id": n.notice_id,
                 "person_id": n.person_id,
                 "venue_id": n.venue_id,
+                **venue_members(venues.get(n.venue_id)),
                 "exposure_start": format_time_ms(n.exposure_start_ms),
                 "exposure_end": format_time_ms(n.exposure_end_ms),
                 "overlap_minutes": n.overlap_minutes,
@@ -261,7 +282,9 @@ async def read_case(
     if case is None:
         return None
     note = personal.decrypt(case.note_enc, "case.note", case.case_id) if case.note_enc else None
-    return case_json(case, await storage.case_notices(case.case_id), note)
+    notices = await storage.case_notices(case.case_id)
+    venues = await storage.venue_labels([n.venue_id for n in notices])
+    return case_json(case, notices, note, venues)
 
 
 def merge_windows(windows: Sequence[CaseWindow]) -> list[CaseWindow]:
@@ -365,10 +388,17 @@ async def get_risky_venues(request: web.Request) -> web.Response:
     venues = sorted({w.venue_id for w in found})
     shown = [w for w in found if w.venue_id in set(venues[:limit])]
     more = len(venues) > limit
+    labels = await request.app[STORAGE].venue_labels(venues[:limit])
     return json_response(
         {
             "windows": [
-                {"venue_id": w.venue_id, "from": w.from_ms, "to": w.to_ms, "level": w.level}
+                {
+                    "venue_id": w.venue_id,
+                    **venue_members(labels.get(w.venue_id)),
+                    "from": w.from_ms,
+                    "to": w.to_ms,
+                    "level": w.level,
+                }
                 for w in merge_windows(shown)
             ],
             "next": _encode_venue_cursor(since, venues[limit - 1]) if more else None,

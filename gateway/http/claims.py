@@ -191,7 +191,8 @@ async def trace_search(
             revealed = await reveal_contacts(
                 storage, personal, [r.person_id for r in rows], actor, person["person_id"]
             )
-        for item in rows_to_json(rows, revealed):
+        venues = await storage.venue_labels([r.venue_id for r in rows])
+        for item in rows_to_json(rows, revealed, venues):
             contacts.append({"case_person_id": person["person_id"], **item})
     return {"persons": found, "visits": visits, "contacts": contacts}
 

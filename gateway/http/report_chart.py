@@ -11,7 +11,7 @@ import datetime as dt
 import functools
 import io
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -42,7 +42,11 @@ _LOCALE: Final = Path(__file__).parent / "web" / "locales" / "vi.json"
 
 
 def render_chart(
-    rows: Sequence[ReportRow], by: ReportBy, first_day: dt.date, last_day: dt.date
+    rows: Sequence[ReportRow],
+    by: ReportBy,
+    first_day: dt.date,
+    last_day: dt.date,
+    names: Mapping[str, str] | None = None,
 ) -> bytes:
     """The report ``rows`` (of :func:`storage.reports.daily_report`) as a 1600 x 1000 PNG.
 
@@ -60,7 +64,7 @@ def render_chart(
         fontweight="bold",
     )
     if rows:
-        _draw(fig, rows, by, days)
+        _draw(fig, rows, by, days, names or {})
     else:
         ax = fig.add_subplot()
         ax.set_axis_off()
@@ -70,7 +74,13 @@ def render_chart(
     return buffer.getvalue()
 
 
-def _draw(fig: Figure, rows: Sequence[ReportRow], by: ReportBy, days: list[dt.date]) -> None:
+def _draw(
+    fig: Figure,
+    rows: Sequence[ReportRow],
+    by: ReportBy,
+    days: list[dt.date],
+    names: Mapping[str, str],
+) -> None:
     index = {day.isoformat(): i for i, day in enumerate(days)}
     checkins: dict[str, list[int]] = defaultdict(lambda: [0] * len(days))
     peaks: dict[str, list[int]] = defaultdict(lambda: [0] * len(days))
@@ -90,7 +100,7 @@ def _draw(fig: Figure, rows: Sequence[ReportRow], by: ReportBy, days: list[dt.da
     bottom = [0] * len(days)
     for n, group in enumerate(top):
         heights = checkins[group]
-        bars_ax.bar(x, heights, bottom=bottom, color=f"C{n}", label=_label(group, by))
+        bars_ax.bar(x, heights, bottom=bottom, color=f"C{n}", label=_label(group, by, names))
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     if rest:
         heights = [sum(checkins[g][i] for g in rest) for i in x]
@@ -153,9 +163,10 @@ def _number(n: int) -> str:
     return f"{n:,}".replace(",", ".")
 
 
-def _label(group: str, by: ReportBy) -> str:
+def _label(group: str, by: ReportBy, names: Mapping[str, str] | None = None) -> str:
     if by == "venue":
-        return group
+        # A venue by the name on its poster (its id for one not registered here).
+        return (names or {}).get(group, group)
     if group == UNKNOWN_GROUP:
         return "không rõ"
     if by == "venue_kind":

@@ -65,15 +65,34 @@ async def build_report(
 
 
 def report_json(
-    rows: list[ReportRow], first_day: dt.date, last_day: dt.date, by: ReportBy, timezone: str
+    rows: list[ReportRow],
+    first_day: dt.date,
+    last_day: dt.date,
+    by: ReportBy,
+    timezone: str,
+    names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The report as JSON; by venue, each row also names its venue (``group_name``, null
+    for a venue not registered here)."""
+    items = rows_to_json(rows)
+    if by == "venue":
+        for item in items:
+            item["group_name"] = (names or {}).get(str(item["group"]))
     return {
         "from": first_day.isoformat(),
         "to": last_day.isoformat(),
         "by": by,
         "timezone": timezone,
-        "rows": rows_to_json(rows),
+        "rows": items,
     }
+
+
+async def group_names(storage: Storage, rows: list[ReportRow], by: ReportBy) -> dict[str, str]:
+    """By venue: each venue's name, as its poster prints it; otherwise nothing to name."""
+    if by != "venue":
+        return {}
+    labels = await storage.venue_labels([row.group for row in rows])
+    return {venue_id: label.name for venue_id, label in labels.items()}
 
 
 async def get_daily_report(request: web.Request) -> web.Response:
@@ -104,7 +123,8 @@ async def get_daily_report(request: web.Request) -> web.Response:
         )
     if fmt == "png":
         # Drawing takes a while (matplotlib): off the event loop.
-        png = await asyncio.to_thread(render_chart, rows, by, first_day, last_day)
+        names = await group_names(storage, rows, by)
+        png = await asyncio.to_thread(render_chart, rows, by, first_day, last_day, names)
         return web.Response(
             body=png,
             headers={
@@ -112,7 +132,8 @@ async def get_daily_report(request: web.Request) -> web.Response:
                 "Content-Disposition": f'inline; filename="{name}.png"',
             },
         )
-    return json_response(report_json(rows, first_day, last_day, by, timezone))
+    names = await group_names(storage, rows, by)
+    return json_response(report_json(rows, first_day, last_day, by, timezone, names))
 
 
 def add_routes(app: web.Application) -> None:

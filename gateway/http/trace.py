@@ -26,6 +26,7 @@ from signing.codes import ID_PATTERN
 from signing.personal import PersonalData
 from storage import Storage, TraceQuery
 from storage.models import ContactRow
+from storage.registry import VenueLabel
 from storage.tracing import (
     MAX_TRACE_DAYS,
     MAX_TRACE_WINDOW_MS,
@@ -87,11 +88,11 @@ async def get_trace(request: web.Request) -> web.StreamResponse:
             }
         )
         await response.prepare(request)
-        await response.write(csv_header(personal is not None).encode())
-        async for rows, revealed in revealed_batches(
+        await response.write(csv_header(personal is not None, venues=True).encode())
+        async for rows, revealed, venues in revealed_batches(
             storage.trace_stream(query, actor, read_from), storage, personal, actor, person_id
         ):
-            await response.write(csv_lines(rows, revealed).encode())
+            await response.write(csv_lines(rows, revealed, venues).encode())
         await response.write_eof()
         return response
     rows, after = await storage.trace_page(query, actor, limit, start, read_from)
@@ -101,8 +102,9 @@ async def get_trace(request: web.Request) -> web.StreamResponse:
             storage, personal, [r.person_id for r in rows], actor, person_id
         )
     # no-store: with reveal=1 it holds names and phones; no cache may keep a copy.
+    venues = await storage.venue_labels([r.venue_id for r in rows])
     doc = {
-        "rows": rows_to_json(rows, revealed),
+        "rows": rows_to_json(rows, revealed, venues),
         "next": None if after is None else encode_cursor(query, after),
     }
     return web.Response(
@@ -116,17 +118,18 @@ async def revealed_batches(
     personal: PersonalData | None,
     actor: str,
     case_person_id: str,
-) -> AsyncIterator[tuple[list[ContactRow], Revealed | None]]:
-    """A trace's rows in batches of about ``STREAM_BATCH_ROWS``, each with its contacts'
-    names and phones when ``personal`` is given (one reveal, audit-logged, per batch)."""
+) -> AsyncIterator[tuple[list[ContactRow], Revealed | None, Mapping[str, VenueLabel]]]:
+    """A trace's rows in batches of about ``STREAM_BATCH_ROWS``, each with its venues'
+    names and, when ``personal`` is given, its contacts' names and phones (one reveal,
+    audit-logged, per batch)."""
     batch: list[ContactRow] = []
 
-    async def flushed() -> tuple[list[ContactRow], Revealed | None]:
+    async def flushed() -> tuple[list[ContactRow], Revealed | None, Mapping[str, VenueLabel]]:
         revealed = None
         if personal is not None:
             ids = [r.person_id for r in batch]
             revealed = await reveal_contacts(storage, personal, ids, actor, case_person_id)
-        return batch, revealed
+        return batch, revealed, await storage.venue_labels([r.venue_id for r in batch])
 
     async for rows in units:
         batch += rows

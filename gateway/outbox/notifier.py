@@ -46,6 +46,7 @@ from signing import Keyring
 from signing.personal import PersonalData
 from storage import Storage
 from storage.outbox import NoticeRecord
+from storage.registry import VenueLabel
 from storage.times import format_time_ms
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,9 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
-def webhook_body(notice: NoticeRecord, event_ids: Sequence[str]) -> bytes:
+def webhook_body(
+    notice: NoticeRecord, event_ids: Sequence[str], venue: VenueLabel | None = None
+) -> bytes:
     """The JSON a webhook receives for a notice (the bytes that are signed): only what the
     app holds already, its own event ids of the exposed person's scans at the venue, the
     venue, the window and the advice. No person id and no case id: a person id the app
@@ -100,6 +103,10 @@ def webhook_body(notice: NoticeRecord, event_ids: Sequence[str]) -> bytes:
             "notice_id": notice.notice_id,
             "event_ids": list(event_ids),
             "venue_id": notice.venue_id,
+            # What the venue's poster shows (null when it is not registered here).
+            "venue_name": venue.name if venue else None,
+            "venue_address": venue.address if venue else None,
+            "venue_province": venue.province if venue else None,
             "exposure_start": format_time_ms(notice.exposure_start_ms),
             "exposure_end": format_time_ms(notice.exposure_end_ms),
             "overlap_minutes": notice.overlap_minutes,
@@ -273,7 +280,8 @@ class Notifier:
             notice.exposure_start_ms - reach_ms,
             notice.exposure_end_ms + reach_ms,
         )
-        body = webhook_body(notice, event_ids)
+        venue = (await self._storage.venue_labels([notice.venue_id])).get(notice.venue_id)
+        body = webhook_body(notice, event_ids, venue)
         async with self._session.post(
             hook.url,
             data=body,

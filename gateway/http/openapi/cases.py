@@ -148,6 +148,9 @@ PATHS: Final[dict[str, Schema]] = {
                                 "items": _object(
                                     {
                                         **VENUE_ID_MEMBER,
+                                        "venue_name": {"type": ["string", "null"]},
+                                        "venue_address": {"type": ["string", "null"]},
+                                        "venue_province": {"type": ["string", "null"]},
                                         "from": {"type": "integer"},
                                         "to": {"type": "integer"},
                                         "level": {"enum": ["high", "low"]},

@@ -43,6 +43,13 @@ CONTACT: Final[Schema] = _object(
     {
         "person_id": {"$ref": "#/components/schemas/Id"},
         "venue_id": {"$ref": "#/components/schemas/Id"},
+        "venue_name": {
+            "type": ["string", "null"],
+            "description": "What the venue's poster shows (null for a venue registered "
+            "with no app here); so are venue_address and venue_province.",
+        },
+        "venue_address": {"type": ["string", "null"]},
+        "venue_province": {"type": ["string", "null"]},
         "overlap_start": TIMESTAMP,
         "overlap_end": TIMESTAMP,
         "overlap_minutes": {"type": "number", "minimum": 0},

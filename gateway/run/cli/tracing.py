@@ -134,18 +134,18 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
         out = sys.stdout
         # Written as the trace goes, however many rows: CSV line by line, JSON as one
         # array on one line (the output contract), a batch of rows at a time.
-        out.write(csv_header(args.reveal) if args.format == "csv" else "[")
+        out.write(csv_header(args.reveal, venues=True) if args.format == "csv" else "[")
         first = True
         try:
             batches = revealed_batches(
                 storage.trace_stream(query, actor, replica), storage, personal, actor,
                 args.person_id,
             )  # fmt: skip
-            async for rows, revealed in batches:
+            async for rows, revealed, venues in batches:
                 if args.format == "csv":
-                    out.write(csv_lines(rows, revealed))
+                    out.write(csv_lines(rows, revealed, venues))
                     continue
-                for item in rows_to_json(rows, revealed):
+                for item in rows_to_json(rows, revealed, venues):
                     out.write(("" if first else ",") + orjson.dumps(item).decode())
                     first = False
         finally:
@@ -387,7 +387,7 @@ def add_report(groups: Subcommands) -> None:
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.report_chart import render_chart
-    from gateway.http.reports import build_report, report_json, report_range
+    from gateway.http.reports import build_report, group_names, report_json, report_range
     from storage.reports import rows_to_csv
 
     try:
@@ -402,8 +402,9 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     async def work(storage: Storage) -> int:
         rows = await build_report(storage, first_day, last_day, args.by, settings.timezone)
         await storage.audit(actor, "report", args.by, f"from={first_day} to={last_day}")
+        names = await group_names(storage, rows, args.by)
         if args.format == "png":
-            args.output.write_bytes(render_chart(rows, args.by, first_day, last_day))
+            args.output.write_bytes(render_chart(rows, args.by, first_day, last_day, names))
             emit({"file": str(args.output), "rows": len(rows)})
             return 0
         if args.format == "csv":
@@ -411,7 +412,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         else:
             text = (
                 orjson.dumps(
-                    report_json(rows, first_day, last_day, args.by, settings.timezone)
+                    report_json(rows, first_day, last_day, args.by, settings.timezone, names)
                 ).decode()
                 + "\n"
             )

@@ -73,6 +73,19 @@ function cell(text) {
   return td;
 }
 
+// A venue by the name on its poster, its address and province beneath (an id for a venue
+// registered with no app here).
+function venueCell(row) {
+  const td = cell(row.venue_name ?? row.venue_id);
+  if (row.venue_name) {
+    td.title = row.venue_id;
+    const where = document.createElement("small");
+    where.textContent = [row.venue_address, row.venue_province].filter(Boolean).join(", ");
+    td.append(document.createElement("br"), where);
+  }
+  return td;
+}
+
 function render(person, rows, revealed, more) {
   const body = table.tBodies[0];
   body.replaceChildren(
@@ -80,7 +93,7 @@ function render(person, rows, revealed, more) {
       const tr = document.createElement("tr");
       tr.append(
         cell(row.person_id),
-        cell(row.venue_id),
+        venueCell(row),
         cell(when.format(new Date(row.overlap_start))),
         // An end that rests on a visit with no check-out scanned says so, in words.
         cell(
