@@ -869,3 +869,61 @@ def decode_qr_in(png: bytes) -> str:
     assert len(results) == 1
     text: str = results[0].text
     return text
+
+
+def test_the_trace_table_names_venues_and_fits_with_a_revealed_contact(
+    tab_factory: Callable[..., Tab], site: Site
+) -> None:
+    """Issue 19: venues by name, a revealed contact's name and phone, a visit with no
+    check-out said in words; the table fits 1280 px and its caption 360 px."""
+    venue = json.loads(
+        site.cli(
+            "venues", "add", "--app", "web", "--name", "Nhà văn hoá phường Bến Nghé",
+            "--phone", "0983829927", "--address", "12 Nguyễn Huệ, Quận 1",
+            "--province", "Hồ Chí Minh", "--kind", "other",
+        )
+    )  # fmt: skip
+    contact = declare_by_api(site, "0933111222", "Nguyễn Thị Bích Ngọc", "079301009988")
+    case = site.cli("codes", "issue", "--app", "web", "--person", "CASE7")
+    contact_code = site.cli("codes", "issue", "--app", "web", "--person", contact)
+    now = int(time.time() * 1000)
+    hour = 3_600_000
+    answer = site.post_scans(
+        [
+            {"event_id": e, "kind": k, "venue_code": venue["code"], "person_code": p}
+            | {"scanned_at": t}
+            for e, k, p, t in (
+                ("TRN0000001", "checkin", case, now - 3 * hour),
+                ("TRN0000002", "checkout", case, now - 2 * hour),
+                ("TRN0000003", "checkin", contact_code, now - 3 * hour + 600_000),
+            )
+        ]
+    )  # fmt: skip
+    assert answer["accepted"] == 3
+    site.wait_stored(f"SELECT 1 FROM visits WHERE venue_id = '{venue['venue_id']}'", rows=2)
+
+    for width in (1280, 360):
+        tab = tab_factory(viewport={"width": width, "height": 900})
+        page = tab.page
+        page.goto("/truy-vet")
+        page.get_by_label("Mã quản trị").fill(site.admin_token)
+        page.get_by_role("button", name="Đăng nhập").click()
+        page.get_by_label("Mã người (ví dụ P7K2…)").fill("CASE7")
+        page.locator("#trace-form [name=reveal]").check()
+        page.get_by_role("button", name="Truy vết", exact=True).click()
+        page.locator("#trace-table").wait_for(state="visible")
+        cells = page.locator("#trace-table tbody tr").first.locator("td").all_inner_texts()
+        assert cells[0] == contact
+        assert cells[1].startswith("Nhà văn hoá phường Bến Nghé")
+        assert "12 Nguyễn Huệ, Quận 1, Hồ Chí Minh" in cells[1]
+        assert "không ghi nhận giờ ra" in cells[3]  # the contact never checked out
+        assert "Nguyễn Thị Bích Ngọc" in cells and "+84933111222" in cells
+        tab.shot(f"trace-table-revealed-vi-{width}")
+        caption = page.locator("#trace-caption")
+        assert caption.evaluate("e => e.scrollWidth <= e.clientWidth"), f"caption at {width}"
+        if width == 1280:
+            fits = page.locator("#trace-table").evaluate(
+                "t => t.getBoundingClientRect().right <= document.documentElement.clientWidth"
+            )
+            assert fits, "the table with a revealed contact is wider than 1280 px"
+        tab.no_errors()

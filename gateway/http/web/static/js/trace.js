@@ -86,6 +86,17 @@ function venueCell(row) {
   return td;
 }
 
+// An end that rests on a visit with no check-out scanned says so, in words, beneath.
+function endCell(row) {
+  const td = cell(when.format(new Date(row.overlap_end)));
+  if (!row.checkout_recorded) {
+    const note = document.createElement("small");
+    note.textContent = t("js.trace.no_checkout");
+    td.append(document.createElement("br"), note);
+  }
+  return td;
+}
+
 function render(person, rows, revealed, more) {
   const body = table.tBodies[0];
   body.replaceChildren(
@@ -95,11 +106,7 @@ function render(person, rows, revealed, more) {
         cell(row.person_id),
         venueCell(row),
         cell(when.format(new Date(row.overlap_start))),
-        // An end that rests on a visit with no check-out scanned says so, in words.
-        cell(
-          when.format(new Date(row.overlap_end)) +
-            (row.checkout_recorded ? "" : ` (${t("js.trace.no_checkout")})`),
-        ),
+        endCell(row),
         cell(String(row.overlap_minutes)),
         cell(row.depth === 2 ? `2 (${row.via})` : "1"),
       );
