@@ -118,6 +118,16 @@ class Outbox(SharedSql):
             ]
         )
 
+    async def confirmations(self, start_ms: int, end_ms: int) -> list[int]:
+        """When each case confirmed in [start, end) was confirmed (epoch ms), oldest first."""
+        rows = await self._fetch(
+            "SELECT confirmed_at FROM cases WHERE confirmed_at >= $1 AND confirmed_at < $2 "
+            "ORDER BY confirmed_at",
+            start_ms,
+            end_ms,
+        )
+        return [int(r[0]) for r in rows]
+
     async def case_confirmed(self, person_id: str, confirmed_at_ms: int) -> CaseRecord | None:
         """The case already recorded for this person and confirmation time (a request
         repeated after a timeout must not notify everyone twice)."""

@@ -24,6 +24,7 @@ from PIL import Image
 
 from gateway.http.report_chart import render_chart
 from storage import PairingRules, ScanEvent, Storage, Visit
+from storage.outbox import CaseRecord
 from storage.reports import (
     REPORT_BY,
     ReportBy,
@@ -426,3 +427,32 @@ async def test_report_days_out_of_bounds_are_400_naming_the_parameter(
         "GET", "/v1/reports/daily?from=2020-01-01&to=2020-01-01", headers=auth
     )
     assert status == 200, doc
+
+
+async def test_the_report_gives_cases_per_day_and_their_growth(make_desk: DeskFactory) -> None:
+    """Cases confirmed over 14 days growing about 10% a day: the report's epidemic part
+    counts them by local day and finds the growth significant, with a doubling time."""
+    desk: Desk = await make_desk()
+    today = dt.datetime.now(ZONE).date()
+    made = 0
+    for back in range(13, -1, -1):
+        day = today - dt.timedelta(days=back)
+        noon = day_bounds_ms(day, ZONE)[0] + 12 * 3_600_000
+        for n in range(round(5 * 1.1 ** (13 - back))):
+            case = CaseRecord(f"C{back}x{n}", f"P{back}x{n}", noon + n, None, noon, "test", 0, 0)
+            await desk.storage.add_case(case, [], [])
+            made += 1
+    auth = {"Authorization": f"Bearer {await desk.storage.add_admin('ban-chi-dao')}"}
+    status, doc, _ = await desk.call(
+        "GET", f"/v1/reports/daily?from={today}&to={today}", headers=auth
+    )
+    assert status == 200, doc
+    epidemic = doc["epidemic"]
+    assert [d["day"] for d in epidemic["cases_per_day"]][-1] == today.isoformat()
+    assert sum(d["cases"] for d in epidemic["cases_per_day"]) == made
+    fourteen = epidemic["growth"]["last_14_days"]
+    assert fourteen["significant"] and fourteen["doubling_days"] is not None
+    low, high = fourteen["daily_growth_95"]
+    assert low <= 0.10 <= high
+    assert len(fourteen["projection"]) == 7
+    assert fourteen["projection"][0]["low"] < fourteen["projection"][0]["cases"]

@@ -16,11 +16,13 @@ from gateway.http.errors import InvalidRequest
 from gateway.http.keys import SETTINGS, STORAGE
 from gateway.http.report_chart import render_chart
 from storage import Storage
+from storage.growth import Growth, fit_growth
 from storage.reports import (
     MAX_REPORT_DAYS,
     ReportBy,
     ReportRow,
     daily_report,
+    day_bounds_ms,
     rows_to_csv,
     rows_to_json,
 )
@@ -87,6 +89,57 @@ def report_json(
     }
 
 
+# The daily cases the growth is fitted to: the last 7 and 14 days of the report's range.
+GROWTH_WINDOWS: Final = (7, 14)
+
+
+async def epidemic(storage: Storage, last_day: dt.date, timezone: str) -> dict[str, Any]:
+    """Nationally, for steering committees: confirmed cases per day over the 14 days that
+    end on ``last_day``, and their growth over the last 7 and 14 of them (a Poisson fit,
+    ``storage.growth``: rate a day with its 95% interval, doubling or halving time, and
+    the fitted mean carried 7 days on with its band). No growth is given for a window with
+    fewer than ``MIN_CASES`` cases."""
+    tz = ZoneInfo(timezone)
+    days = [last_day - dt.timedelta(days=i) for i in range(max(GROWTH_WINDOWS) - 1, -1, -1)]
+    start_ms = day_bounds_ms(days[0], tz)[0]
+    end_ms = day_bounds_ms(days[-1], tz)[1]
+    counts = dict.fromkeys(days, 0)
+    for at_ms in await storage.confirmations(start_ms, end_ms):
+        day = dt.datetime.fromtimestamp(at_ms / 1000, tz).date()
+        if day in counts:
+            counts[day] += 1
+    daily = [counts[d] for d in days]
+    growth = {}
+    for window in GROWTH_WINDOWS:
+        fit = fit_growth(daily[-window:])
+        growth[f"last_{window}_days"] = None if fit is None else growth_json(fit, last_day)
+    return {
+        "cases_per_day": [{"day": d.isoformat(), "cases": counts[d]} for d in days],
+        "growth": growth,
+    }
+
+
+def growth_json(fit: Growth, last_day: dt.date) -> dict[str, Any]:
+    return {
+        "days": fit.days,
+        "cases": fit.cases,
+        "daily_growth": round(fit.daily_growth, 4),
+        "daily_growth_95": [round(fit.low, 4), round(fit.high, 4)],
+        "significant": fit.significant,
+        "doubling_days": None if fit.doubling_days is None else round(fit.doubling_days, 1),
+        "halving_days": None if fit.halving_days is None else round(fit.halving_days, 1),
+        "projection": [
+            {
+                "day": (last_day + dt.timedelta(days=h)).isoformat(),
+                "cases": round(mean, 1),
+                "low": round(low, 1),
+                "high": round(high, 1),
+            }
+            for h, (mean, low, high) in enumerate(fit.projection, start=1)
+        ],
+    }
+
+
 async def group_names(storage: Storage, rows: list[ReportRow], by: ReportBy) -> dict[str, str]:
     """By venue: each venue's name, as its poster prints it; otherwise nothing to name."""
     if by != "venue":
@@ -133,7 +186,9 @@ async def get_daily_report(request: web.Request) -> web.Response:
             },
         )
     names = await group_names(storage, rows, by)
-    return json_response(report_json(rows, first_day, last_day, by, timezone, names))
+    doc = report_json(rows, first_day, last_day, by, timezone, names)
+    doc["epidemic"] = await epidemic(storage, last_day, timezone)
+    return json_response(doc)
 
 
 def add_routes(app: web.Application) -> None:

@@ -461,7 +461,11 @@ PATHS: Final[dict[str, Schema]] = {
             ],
             "responses": {
                 "200": {
-                    "description": "The report",
+                    "description": "The report: from, to, by, timezone, rows (by venue each "
+                    "with group_name); in JSON also epidemic: cases_per_day over the 14 days "
+                    "ending on `to`, and growth over the last 7 and 14 of them (daily_growth "
+                    "with its 95% interval, doubling_days or halving_days, a 7-day "
+                    "projection with its band; null with under 10 cases)",
                     "content": {
                         JSON: {"schema": {"type": "object"}},
                         "text/csv": {"schema": {"type": "string"}},

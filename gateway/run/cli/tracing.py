@@ -387,7 +387,13 @@ def add_report(groups: Subcommands) -> None:
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.report_chart import render_chart
-    from gateway.http.reports import build_report, group_names, report_json, report_range
+    from gateway.http.reports import (
+        build_report,
+        epidemic,
+        group_names,
+        report_json,
+        report_range,
+    )
     from storage.reports import rows_to_csv
 
     try:
@@ -413,6 +419,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
             text = (
                 orjson.dumps(
                     report_json(rows, first_day, last_day, args.by, settings.timezone, names)
+                    | {"epidemic": await epidemic(storage, last_day, settings.timezone)}
                 ).decode()
                 + "\n"
             )
