@@ -120,13 +120,32 @@ class Outbox(SharedSql):
 
     async def confirmations(self, start_ms: int, end_ms: int) -> list[int]:
         """When each case confirmed in [start, end) was confirmed (epoch ms), oldest first."""
+        return [case.confirmed_at_ms for case in await self.cases_between(start_ms, end_ms)]
+
+    async def cases_between(self, start_ms: int, end_ms: int) -> list[CaseRecord]:
+        """The cases confirmed in [start, end), oldest first."""
         rows = await self._fetch(
-            "SELECT confirmed_at FROM cases WHERE confirmed_at >= $1 AND confirmed_at < $2 "
-            "ORDER BY confirmed_at",
+            f"SELECT {_CASE_COLUMNS} FROM cases WHERE confirmed_at >= $1 AND confirmed_at < $2 "
+            "ORDER BY confirmed_at, case_id",
             start_ms,
             end_ms,
         )
-        return [int(r[0]) for r in rows]
+        return [CaseRecord(*r) for r in rows]
+
+    async def notice_outcomes(self, case_ids: Sequence[str]) -> list[tuple[str, str, str, str]]:
+        """(case id, contact, venue, state) of every notice of these cases."""
+        found: list[tuple[str, str, str, str]] = []
+        ids = list(case_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ", ".join(f"${n + 1}" for n in range(len(chunk)))
+            rows = await self._fetch(
+                "SELECT case_id, person_id, venue_id, state FROM notices "
+                f"WHERE case_id IN ({marks})",
+                *chunk,
+            )
+            found += [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+        return found
 
     async def case_confirmed(self, person_id: str, confirmed_at_ms: int) -> CaseRecord | None:
         """The case already recorded for this person and confirmation time (a request

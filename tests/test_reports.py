@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from gateway.http.report_chart import render_chart
+from signing import Keyring
 from storage import PairingRules, ScanEvent, Storage, Visit
 from storage.outbox import CaseRecord
 from storage.reports import (
@@ -456,3 +457,76 @@ async def test_the_report_gives_cases_per_day_and_their_growth(make_desk: DeskFa
     assert low <= 0.10 <= high
     assert len(fourteen["projection"]) == 7
     assert fourteen["projection"][0]["low"] < fourteen["projection"][0]["cases"]
+
+
+async def test_the_epidemic_part_counts_by_province_as_the_issue_defines_it(
+    make_desk: DeskFactory, keyring: Keyring
+) -> None:
+    """A case counts where it declared, or else where its latest visit was; an exposure
+    where its venue is. One declared in Hà Nội met a vhd user at a Hà Nội venue (a notice,
+    pending); one never declared, last seen at a Đà Nẵng venue, met a bluezone user there
+    (no webhook, no phone: unreachable)."""
+    keyring.set_webhook("vhd", "http://127.0.0.1:9/hook")
+    desk: Desk = await make_desk(notice_poll_s=60, webhook_private=True)
+    hanoi = await desk.venue(province="Hà Nội")
+    danang = await desk.venue(province="Đà Nẵng")
+    status, declared = await desk.declare(await desk.session(), province="Hà Nội")
+    assert status == 201, declared
+    case1 = declared["person_id"]
+    now = int(time.time() * 1000)
+    start = now - 5 * 3_600_000
+    hour = 3_600_000
+    events = []
+    for n, (app, person, venue, t0) in enumerate(
+        [
+            ("vhd", case1, hanoi["venue_id"], start),
+            ("vhd", "CONTACTX", hanoi["venue_id"], start),
+            ("vhd", "CASE2", danang["venue_id"], start),
+            ("bluezone", "CONTACTY", danang["venue_id"], start),
+        ]
+    ):
+        events += [
+            ScanEvent(app, f"EP{n}a", "checkin", venue, person, t0, t0, None),
+            ScanEvent(app, f"EP{n}b", "checkout", venue, person, t0 + hour, t0, None),
+        ]
+    await desk.storage.store_batch(events, PairingRules())
+    auth = {"Authorization": f"Bearer {await desk.storage.add_admin('ban-chi-dao')}"}
+    for person in (case1, "CASE2"):
+        status, made, _ = await desk.call(
+            "POST", "/v1/cases", {"person_id": person, "confirmed_at": now - 1000}, headers=auth
+        )
+        assert status == 201, made
+    today = dt.datetime.now(ZONE).date()
+    status, doc, _ = await desk.call(
+        "GET", f"/v1/reports/daily?from={today}&to={today}", headers=auth
+    )
+    assert status == 200, doc
+    epidemic = doc["epidemic"]
+    figures = ("cases", "contacts_per_case", "notices", "unreachable", "venues_with_exposures")
+    pending = {"delivered": 0, "failed": 0, "pending": 1}
+    none = {"delivered": 0, "failed": 0, "pending": 0}
+    assert {k: epidemic[k] for k in figures} == {
+        "cases": 2,
+        "contacts_per_case": 1.0,
+        "notices": pending,
+        "unreachable": 1,
+        "venues_with_exposures": 1,
+    }
+    by_province = {p["province"]: {k: p[k] for k in figures} for p in epidemic["provinces"]}
+    assert by_province == {
+        "Hà Nội": {
+            "cases": 1,
+            "contacts_per_case": 1.0,
+            "notices": pending,
+            "unreachable": 0,
+            "venues_with_exposures": 1,
+        },
+        "Đà Nẵng": {
+            "cases": 1,
+            "contacts_per_case": 1.0,
+            "notices": none,
+            "unreachable": 1,
+            "venues_with_exposures": 0,
+        },
+    }
+    assert epidemic["cases_per_day"][-1] == {"day": today.isoformat(), "cases": 2}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo
@@ -17,8 +18,10 @@ from gateway.http.keys import SETTINGS, STORAGE
 from gateway.http.report_chart import render_chart
 from storage import Storage
 from storage.growth import Growth, fit_growth
+from storage.outbox import CaseRecord
 from storage.reports import (
     MAX_REPORT_DAYS,
+    UNKNOWN_GROUP,
     ReportBy,
     ReportRow,
     daily_report,
@@ -91,21 +94,59 @@ def report_json(
 
 # The daily cases the growth is fitted to: the last 7 and 14 days of the report's range.
 GROWTH_WINDOWS: Final = (7, 14)
+CASE_LOOKBACK_MS: Final = 14 * 86_400_000  # how far back a case's latest visit is looked for
 
 
 async def epidemic(storage: Storage, last_day: dt.date, timezone: str) -> dict[str, Any]:
-    """Nationally, for steering committees: confirmed cases per day over the 14 days that
-    end on ``last_day``, and their growth over the last 7 and 14 of them (a Poisson fit,
-    ``storage.growth``: rate a day with its 95% interval, doubling or halving time, and
-    the fitted mean carried 7 days on with its band). No growth is given for a window with
-    fewer than ``MIN_CASES`` cases."""
+    """For steering committees, over the 14 days that end on ``last_day``: nationally and
+    per province, confirmed cases per day and their growth over the last 7 and 14 days (a
+    Poisson fit, ``storage.growth``), contacts per case, the notices delivered, failed and
+    pending, the contacts no notice could reach, and the venues with exposures.
+
+    A case counts in its declared province, or else in that of the venue of its latest
+    visit; an exposure (a notice, a venue) in the province of its venue. Unknown either
+    way: ``unknown``. No growth is given for a window with fewer than ``MIN_CASES`` cases."""
     tz = ZoneInfo(timezone)
     days = [last_day - dt.timedelta(days=i) for i in range(max(GROWTH_WINDOWS) - 1, -1, -1)]
     start_ms = day_bounds_ms(days[0], tz)[0]
     end_ms = day_bounds_ms(days[-1], tz)[1]
+    cases = await storage.cases_between(start_ms, end_ms)
+    case_province = await _case_provinces(storage, cases)
+    outcomes = await storage.notice_outcomes([c.case_id for c in cases])
+    labels = await storage.venue_labels(sorted({venue for _, _, venue, _ in outcomes}))
+
+    def venue_province(venue_id: str) -> str:
+        label = labels.get(venue_id)
+        return label.province if label and label.province else UNKNOWN_GROUP
+
+    provinces = sorted(set(case_province.values()) | {venue_province(v) for _, _, v, _ in outcomes})
+    # The contacts a notice reached, per case: the rest of its contacts had no channel.
+    reached: dict[str, set[str]] = {}
+    for case_id, person, _venue, _state in outcomes:
+        reached.setdefault(case_id, set()).add(person)
+    national = _epidemic_part(days, last_day, tz, cases, outcomes, reached)
+    by_province = []
+    for province in provinces:
+        mine = [c for c in cases if case_province[c.case_id] == province]
+        exposed = [o for o in outcomes if venue_province(o[2]) == province]
+        part = _epidemic_part(days, last_day, tz, mine, exposed, reached)
+        by_province.append({"province": province, **part})
+    return {**national, "provinces": by_province}
+
+
+def _epidemic_part(
+    days: list[dt.date],
+    last_day: dt.date,
+    tz: ZoneInfo,
+    cases: list[CaseRecord],
+    outcomes: list[tuple[str, str, str, str]],
+    reached: Mapping[str, set[str]],
+) -> dict[str, Any]:
+    """One place's figures: ``cases`` counted there (and their contacts no notice could
+    reach), ``outcomes`` (notices) exposed there."""
     counts = dict.fromkeys(days, 0)
-    for at_ms in await storage.confirmations(start_ms, end_ms):
-        day = dt.datetime.fromtimestamp(at_ms / 1000, tz).date()
+    for case in cases:
+        day = dt.datetime.fromtimestamp(case.confirmed_at_ms / 1000, tz).date()
         if day in counts:
             counts[day] += 1
     daily = [counts[d] for d in days]
@@ -113,10 +154,39 @@ async def epidemic(storage: Storage, last_day: dt.date, timezone: str) -> dict[s
     for window in GROWTH_WINDOWS:
         fit = fit_growth(daily[-window:])
         growth[f"last_{window}_days"] = None if fit is None else growth_json(fit, last_day)
-    return {
+    states = Counter(state for _, _, _, state in outcomes)
+    contacts = sum(c.contacts for c in cases)
+    part: dict[str, Any] = {
         "cases_per_day": [{"day": d.isoformat(), "cases": counts[d]} for d in days],
         "growth": growth,
+        "cases": len(cases),
+        "contacts_per_case": round(contacts / len(cases), 2) if cases else None,
+        "notices": {s: states.get(s, 0) for s in ("delivered", "failed", "pending")},
+        "unreachable": sum(max(0, c.contacts - len(reached.get(c.case_id, ()))) for c in cases),
+        "venues_with_exposures": len({venue for _, _, venue, _ in outcomes}),
     }
+    return part
+
+
+async def _case_provinces(storage: Storage, cases: list[CaseRecord]) -> dict[str, str]:
+    """Each case's province: the one its person declared, or else that of the venue of
+    their latest visit up to the confirmation."""
+    declared = {
+        p.person_id: p.province for p in await storage.persons([c.person_id for c in cases])
+    }
+    found: dict[str, str] = {}
+    for case in cases:
+        province = declared.get(case.person_id)
+        if not province:
+            visits = await storage.person_visits(
+                case.person_id, case.confirmed_at_ms - CASE_LOOKBACK_MS, case.confirmed_at_ms
+            )
+            latest = max(visits, key=lambda v: v.checkin_at_ms, default=None)
+            if latest is not None:
+                label = (await storage.venue_labels([latest.venue_id])).get(latest.venue_id)
+                province = label.province if label else None
+        found[case.case_id] = province or UNKNOWN_GROUP
+    return found
 
 
 def growth_json(fit: Growth, last_day: dt.date) -> dict[str, Any]:
