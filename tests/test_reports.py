@@ -9,6 +9,7 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -23,8 +24,10 @@ import pytest
 from PIL import Image
 
 from gateway.http.report_chart import render_chart
+from gateway.http.reports import growth_json
 from signing import Keyring
 from storage import PairingRules, ScanEvent, Storage, Visit
+from storage.growth import fit_growth
 from storage.outbox import CaseRecord
 from storage.reports import (
     REPORT_BY,
@@ -43,6 +46,7 @@ __all__ = ["make_desk"]  # the fixture, used here
 
 TZ = dt.timezone(dt.timedelta(hours=7))  # Asia/Ho_Chi_Minh has had no DST since 1975
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+ROOT = Path(__file__).resolve().parent.parent
 DAY0 = dt.date(2026, 3, 2)
 DAYS = [DAY0 + dt.timedelta(days=i) for i in range(3)]
 MINUTE = 60_000
@@ -530,3 +534,28 @@ async def test_the_epidemic_part_counts_by_province_as_the_issue_defines_it(
         },
     }
     assert epidemic["cases_per_day"][-1] == {"day": today.isoformat(), "cases": 2}
+
+
+def test_the_chart_draws_the_cases_and_their_projection_band() -> None:
+    """A 14-day series growing 10% a day: the chart gets a third panel, the cases and the
+    fit carried a week on as a band; a copy lands with the screenshots (README, "Set up
+    and run the tests")."""
+    rows = [ReportRow("2026-12-05", "Hà Nội", 10, 8, 7, 6, 42.0, 3)]
+    counts = [round(5 * 1.1**t) for t in range(14)]
+    days = [dt.date(2026, 11, 22) + dt.timedelta(days=i) for i in range(14)]
+    fit = fit_growth(counts)
+    assert fit is not None
+    epidemic = {
+        "cases_per_day": [
+            {"day": d.isoformat(), "cases": c} for d, c in zip(days, counts, strict=True)
+        ],
+        "growth": {"last_7_days": None, "last_14_days": growth_json(fit, days[-1])},
+    }
+    png = render_chart(rows, "province", days[-1], days[-1], None, epidemic)
+    image = Image.open(io.BytesIO(png))
+    assert image.size == (1600, 1400)
+    plain = Image.open(io.BytesIO(render_chart(rows, "province", days[-1], days[-1])))
+    assert plain.size == (1600, 1000)
+    shots = Path(os.environ.get("SCANGATE_SCREENSHOT_DIR", ROOT / "artifacts" / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    (shots / "report-chart-projection.png").write_bytes(png)

@@ -13,7 +13,7 @@ import io
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import orjson
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,8 +47,11 @@ def render_chart(
     first_day: dt.date,
     last_day: dt.date,
     names: Mapping[str, str] | None = None,
+    epidemic: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The report ``rows`` (of :func:`storage.reports.daily_report`) as a 1600 x 1000 PNG.
+    """The report ``rows`` (of :func:`storage.reports.daily_report`) as a 1600 x 1000 PNG
+    (1600 x 1400 with ``epidemic``, the report's national epidemic part: its cases per day
+    and their projection, drawn as a band, in a third panel).
 
     The :data:`TOP_GROUPS` groups with the most check-ins over the range are drawn on their
     own and the others summed as "khác" in the bars; the occupancy panel has no line for
@@ -56,17 +59,23 @@ def render_chart(
     the chart says "Không có dữ liệu".
     """
     days = [first_day + dt.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
-    fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
+    size = FIGSIZE_IN if epidemic is None else (FIGSIZE_IN[0], FIGSIZE_IN[1] + 4)
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself: savefig draws with Agg, no backend switch
     fig.suptitle(
         f"Báo cáo hằng ngày theo {_BY_LABEL[by]}, từ {first_day:%d/%m/%Y} đến {last_day:%d/%m/%Y}",
         fontsize=18,
         fontweight="bold",
     )
+    report: Any = fig
+    if epidemic is not None:
+        panels: Any = fig.subfigures(2, 1, height_ratios=[10, 4])  # an array of two
+        report = panels[0]
+        _draw_cases(panels[1], epidemic)
     if rows:
-        _draw(fig, rows, by, days, names or {})
+        _draw(report, rows, by, days, names or {})
     else:
-        ax = fig.add_subplot()
+        ax = report.add_subplot()
         ax.set_axis_off()
         ax.text(0.5, 0.5, "Không có dữ liệu", ha="center", va="center", fontsize=24)
     buffer = io.BytesIO()
@@ -152,6 +161,61 @@ def _draw(
         title=_BY_LABEL[by].capitalize(),
         title_fontsize=12,
     )
+
+
+def _draw_cases(fig: Any, epidemic: Mapping[str, Any]) -> None:
+    """Confirmed cases per day as bars, and the fitted growth carried 7 days on as a band:
+    the 14-day fit when there is one, else the 7-day one."""
+    ax = fig.subplots()
+    counts = epidemic["cases_per_day"]
+    days = [dt.date.fromisoformat(d["day"]) for d in counts]
+    ax.bar(range(len(days)), [d["cases"] for d in counts], color="C3", label="ca bệnh xác nhận")
+    growth = epidemic["growth"]["last_14_days"] or epidemic["growth"]["last_7_days"]
+    title = "Ca bệnh xác nhận mỗi ngày (cả nước)"
+    ahead = []
+    if growth is not None:
+        ahead = growth["projection"]
+        x = list(range(len(days), len(days) + len(ahead)))
+        ax.fill_between(
+            x,
+            [p["low"] for p in ahead],
+            [p["high"] for p in ahead],
+            color="C3",
+            alpha=0.2,
+            label="dự báo 7 ngày (khoảng tin cậy 95%)",
+        )
+        ax.plot(x, [p["cases"] for p in ahead], color="C3", linestyle="--")
+        title += f": {_growth_words(growth)}"
+    else:
+        title += ": quá ít ca để ước tính tốc độ tăng"
+    all_days = days + [dt.date.fromisoformat(p["day"]) for p in ahead]
+    ax.set_xticks(range(len(all_days)), [_day_label(d, False) for d in all_days])
+    ax.set_title(title, fontsize=15, loc="left")
+    ax.set_ylabel("Ca bệnh", fontsize=13)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(axis="y", alpha=0.3)
+    ax.tick_params(labelsize=11)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(loc="upper left", fontsize=12)
+
+
+def _growth_words(growth: Mapping[str, Any]) -> str:
+    """The growth as a steering committee reads it, in Vietnamese."""
+
+    def pct(x: float) -> str:
+        return f"{x * 100:.1f}%".replace(".", ",")
+
+    low, high = growth["daily_growth_95"]
+    words = (
+        f"{'tăng' if growth['daily_growth'] >= 0 else 'giảm'} {pct(abs(growth['daily_growth']))}"
+        f"/ngày (KTC 95%: {pct(low)} đến {pct(high)}, {growth['days']} ngày)"
+    )
+    if growth["doubling_days"] is not None:
+        return words + f", gấp đôi sau {growth['doubling_days']:.1f} ngày".replace(".", ",")
+    if growth["halving_days"] is not None:
+        return words + f", giảm một nửa sau {growth['halving_days']:.1f} ngày".replace(".", ",")
+    return words + ", chưa có ý nghĩa thống kê"
 
 
 def _day_label(day: dt.date, with_weekday: bool) -> str:

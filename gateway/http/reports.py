@@ -247,7 +247,8 @@ async def get_daily_report(request: web.Request) -> web.Response:
     if fmt == "png":
         # Drawing takes a while (matplotlib): off the event loop.
         names = await group_names(storage, rows, by)
-        png = await asyncio.to_thread(render_chart, rows, by, first_day, last_day, names)
+        national = await epidemic(storage, last_day, timezone)
+        png = await asyncio.to_thread(render_chart, rows, by, first_day, last_day, names, national)
         return web.Response(
             body=png,
             headers={

@@ -410,7 +410,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         await storage.audit(actor, "report", args.by, f"from={first_day} to={last_day}")
         names = await group_names(storage, rows, args.by)
         if args.format == "png":
-            args.output.write_bytes(render_chart(rows, args.by, first_day, last_day, names))
+            national = await epidemic(storage, last_day, settings.timezone)
+            args.output.write_bytes(
+                render_chart(rows, args.by, first_day, last_day, names, national)
+            )
             emit({"file": str(args.output), "rows": len(rows)})
             return 0
         if args.format == "csv":
