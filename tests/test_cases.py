@@ -720,13 +720,14 @@ async def test_risky_venues_come_in_pages_of_whole_venues(
         assert (status, body["error"]) == (400, "invalid_request"), bad
 
 
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
 async def test_an_exposure_with_no_check_out_ends_at_the_confirmation_and_says_so(
-    make_desk: DeskFactory, keyring: Keyring
+    make_desk: DeskFactory, keyring: Keyring, storage_kind: str
 ) -> None:
     """A case and a contact who both checked in and never out: their stored visits end
     four hours on (the assumed stay), but the exposure stops at the confirmation."""
     keyring.set_webhook("vhd", "http://127.0.0.1:9/hook")
-    desk: Desk = await make_desk(notice_poll_s=60, webhook_private=True)
+    desk: Desk = await make_desk(notice_poll_s=60, webhook_private=True, storage=storage_kind)
     now = int(time.time() * 1000)
     await desk.storage.store_batch(
         [

@@ -434,10 +434,13 @@ async def test_report_days_out_of_bounds_are_400_naming_the_parameter(
     assert status == 200, doc
 
 
-async def test_the_report_gives_cases_per_day_and_their_growth(make_desk: DeskFactory) -> None:
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
+async def test_the_report_gives_cases_per_day_and_their_growth(
+    make_desk: DeskFactory, storage_kind: str
+) -> None:
     """Cases confirmed over 14 days growing about 10% a day: the report's epidemic part
     counts them by local day and finds the growth significant, with a doubling time."""
-    desk: Desk = await make_desk()
+    desk: Desk = await make_desk(storage=storage_kind)
     today = dt.datetime.now(ZONE).date()
     made = 0
     for back in range(13, -1, -1):
@@ -463,15 +466,16 @@ async def test_the_report_gives_cases_per_day_and_their_growth(make_desk: DeskFa
     assert fourteen["projection"][0]["low"] < fourteen["projection"][0]["cases"]
 
 
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
 async def test_the_epidemic_part_counts_by_province_as_the_issue_defines_it(
-    make_desk: DeskFactory, keyring: Keyring
+    make_desk: DeskFactory, keyring: Keyring, storage_kind: str
 ) -> None:
     """A case counts where it declared, or else where its latest visit was; an exposure
     where its venue is. One declared in Hà Nội met a vhd user at a Hà Nội venue (a notice,
     pending); one never declared, last seen at a Đà Nẵng venue, met a bluezone user there
     (no webhook, no phone: unreachable)."""
     keyring.set_webhook("vhd", "http://127.0.0.1:9/hook")
-    desk: Desk = await make_desk(notice_poll_s=60, webhook_private=True)
+    desk: Desk = await make_desk(notice_poll_s=60, webhook_private=True, storage=storage_kind)
     hanoi = await desk.venue(province="Hà Nội")
     danang = await desk.venue(province="Đà Nẵng")
     status, declared = await desk.declare(await desk.session(), province="Hà Nội")

@@ -250,12 +250,13 @@ async def test_the_trace_by_national_id_gives_a_first_page_and_the_cursor_of_the
 
 
 @ONE_REDIS
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
 async def test_venues_are_named_as_their_posters_name_them_and_no_more(
-    make_desk: DeskFactory,
+    make_desk: DeskFactory, storage_kind: str
 ) -> None:
     """A venue bluezone registered, where vhd's users met: the trace, the case, the risky
     venues and the report name it as its poster does, and show nothing else of it."""
-    desk: Desk = await make_desk()
+    desk: Desk = await make_desk(storage=storage_kind)
     venue = await desk.venue(
         app="bluezone", name="Chợ Bến Thành", address="Lê Lợi, Quận 1", province="Hồ Chí Minh"
     )

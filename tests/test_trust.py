@@ -648,3 +648,15 @@ async def test_the_cli_searches_by_phone(desk: Desk) -> None:
     assert [p["person_id"] for p in found["persons"]] == [made["person_id"]]
     bad = await asyncio.to_thread(cli, desk, "trace", "--phone", "12")
     assert bad.returncode == 2 and "--phone" in bad.stderr
+
+
+async def test_a_poster_from_the_cli_names_the_app_and_the_province(desk: Desk) -> None:
+    """Issue 19, point 6, on the desk's storage (SQLite and PostgreSQL)."""
+    venue = await desk.venue(province="Đà Nẵng")
+    named = await asyncio.to_thread(cli, desk, "apps", "set-name", "vhd", "PC-Covid")
+    assert named.returncode == 0, named.stderr
+    out = desk.settings.data_dir / "poster.svg"
+    done = await asyncio.to_thread(cli, desk, "venues", "poster", venue["venue_id"], "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "Dùng ứng dụng PC-Covid để quét" in text and "Đà Nẵng" in text
