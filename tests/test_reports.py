@@ -563,3 +563,19 @@ def test_the_chart_draws_the_cases_and_their_projection_band() -> None:
     shots = Path(os.environ.get("SCANGATE_SCREENSHOT_DIR", ROOT / "artifacts" / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     (shots / "report-chart-projection.png").write_bytes(png)
+
+
+def test_a_gateway_worker_imports_matplotlib_only_to_draw_a_chart() -> None:
+    """matplotlib cost every worker about 40 MB of memory and a third of a second at start
+    (issue 20); only a chart needs it."""
+    code = (
+        "import sys\n"
+        "import gateway.http.app, gateway.run.server, gateway.run.cli\n"
+        "print('matplotlib' in sys.modules)\n"
+        "from gateway.http.report_chart import render_chart\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "True"], done.stdout

@@ -15,7 +15,6 @@ from aiohttp import web
 from gateway.http.context import authenticate_admin, json_response
 from gateway.http.errors import InvalidRequest
 from gateway.http.keys import SETTINGS, STORAGE
-from gateway.http.report_chart import render_chart
 from storage import Storage
 from storage.growth import Growth, fit_growth
 from storage.outbox import CaseRecord
@@ -246,6 +245,10 @@ async def get_daily_report(request: web.Request) -> web.Response:
         )
     if fmt == "png":
         # Drawing takes a while (matplotlib): off the event loop.
+        # Imported here: matplotlib costs every worker about 40 MB and a third of a second
+        # at start, and only a chart needs it.
+        from gateway.http.report_chart import render_chart
+
         names = await group_names(storage, rows, by)
         national = await epidemic(storage, last_day, timezone)
         png = await asyncio.to_thread(render_chart, rows, by, first_day, last_day, names, national)
