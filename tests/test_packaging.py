@@ -37,6 +37,11 @@ def test_the_wheel_holds_every_subpackage_template_static_file_and_font(tmp_path
     (wheel,) = tmp_path.glob("scangate-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         inside = set(archive.namelist())
+        (metadata,) = [p for p in inside if p.endswith(".dist-info/METADATA")]
+        headers = archive.read(metadata).decode()
+    # The license, as PEP 639 puts it: an SPDX expression and the file itself.
+    assert "License-Expression: MIT" in headers
+    assert any(p.endswith(".dist-info/licenses/LICENSE") for p in inside)
     expected = shipped_sources()
     # The check is only as good as what it expects: the web pages and the fonts.
     assert any(p.startswith("gateway/http/web/templates/") for p in expected)
