@@ -285,7 +285,7 @@ def rows_to_json(
         item: dict[str, object] = {
             "person_id": row.person_id,
             "venue_id": row.venue_id,
-            **({} if venues is None else _venue_members(venues.get(row.venue_id))),
+            **({} if venues is None else venue_members(venues.get(row.venue_id))),
             "overlap_start": format_time_ms(row.overlap_start_ms),
             "overlap_end": format_time_ms(row.overlap_end_ms),
             "overlap_minutes": row.overlap_minutes,
@@ -300,13 +300,13 @@ def rows_to_json(
     return out
 
 
-def _venue_members(label: VenueLabel | None) -> dict[str, object]:
-    if label is None:
-        return {"venue_name": None, "venue_address": None, "venue_province": None}
+def venue_members(label: VenueLabel | None) -> dict[str, str | None]:
+    """A venue's public members in an answer: what its poster shows (null when the venue
+    is not registered here). Nothing else of another app's venue is ever shown."""
     return {
-        "venue_name": label.name,
-        "venue_address": label.address,
-        "venue_province": label.province,
+        "venue_name": label.name if label else None,
+        "venue_address": label.address if label else None,
+        "venue_province": label.province if label else None,
     }
 
 

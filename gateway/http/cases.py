@@ -39,6 +39,7 @@ from storage.models import ContactRow
 from storage.outbox import CaseRecord, CaseWindow, NoticeRecord, notice_id
 from storage.registry import VenueLabel
 from storage.times import format_time_ms, parse_time_ms
+from storage.tracing import venue_members
 
 CASE_DAYS: Final = 14
 MAX_NOTE_CHARS: Final = 500
@@ -222,16 +223,6 @@ def check_case_request(
     if note is not None and has_unprintable(note.replace("\n", " ")):
         raise InvalidField("note", "contains control, invisible or unassigned characters")
     return person_id, confirmed_at_ms, note or None
-
-
-def venue_members(label: VenueLabel | None) -> dict[str, str | None]:
-    """A venue's public members in an answer: what its poster shows (null when the venue
-    is not registered here). Nothing else of another app's venue is ever shown."""
-    return {
-        "venue_name": label.name if label else None,
-        "venue_address": label.address if label else None,
-        "venue_province": label.province if label else None,
-    }
 
 
 def case_json(

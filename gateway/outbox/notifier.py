@@ -48,6 +48,7 @@ from storage import Storage
 from storage.outbox import NoticeRecord
 from storage.registry import VenueLabel
 from storage.times import format_time_ms
+from storage.tracing import venue_members
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,7 @@ def webhook_body(
             "notice_id": notice.notice_id,
             "event_ids": list(event_ids),
             "venue_id": notice.venue_id,
-            # What the venue's poster shows (null when it is not registered here).
-            "venue_name": venue.name if venue else None,
-            "venue_address": venue.address if venue else None,
-            "venue_province": venue.province if venue else None,
+            **venue_members(venue),
             "exposure_start": format_time_ms(notice.exposure_start_ms),
             "exposure_end": format_time_ms(notice.exposure_end_ms),
             "overlap_minutes": notice.overlap_minutes,
