@@ -34,6 +34,7 @@ from .keyring import (
 )
 from .qr import make_qr, render, render_to_file
 from .verify import CodeVerifier
+from .webhooks import signature_headers, standard_secret
 
 __all__ = [
     "KEYRING_FILE",
@@ -63,5 +64,7 @@ __all__ = [
     "parse_code",
     "render",
     "render_to_file",
+    "signature_headers",
+    "standard_secret",
     "token_id",
 ]

@@ -156,7 +156,7 @@ class TokenInfo:
 @dataclass(frozen=True, slots=True)
 class Webhook:
     url: str
-    secret: bytes  # the HMAC-SHA256 key of the X-Scangate-Signature header
+    secret: bytes  # the HMAC-SHA256 key of every delivery's signatures (signing.webhooks)
 
 
 @dataclass(frozen=True, slots=True)

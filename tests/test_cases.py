@@ -1,6 +1,7 @@
 """Cases and exposure notices end to end, on a real Redis and storage, with a local webhook
-receiver: who is notified and how, signatures, retries, dry runs, the outbox's leases on
-both backends, a notifier killed mid-delivery, risky venues and occupancy."""
+receiver: who is notified and how, signatures (checked with a Standard Webhooks library
+too), retries, dry runs, the outbox's leases on both backends, a notifier killed
+mid-delivery, risky venues and occupancy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -25,11 +27,12 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from gateway.http.cases import merge_windows
 from gateway.http.keys import METRICS
-from gateway.outbox.notifier import ADVICE, sign, sms_text, without_diacritics
-from signing import Keyring, KeyringError
+from gateway.outbox.notifier import ADVICE, sms_text, without_diacritics
+from signing import Keyring, KeyringError, signature_headers, standard_secret
 from storage import PairingRules, ScanEvent, Storage, connect_storage
 from storage.outbox import CaseRecord, CaseWindow, NoticeRecord, notice_id
 from storage.times import format_time_ms, parse_time_ms
@@ -49,9 +52,12 @@ class Receiver:
     """A webhook endpoint: records every POST; answers ``fail_first`` of them 503 and
     holds each answer ``delay_s``. Like a real receiver it acts on a notice the first time
     its Idempotency-Key comes (``processed``) and answers 2xx to a repeat without acting;
-    ``answered_ok`` counts every 2xx it sent for a notice."""
+    ``answered_ok`` counts every 2xx it sent for a notice. It checks X-Scangate-Signature
+    under ``secret`` and, when ``standard`` is set, the Standard Webhooks headers with that
+    library as it arrives; ``deliveries`` keeps each signed POST's body and headers."""
 
     secret: bytes = b""
+    standard: Webhook | None = None
     fail_first: int = 0
     delay_s: float = 0.0
     # Hold the answers to arrivals number slow_after+1 to slow_until (default: all).
@@ -60,6 +66,7 @@ class Receiver:
     arrivals: list[dict[str, Any]] = field(default_factory=list)
     processed: list[str] = field(default_factory=list)
     answered_ok: Counter[str] = field(default_factory=Counter)
+    deliveries: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
     bad_signatures: int = 0
     server: TestServer | None = None
 
@@ -70,7 +77,16 @@ class Receiver:
         if not hmac.compare_digest(request.headers.get("X-Scangate-Signature", ""), expected):
             self.bad_signatures += 1
             return web.Response(status=401)
+        headers = dict(request.headers)
+        if self.standard is not None:
+            try:
+                self.standard.verify(body, headers)
+            except WebhookVerificationError:
+                self.bad_signatures += 1
+                return web.Response(status=401)
         assert request.headers["Idempotency-Key"] == doc["notice_id"]
+        assert request.headers["webhook-id"] == doc["notice_id"]
+        self.deliveries.append((body, headers))
         self.arrivals.append(doc)
         if len(self.arrivals) <= self.fail_first:
             return web.Response(status=503)
@@ -184,6 +200,7 @@ async def case_desk(
     """A gateway whose vhd app has the receiver as webhook, the visits of
     ``plant_visits`` from five hours ago, and an admin: (desk, start, admin headers)."""
     receiver.secret = keyring.set_webhook("vhd", receiver.url).encode()
+    receiver.standard = Webhook(standard_secret(receiver.secret))
     desk: Desk = await make_desk(**{**FAST, **over})
     start = int(time.time() * 1000) - 5 * HOUR
     await plant_visits(desk.storage, start)
@@ -307,6 +324,53 @@ async def test_a_receiver_that_fails_for_a_while_gets_every_notice_once(
     assert 'scangate_notices_total{channel="webhook",outcome="retry"} 5.0' in text
 
 
+async def test_deliveries_are_signed_the_standard_way_and_a_library_checks_them(
+    make_desk: DeskFactory, keyring: Keyring, receiver: Receiver
+) -> None:
+    """Every try carries webhook-id (the notice id, the same on a retry), a webhook-timestamp
+    of its own and webhook-signature, and the standardwebhooks package accepts it under the
+    whsec_ secret; it refuses the delivery tampered with, under another secret, replayed
+    after its five minutes, or with its timestamp moved up."""
+    # Retries come at least 1.1 s apart, so a retry's timestamp (whole seconds) is new.
+    desk, start, auth = await case_desk(make_desk, keyring, receiver, notice_retry_s=1.5)
+    receiver.fail_first = 2
+    sent_from = int(time.time())
+    status, made = await post_case(desk, auth, start)
+    assert status == 201
+    await all_settled(desk, made["case_id"], auth)
+    assert receiver.bad_signatures == 0  # every try passed both checks as it arrived
+    tries: dict[str, list[int]] = {}
+    for _, headers in receiver.deliveries:
+        stamp = headers["webhook-timestamp"]
+        assert stamp.isdecimal() and sent_from <= int(stamp) <= time.time()
+        tries.setdefault(headers["webhook-id"], []).append(int(stamp))
+    assert len(tries) == 2 and sum(len(t) for t in tries.values()) == 4  # 2 refused, 2 taken
+    assert max(len(t) for t in tries.values()) >= 2
+    assert all(t == sorted(set(t)) for t in tries.values())  # each try a later timestamp
+
+    body, headers = receiver.deliveries[-1]
+    library = Webhook(standard_secret(receiver.secret))
+    assert library.verify(body, headers) == orjson.loads(body)
+    tampered = body.replace(b'"MARKET"', b'"MARKEU"')
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        library.verify(tampered, headers)
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(standard_secret(secrets.token_bytes(32))).verify(body, headers)
+    # The secret as X-Scangate-Signature receivers hold it starts with whsec_ but is not
+    # base64 of the key: a library given it derives another key (or none) and refuses.
+    with pytest.raises((ValueError, WebhookVerificationError)):
+        Webhook(receiver.secret.decode()).verify(body, headers)
+    # The same delivery as the notifier signed it six minutes ago, replayed now: too old
+    # (four minutes ago is within the tolerance); its timestamp moved up: a bad signature.
+    notice, now_s = headers["webhook-id"], int(time.time())
+    assert library.verify(body, signature_headers(receiver.secret, notice, now_s - 240, body))
+    replay = signature_headers(receiver.secret, notice, now_s - 360, body)
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        library.verify(body, replay)
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        library.verify(body, {**replay, "webhook-timestamp": str(now_s)})
+
+
 async def test_notices_to_an_app_that_never_answers_are_given_up_and_said_so(
     make_desk: DeskFactory, keyring: Keyring, receiver: Receiver
 ) -> None:
@@ -361,7 +425,6 @@ def test_the_message_texts() -> None:
         "Chợ Bến Thành", 1_764_000_000_000, 1_764_003_600_000, ZoneInfo("Asia/Ho_Chi_Minh")
     )
     assert "Cho Ben Thanh" in text and text.isascii() and len(text) <= 200
-    assert sign(b"k", b"{}") == "sha256=" + hmac.new(b"k", b"{}", hashlib.sha256).hexdigest()
 
 
 # -- the outbox on both backends ---------------------------------------------------------------
@@ -544,9 +607,10 @@ async def test_a_notifier_killed_mid_delivery_loses_nothing_and_the_receiver_see
     data_dir = tmp_path / "data"
     for app in ("vhd", "bluezone"):
         _cli(data_dir, "apps", "add", app)
-    receiver.secret = json.loads(_cli(data_dir, "apps", "set-webhook", "vhd", receiver.url))[
-        "secret"
-    ].encode()
+    # Both forms of the secret as the CLI prints them: the receiver checks both signatures.
+    hook = json.loads(_cli(data_dir, "apps", "set-webhook", "vhd", receiver.url))
+    receiver.secret = hook["secret"].encode()
+    receiver.standard = Webhook(hook["standard_webhooks_secret"])
     # Of the first worker's 14 POSTs, 7 are answered at once and 7 held 1.5 s: the kill
     # comes when the first 7 are recorded and the rest are in flight. Later POSTs (the
     # second worker's) are answered at once.
@@ -602,6 +666,13 @@ async def test_a_notifier_killed_mid_delivery_loses_nothing_and_the_receiver_see
     posted = Counter(d["notice_id"] for d in receiver.arrivals)
     repeated = {i for i, n in posted.items() if n > 1}
     assert repeated <= in_flight  # resent only if in flight at the kill
+    assert receiver.bad_signatures == 0 and repeated
+    # Sent again by the second worker: the same webhook-id, a timestamp of its own.
+    for notice in repeated:
+        stamps = [
+            h["webhook-timestamp"] for _, h in receiver.deliveries if h["webhook-id"] == notice
+        ]
+        assert len(stamps) == len(set(stamps)) >= 2
     print(  # the figures RELIABILITY.md quotes (pytest -s shows them)
         f"notify killed with {len(recorded)} notices recorded and {len(in_flight)} in flight; "
         f"{len(ids)} notices, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -238,6 +239,14 @@ def test_set_webhook_warns_when_deliveries_could_not_reach_it(
     result = run(tmp_path, "apps", "set-webhook", "vhd", url, env=env)
     doc = ok_json(result)
     assert isinstance(doc, dict) and doc["url"] == url  # set all the same
+    # One key in two forms: the secret as X-Scangate-Signature receivers use it, and as
+    # Standard Webhooks libraries take it (whsec_ and the base64 of those same bytes).
+    assert set(doc) == {"app_id", "url", "secret", "standard_webhooks_secret"}
+    standard = doc["standard_webhooks_secret"]
+    assert standard.startswith("whsec_") and standard != doc["secret"]
+    assert (
+        base64.b64decode(standard.removeprefix("whsec_"), validate=True) == doc["secret"].encode()
+    )
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     if warned is None:
         assert warnings == [], result.stderr

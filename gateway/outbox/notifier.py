@@ -6,12 +6,16 @@ holds the lease; a failed try is retried with a doubling delay (``notice_retry_s
 10 minutes) until ``notice_max_attempts``, then the notice is ``failed``. Workers share
 nothing but the table, so any number may run.
 
-A webhook notice is a POST of the JSON document below to the app's webhook, signed
-``X-Scangate-Signature: sha256=<hex HMAC-SHA256 of the body under the app's webhook
-secret>``, with the notice id as ``Idempotency-Key``: a worker that dies after the
-receiver took a notice but before recording it leaves it to be sent again, and the
-receiver tells it by that key. Any 2xx answer is a delivery. An SMS goes to the phone the
-person declared, in Vietnamese, through the configured sender.
+A webhook notice is a POST of the JSON document below (``webhook_body``) to the app's
+webhook, signed the Standard Webhooks way (``signing.webhooks``): ``webhook-id`` is the
+notice id, the same on every try, ``webhook-timestamp`` the time of this try, and
+``webhook-signature`` an HMAC-SHA256 of both and the body, so a receiver can refuse a
+replayed delivery. It also carries, for receivers written before those headers,
+``X-Scangate-Signature`` (of the body alone) and the notice id as ``Idempotency-Key``. A
+worker that dies after the receiver took a notice but before recording it leaves it to be
+sent again, and the receiver tells it by the notice id. Any 2xx answer is a delivery.
+Receivers' side: docs/webhooks.md. An SMS goes to the phone the person declared, in
+Vietnamese, through the configured sender.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
@@ -42,7 +44,7 @@ from aiohttp.resolver import ThreadedResolver
 from gateway.metrics import Metrics
 from gateway.outbox.sms import SmsError, SmsSender
 from gateway.settings import Settings
-from signing import Keyring
+from signing import Keyring, signature_headers
 from signing.personal import PersonalData
 from storage import Storage
 from storage.outbox import NoticeRecord
@@ -60,7 +62,6 @@ ADVICE: Final = (
     "dõi sức khỏe trong 14 ngày, đeo khẩu trang, hạn chế tiếp xúc và liên hệ cơ sở y tế gần "
     "nhất nếu có sốt, ho hoặc khó thở."
 )
-SIGNATURE_HEADER: Final = "X-Scangate-Signature"
 
 
 class DeliveryFailed(Exception):
@@ -98,7 +99,7 @@ def webhook_body(
     app holds already, its own event ids of the exposed person's scans at the venue, the
     venue, the window and the advice. No person id and no case id: a person id the app
     never posted would tell it who someone is, and a case id which exposures share a case.
-    ``notice_id`` is the delivery's own id (also the Idempotency-Key)."""
+    ``notice_id`` is the delivery's own id (also its webhook-id and Idempotency-Key)."""
     return orjson.dumps(
         {
             "notice_id": notice.notice_id,
@@ -114,11 +115,6 @@ def webhook_body(
             "advice": ADVICE,
         }
     )
-
-
-def sign(secret: bytes, body: bytes) -> str:
-    """The ``X-Scangate-Signature`` value of a body."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 def without_diacritics(text: str) -> str:
@@ -285,7 +281,8 @@ class Notifier:
             data=body,
             headers={
                 "Content-Type": "application/json",
-                SIGNATURE_HEADER: sign(hook.secret, body),
+                # Signed as it is sent: a retry keeps the id and gets a fresh timestamp.
+                **signature_headers(hook.secret, notice.notice_id, int(time.time()), body),
                 "Idempotency-Key": notice.notice_id,
             },
             allow_redirects=False,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from gateway.settings import Settings
-from signing import parse_code, render_to_file, token_id
+from signing import parse_code, render_to_file, standard_secret, token_id
 from storage import Storage
 from storage.times import format_time_ms
 
@@ -115,8 +115,10 @@ def add_apps(groups: Subcommands) -> None:
         apps_sub,
         "set-webhook",
         cmd_apps_set_webhook,
-        "where the app's exposure notices are POSTed; prints {app_id, url, secret} "
-        "(the signing secret only now; setting it again makes a new one)",
+        "where the app's exposure notices are POSTed; prints {app_id, url, secret, "
+        "standard_webhooks_secret} (the signing secret only now, as X-Scangate-Signature "
+        "receivers use it and as Standard Webhooks libraries take it, whsec_<base64>; "
+        "setting it again makes a new one)",
     )
     p.add_argument("app_id", metavar="APP_ID")
     p.add_argument("url", metavar="URL", help="https://... (http:// only to localhost)")
@@ -229,7 +231,16 @@ def cmd_apps_set_webhook(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.outbox.notifier import private_addresses
 
     secret = open_keyring(settings).set_webhook(args.app_id, args.url)
-    emit({"app_id": args.app_id, "url": args.url, "secret": secret})
+    # One key, shown two ways: ``secret`` as receivers of X-Scangate-Signature have always
+    # used it, and the form Standard Webhooks libraries decode (docs/webhooks.md).
+    emit(
+        {
+            "app_id": args.app_id,
+            "url": args.url,
+            "secret": secret,
+            "standard_webhooks_secret": standard_secret(secret.encode()),
+        }
+    )
     private = [] if settings.webhook_private else private_addresses(args.url)
     if private:
         # Set all the same (the network may change, or the setting), but said now rather
