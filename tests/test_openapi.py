@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 from gateway import Settings
 from gateway.http.app import create_app
 from gateway.http.keys import REDIS, SETTINGS, STORAGE
-from gateway.http.openapi import openapi_document
+from gateway.http.openapi import OPENAPI_BODY, TAGS, openapi_document
 from gateway.http.people import ANSWER_KEYS
 from gateway.http.web import is_web_route
 from gateway.metrics import FlusherMetrics
@@ -59,26 +59,75 @@ CONFORMANCE: Final = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-CHECKS: Final = [not_a_server_error, *CONFORMANCE]
 CALL_TIMEOUT_S: Final = 10.0
 LOOP_TIMEOUT_S: Final = 30.0
 
 
-def _settings(data_dir: Path, master_key: bytes, redis_url: str | None = None) -> Settings:
+def _settings(
+    data_dir: Path, master_key: bytes, redis_url: str | None = None, **over: Any
+) -> Settings:
     return Settings(
         data_dir=data_dir,
         redis_url=redis_url,
         master_key=base64.b64encode(master_key).decode(),
         shards=4,
         flush_max_age_s=0.01,
+        **over,
     )
+
+
+def _deref(value: Any, document: dict[str, Any]) -> Any:
+    """What a ``#/components/...`` reference names (followed until it is no reference)."""
+    while isinstance(value, dict) and "$ref" in value:
+        ref: str = value["$ref"]
+        assert ref.startswith("#/components/"), ref
+        value = document
+        for key in ref.removeprefix("#/").split("/"):
+            value = value[key]
+    return value
+
+
+def _parameters(operation: dict[str, Any], document: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_deref(p, document) for p in operation.get("parameters", [])]
+
+
+# Where an error answer's description names its codes (gateway.http.openapi.schemas._error).
+ERROR_CODES: Final = re.compile(r"\. error: ((?:`\w+`(?:, )?)+)$")
+
+
+def _error_codes(description: str) -> set[str]:
+    found = ERROR_CODES.search(description)
+    assert found is not None, description
+    return set(re.findall(r"`(\w+)`", found.group(1)))
+
+
+def error_code_conformance(ctx: Any, response: Any, case: schemathesis.Case) -> None:
+    """An error answer's code is one its operation's description of that status names: the
+    document shares one Error schema, so the schema checks cannot tell."""
+    if response.status_code < 400:
+        return
+    operation = openapi_document()["paths"][case.operation.path][case.operation.method.lower()]
+    documented = operation["responses"].get(str(response.status_code))
+    if documented is None:
+        return  # status_code_conformance says so
+    code = response.json().get("error")
+    codes = _error_codes(documented["description"])
+    assert code in codes, f"{response.status_code} {code!r}: the document names {sorted(codes)}"
+
+
+CHECKS: Final = [not_a_server_error, *CONFORMANCE, error_code_conformance]
 
 
 # -- the document and the router ---------------------------------------------------------------
 
 
-def test_the_document_has_every_route_and_no_other(tmp_path: Path, master_key: bytes) -> None:
-    app = create_app(_settings(tmp_path, master_key))
+@pytest.mark.parametrize("metrics_port", [0, 9464], ids=["metrics-here", "metrics-elsewhere"])
+def test_the_document_has_every_route_and_no_other(
+    tmp_path: Path, master_key: bytes, metrics_port: int
+) -> None:
+    """The document served is of this application's routes: with SCANGATE_METRICS_PORT,
+    /metrics is on a listener of its own and not in it."""
+    app = create_app(_settings(tmp_path, master_key, metrics_port=metrics_port))
     # The web pages and their same-origin endpoints are for browsers, not in the document.
     registered = {
         (route.method, route.resource.canonical)
@@ -89,18 +138,38 @@ def test_the_document_has_every_route_and_no_other(tmp_path: Path, master_key: b
     }
     documented = {
         (method.upper(), path)
-        for path, item in openapi_document()["paths"].items()
+        for path, item in orjson.loads(app[OPENAPI_BODY])["paths"].items()
         for method in item
         if method in HTTP_METHODS
     }
     assert documented == registered
+    assert (("GET", "/metrics") in documented) == (not metrics_port)
 
 
 def test_every_path_parameter_is_declared_and_every_declared_one_is_in_the_path() -> None:
-    for path, item in openapi_document()["paths"].items():
+    document = openapi_document()
+    for path, item in document["paths"].items():
         for method, operation in item.items():
-            declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            parameters = _parameters(operation, document)
+            declared = {p["name"] for p in parameters if p["in"] == "path"}
             assert declared == set(re.findall(r"{(\w+)}", path)), (method, path)
+
+
+def test_every_operation_has_one_tag_and_every_tag_a_description() -> None:
+    document = openapi_document()
+    declared = [tag["name"] for tag in TAGS]
+    assert document["tags"] == TAGS and len(set(declared)) == len(declared)
+    assert all(tag["description"] for tag in TAGS)
+    used = set()
+    operation_ids = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            assert len(operation["tags"]) == 1 and operation["tags"][0] in declared, (method, path)
+            used.add(operation["tags"][0])
+            operation_ids.append(operation["operationId"])
+    assert used == set(declared)
+    assert all(re.fullmatch(r"[a-z][A-Za-z]+", o) for o in operation_ids), operation_ids
+    assert len(set(operation_ids)) == len(operation_ids)
 
 
 def test_the_document_is_valid_openapi_3_1() -> None:
@@ -117,9 +186,15 @@ def test_every_json_body_and_error_answer_is_described() -> None:
     for path, item in doc["paths"].items():
         for method, operation in item.items():
             assert operation["operationId"], (method, path)
-            for status, response in operation["responses"].items():
+            for status, answer in operation["responses"].items():
+                response = _deref(answer, doc)
                 if int(status) >= 400:
+                    # One Error schema for all, by reference: one model in a generated client.
+                    assert answer["$ref"].startswith("#/components/responses/"), (path, status)
                     assert list(response["content"]) == ["application/json"], (path, status)
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (path, status)
+                    assert _error_codes(answer["description"]), (path, status)
                 if status in ("429", "503"):
                     assert "Retry-After" in response["headers"], (path, status)
             if "requestBody" in operation:
@@ -495,10 +570,13 @@ def _one_valid_case(operation: Any, **fixed: Any) -> Any:
     return drawn[0]
 
 
-def _resolved(schema: Any, document: dict[str, Any]) -> Any:
-    while isinstance(schema, dict) and "$ref" in schema:
-        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
-    return schema
+def _members(schema: Any, document: dict[str, Any]) -> dict[str, Any]:
+    """The members an object schema describes, those of each of its alternatives too."""
+    schema = _deref(schema, document)
+    members = dict(schema.get("properties", {}))
+    for alternative in schema.get("oneOf", []) + schema.get("anyOf", []):
+        members.update(_members(alternative, document))
+    return members
 
 
 def _variants(operation: Any, case: Any, document: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -507,10 +585,11 @@ def _variants(operation: Any, case: Any, document: dict[str, Any]) -> Iterator[t
     parameters and body members) are set too."""
     raw = operation.definition.raw
     query = dict(case.query or {})
-    names = [p["name"] for p in raw.get("parameters", []) if p["in"] == "query"]
+    parameters = _parameters(raw, document)
+    names = [p["name"] for p in parameters if p["in"] == "query"]
     dates = [
         p["name"]
-        for p in raw.get("parameters", [])
+        for p in parameters
         if p["in"] == "query" and p.get("schema", {}).get("format") in ("date", "date-time")
     ]
     for name in names:
@@ -525,7 +604,7 @@ def _variants(operation: Any, case: Any, document: dict[str, Any]) -> Iterator[t
     if not isinstance(case.body, dict):
         return
     content = raw.get("requestBody", {}).get("content", {}).get("application/json", {})
-    members = _resolved(content.get("schema", {}), document).get("properties", {})
+    members = _members(content.get("schema", {}), document)
     for name in members.keys() - case.body.keys():  # optional members left out
         for extreme in [*EXTREME_TEXT, *EXTREME_NUMBERS]:
             yield f"body {name}", {"body": {**case.body, name: extreme}}

@@ -927,3 +927,42 @@ def test_the_trace_table_names_venues_and_fits_with_a_revealed_contact(
             )
             assert fits, "the table with a revealed contact is wider than 1280 px"
         tab.no_errors()
+
+
+# -- the API's documentation -------------------------------------------------------------------
+
+
+def test_the_api_docs_list_every_operation_and_try_one_under_their_policy(
+    tab_factory: Callable[..., Tab], site: Site
+) -> None:
+    """/docs: Swagger UI, from this origin's files only, lists every operation of
+    /openapi.json under its tag and tries one out, with no console error (a content
+    security policy violation is one)."""
+    with urllib.request.urlopen(site.url + "/openapi.json", timeout=10) as answer:
+        document = json.load(answer)
+    operations = [op for item in document["paths"].values() for op in item.values()]
+    tab = tab_factory(viewport={"width": 1280, "height": 900})
+    page = tab.page
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    answer = page.goto("/docs")
+    assert answer is not None and answer.status == 200
+    assert "script-src 'self'" in answer.headers["content-security-policy"]
+    page.locator(".opblock").first.wait_for()
+    assert page.locator(".opblock").count() == len(operations)
+    for tag in document["tags"]:
+        section = page.locator(f"#operations-tag-{tag['name']}")
+        assert tag["description"] in section.inner_text(), tag["name"]
+    for operation in operations:
+        tag, operation_id = operation["tags"][0], operation["operationId"]
+        assert page.locator(f"#operations-{tag}-{operation_id}").count() == 1, operation_id
+
+    # Tried out: the call goes to this origin, and its answer is shown.
+    healthz = page.locator("#operations-operations-getHealthz")
+    healthz.locator(".opblock-summary").click()
+    healthz.get_by_role("button", name="Try it out").click()
+    healthz.get_by_role("button", name="Execute").click()
+    see(healthz.locator(".live-responses-table .response-col_status"), "200")
+    tab.shot("docs-1280")
+    assert requested and all(url.startswith(site.url + "/") for url in requested), requested
+    tab.no_errors()

@@ -15,7 +15,10 @@ and the component schemas only it uses: ``scans`` (the apps' batches and the doo
 ``venues`` (venues and their staff tokens), ``citizens`` (one-time codes, declarations,
 personal codes), ``cases`` (cases and risky venues), ``officials`` (trace, claims, the audit
 log, reports) and ``operations`` (health, metrics, this document). What they share is in
-``schemas``.
+``schemas``: the error body, the error answers and the parameters several operations take.
+
+Every operation has one tag, of ``TAGS``: a client generator makes one module of each, and
+the interactive documentation at ``/docs`` (``gateway.http.web.docs``) one section.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import orjson
 from aiohttp import web
 
 from gateway.http.context import JSON, MAX_BODY_BYTES
+from gateway.http.keys import SETTINGS
 from gateway.http.openapi import cases, citizens, officials, operations, scans, schemas, venues
 from gateway.http.openapi.schemas import PUBLIC, RETRY_AFTER, Schema
 from gateway.http.venues import STAFF_TOKEN_PREFIX
@@ -35,6 +39,45 @@ from gateway.http.venues import STAFF_TOKEN_PREFIX
 OPENAPI_VERSION: Final = "3.1.0"
 API_VERSION: Final = "1"
 MAX_TOKEN_CHARS: Final = 256  # gateway.http.context.authenticate
+
+# The operations' groups, in the order the documentation shows them.
+TAGS: Final[list[dict[str, str]]] = [
+    {"name": "scans", "description": "An app's batches of signed check-in and check-out events."},
+    {
+        "name": "venues",
+        "description": "An app's venues: registration, revocation, posters, occupancy and "
+        "door-staff tokens.",
+    },
+    {
+        "name": "door",
+        "description": "Check-ins at the door for people without a smartphone, by phone or "
+        "ID card, and the venue of a staff token.",
+    },
+    {
+        "name": "citizens",
+        "description": "A phone proved by a one-time SMS code, health declarations, personal "
+        "codes, and relatives' phones.",
+    },
+    {
+        "name": "cases",
+        "description": "Confirmed cases and the notices to their contacts; the venue windows "
+        "where cases were present, for apps.",
+    },
+    {
+        "name": "trace",
+        "description": "Contact tracing, and a person's stored events and visits "
+        "(admin token, audit-logged).",
+    },
+    {"name": "reports", "description": "Daily reports, as JSON, CSV or a chart."},
+    {
+        "name": "officials",
+        "description": "National ids claimed more than once, and the audit log (admin token).",
+    },
+    {
+        "name": "operations",
+        "description": "Health, readiness, metrics, the pipeline's status and this document.",
+    },
+]
 
 
 def _merged(*parts: Mapping[str, Schema]) -> dict[str, Schema]:
@@ -49,9 +92,22 @@ def _merged(*parts: Mapping[str, Schema]) -> dict[str, Schema]:
     return merged
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(*, metrics: bool = True) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route ``create_app`` registers: a fresh copy, so a
-    caller that changes it (tools resolve references in place) changes nothing else."""
+    caller that changes it (tools resolve references in place) changes nothing else.
+
+    ``metrics=False`` leaves out ``/metrics``, which ``SCANGATE_METRICS_PORT`` moves to a
+    listener of its own."""
+    paths = _merged(
+        scans.PATHS,
+        venues.PATHS,
+        citizens.PATHS,
+        cases.PATHS,
+        officials.PATHS,
+        operations.PATHS,
+    )
+    if not metrics:
+        del paths[operations.METRICS_PATH]
     document = {
         "openapi": OPENAPI_VERSION,
         "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
@@ -68,14 +124,8 @@ def openapi_document() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": PUBLIC,
-        "paths": _merged(
-            scans.PATHS,
-            venues.PATHS,
-            citizens.PATHS,
-            cases.PATHS,
-            officials.PATHS,
-            operations.PATHS,
-        ),
+        "tags": TAGS,
+        "paths": paths,
         "components": {
             "securitySchemes": {
                 "appToken": {
@@ -107,6 +157,8 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "headers": {"RetryAfter": RETRY_AFTER},
+            "responses": schemas.RESPONSES,
+            "parameters": schemas.PARAMETERS,
             "schemas": _merged(
                 schemas.SCHEMAS,
                 scans.SCHEMAS,
@@ -128,6 +180,6 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """``GET /openapi.json``: the document, serialised once."""
-    app[OPENAPI_BODY] = orjson.dumps(openapi_document())
+    """``GET /openapi.json``: the document of this application's routes, serialised once."""
+    app[OPENAPI_BODY] = orjson.dumps(openapi_document(metrics=not app[SETTINGS].metrics_port))
     app.router.add_get("/openapi.json", get_openapi, name="openapi")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from gateway.http.cases import MAX_NOTE_CHARS
+from gateway.http.cases import DEFAULT_RISKY_VENUES, MAX_NOTE_CHARS, MAX_RISKY_VENUES
 from gateway.http.openapi.schemas import (
     ADMIN,
     APP,
@@ -19,8 +19,9 @@ from gateway.http.openapi.schemas import (
     _json,
     _json_body,
     _object,
-    _path_param,
+    _parameter,
     _query,
+    _switch,
     _unauthorized,
 )
 from storage.times import MAX_EPOCH_MS
@@ -40,12 +41,33 @@ CASE_REQUEST: Final[Schema] = {
     },
 }
 
-SCHEMAS: Final[dict[str, Schema]] = {"CaseRequest": CASE_REQUEST}
+CASE_RECORDED: Final[Schema] = _object(
+    {
+        "case_id": {"$ref": "#/components/schemas/Id"},
+        "contacts": {"type": "integer", "minimum": 0},
+        "notices": {"type": "integer", "minimum": 0},
+    }
+)
+CASE_PREVIEW: Final[Schema] = _object(
+    {
+        "contacts": {"type": "integer", "minimum": 0},
+        "notices": {"type": "integer", "minimum": 0},
+        "unreachable": {"type": "integer", "minimum": 0},
+        "exposures": {"type": "array", "items": {"type": "object"}},
+    }
+)
+
+SCHEMAS: Final[dict[str, Schema]] = {
+    "CaseRequest": CASE_REQUEST,
+    "CaseRecorded": CASE_RECORDED,
+    "CasePreview": CASE_PREVIEW,
+}
 
 PATHS: Final[dict[str, Schema]] = {
     "/v1/cases": {
         "post": {
             "operationId": "postCase",
+            "tags": ["cases"],
             "summary": "Record a confirmed case; its contacts are notified (audit-logged)",
             "description": "Contacts: the trace over the 14 days before confirmed_at. "
             "Each is notified through every app with a webhook that posted their scans, "
@@ -54,43 +76,21 @@ PATHS: Final[dict[str, Schema]] = {
             "parameters": [
                 _query(
                     "dry_run",
-                    {"enum": [0, 1], "default": 0},
+                    _switch(),
                     "1: list the contacts and notices; create and send nothing.",
                 )
             ],
             "requestBody": _json_body("CaseRequest"),
             "responses": {
                 "201": _json(
-                    _object(
-                        {
-                            "case_id": {"$ref": "#/components/schemas/Id"},
-                            "contacts": {"type": "integer", "minimum": 0},
-                            "notices": {"type": "integer", "minimum": 0},
-                        }
-                    ),
+                    {"$ref": "#/components/schemas/CaseRecorded"},
                     "The case is recorded and its notices queued",
                 ),
                 "200": _json(
                     {
                         "oneOf": [
-                            _object(
-                                {
-                                    "contacts": {"type": "integer", "minimum": 0},
-                                    "notices": {"type": "integer", "minimum": 0},
-                                    "unreachable": {"type": "integer", "minimum": 0},
-                                    "exposures": {
-                                        "type": "array",
-                                        "items": {"type": "object"},
-                                    },
-                                }
-                            ),
-                            _object(
-                                {
-                                    "case_id": {"$ref": "#/components/schemas/Id"},
-                                    "contacts": {"type": "integer", "minimum": 0},
-                                    "notices": {"type": "integer", "minimum": 0},
-                                }
-                            ),
+                            {"$ref": "#/components/schemas/CasePreview"},
+                            {"$ref": "#/components/schemas/CaseRecorded"},
                         ]
                     },
                     "The dry run's preview; or, for a case already recorded with this "
@@ -104,10 +104,11 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/cases/{case_id}": {
         "get": {
             "operationId": "getCase",
+            "tags": ["cases"],
             "summary": "A case and each notice's delivery state (audit-logged)",
             "description": "Every read, found or not, is written to the audit log as case_read.",
             "security": ADMIN,
-            "parameters": [_path_param("case_id", {"$ref": "#/components/schemas/Id"})],
+            "parameters": [_parameter("CaseId")],
             "responses": {
                 "200": _json({"type": "object"}, "The case", NO_STORE),
                 **_unauthorized("no admin token, or an unknown one"),
@@ -118,6 +119,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/risky-venues": {
         "get": {
             "operationId": "getRiskyVenues",
+            "tags": ["cases"],
             "summary": "Venue windows where cases were present, without person ids",
             "description": "For matching on the device. Overlapping windows at a venue "
             "are merged; times are epoch milliseconds.",
@@ -130,13 +132,16 @@ PATHS: Final[dict[str, Schema]] = {
                 ),
                 _query(
                     "limit",
-                    {"type": "integer", "minimum": 1, "maximum": 5000, "default": 1000},
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_RISKY_VENUES,
+                        "default": DEFAULT_RISKY_VENUES,
+                    },
                     "Venues per page (each with all its windows).",
                 ),
-                _query(
-                    "cursor",
-                    {"type": "string", "maxLength": 512},
-                    "The next page: the `next` of the page before (it holds `since`).",
+                _parameter(
+                    "Cursor", "The next page: the `next` of the page before (it holds `since`)."
                 ),
             ],
             "responses": {

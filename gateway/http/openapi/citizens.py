@@ -129,6 +129,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/otp": {
         "post": {
             "operationId": "postOtp",
+            "tags": ["citizens"],
             "summary": "Send a one-time code to a phone by SMS",
             "security": APP,
             "requestBody": _json_body("OtpRequest"),
@@ -168,6 +169,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/otp/verify": {
         "post": {
             "operationId": "postOtpVerify",
+            "tags": ["citizens"],
             "summary": "Trade a phone's code for a session (X-Session)",
             "security": APP,
             "requestBody": _json_body("OtpVerify"),
@@ -202,6 +204,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/declarations": {
         "post": {
             "operationId": "postDeclaration",
+            "tags": ["citizens"],
             "summary": "Declare a person's health; their personal code",
             "security": APP_AND_SESSION,
             "requestBody": _json_body("Declaration"),
@@ -224,6 +227,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/people/{person_id}/code.{format}": {
         "get": {
             "operationId": "getPersonCode",
+            "tags": ["citizens"],
             "summary": "The personal code as an image that prints 5 cm wide",
             "description": "For a session whose phone is linked to the person.",
             "security": APP_AND_SESSION,
@@ -246,6 +250,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/people/{person_id}/phones": {
         "post": {
             "operationId": "postPersonPhone",
+            "tags": ["citizens"],
             "summary": "Link a relative's own verified phone to them",
             "description": "X-Session: a phone linked to the person. The body's session: "
             "the new phone's, from POST /v1/otp/verify with the same app. The door then "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Final
 
 from gateway.http.audit import DEFAULT_LIMIT, MAX_FILTER_CHARS, MAX_LIMIT
+from gateway.http.claims import DEFAULT_CLAIM_GROUPS, MAX_CLAIM_GROUPS
 from gateway.http.context import JSON
 from gateway.http.openapi.schemas import (
     ADMIN,
@@ -19,10 +20,12 @@ from gateway.http.openapi.schemas import (
     _error,
     _json,
     _object,
-    _path_param,
+    _parameter,
     _query,
+    _switch,
     _unauthorized,
 )
+from gateway.http.trace import DEFAULT_PAGE_ROWS, MAX_PAGE_ROWS
 
 CLAIM: Final[Schema] = _object(
     {
@@ -39,6 +42,9 @@ CLAIM: Final[Schema] = _object(
     required=["claim_id", "competing_group", "person_id", "claimed_at", "state"],
 )
 
+# 1, or 2 for contacts of contacts: a plain integer to a client.
+DEPTH: Final[Schema] = {"type": "integer", "minimum": 1, "maximum": 2}
+
 CONTACT: Final[Schema] = _object(
     {
         "person_id": {"$ref": "#/components/schemas/Id"},
@@ -53,7 +59,7 @@ CONTACT: Final[Schema] = _object(
         "overlap_start": TIMESTAMP,
         "overlap_end": TIMESTAMP,
         "overlap_minutes": {"type": "number", "minimum": 0},
-        "depth": {"enum": [1, 2]},
+        "depth": DEPTH,
         "via": {
             "$ref": "#/components/schemas/Id",
             "description": "Depth-2 rows: the depth-1 contact they came through.",
@@ -89,6 +95,7 @@ def _trace_search(
     return {
         "post": {
             "operationId": operation_id,
+            "tags": ["trace"],
             "summary": summary,
             "description": description,
             "security": ADMIN,
@@ -102,7 +109,7 @@ def _trace_search(
                                 "days": {"type": "integer", "minimum": 1, "maximum": 60},
                                 "margin": {"type": "string"},
                                 "min_overlap": {"type": "string"},
-                                "depth": {"enum": [1, 2]},
+                                "depth": DEPTH,
                                 "reveal": {"type": "boolean"},
                             },
                             required=required,
@@ -112,13 +119,7 @@ def _trace_search(
             },
             "responses": {
                 "200": _json(
-                    _object(
-                        {
-                            "persons": {"type": "array", "items": {"type": "object"}},
-                            "visits": {"type": "array", "items": {"type": "object"}},
-                            "contacts": {"type": "array", "items": {"type": "object"}},
-                        }
-                    ),
+                    {"$ref": "#/components/schemas/TraceSearchResult"},
                     "Persons found, their visits, and each one's contacts: the first "
                     "1,000 of each person's trace, and on the person, contacts_next, the "
                     "cursor of the rest (GET /v1/trace/{person_id}?cursor=), null when none",
@@ -145,12 +146,24 @@ AUDIT_ENTRY: Final[Schema] = _object(
     }
 )
 
-SCHEMAS: Final[dict[str, Schema]] = {"Contact": CONTACT, "AuditEntry": AUDIT_ENTRY}
+SCHEMAS: Final[dict[str, Schema]] = {
+    "Contact": CONTACT,
+    "Claim": CLAIM,
+    "TraceSearchResult": _object(
+        {
+            "persons": {"type": "array", "items": {"type": "object"}},
+            "visits": {"type": "array", "items": {"type": "object"}},
+            "contacts": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
+    "AuditEntry": AUDIT_ENTRY,
+}
 
 PATHS: Final[dict[str, Schema]] = {
     "/v1/trace/{person_id}": {
         "get": {
             "operationId": "getTrace",
+            "tags": ["trace"],
             "summary": "Contacts of a person (audit-logged)",
             "security": [{"adminToken": []}],
             "parameters": [
@@ -170,14 +183,8 @@ PATHS: Final[dict[str, Schema]] = {
                     {"type": "string", "pattern": r"^\s*[0-9]+(?:ms|s|m|h|d)\s*$"},
                     "Shortest overlap that counts (default 10m, at most 24h).",
                 ),
-                _query(
-                    "depth", {"enum": [1, 2], "default": 1}, "1, or 2 for contacts of contacts."
-                ),
-                _query(
-                    "reveal",
-                    {"enum": [0, 1], "default": 0},
-                    "1 adds full_name and phone to each row (audit-logged).",
-                ),
+                _query("depth", {**DEPTH, "default": 1}, "1, or 2 for contacts of contacts."),
+                _parameter("Reveal", "1 adds full_name and phone to each row (audit-logged)."),
                 _query(
                     "format",
                     {"enum": ["json", "csv"], "default": "json"},
@@ -186,12 +193,16 @@ PATHS: Final[dict[str, Schema]] = {
                 ),
                 _query(
                     "limit",
-                    {"type": "integer", "minimum": 1, "maximum": 5000, "default": 1000},
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_PAGE_ROWS,
+                        "default": DEFAULT_PAGE_ROWS,
+                    },
                     "Rows per JSON page.",
                 ),
-                _query(
-                    "cursor",
-                    {"type": "string", "maxLength": 512},
+                _parameter(
+                    "Cursor",
                     "The next page: the `next` of the page before. It holds that trace's "
                     "parameters and moment, so every page traces the same window; the other "
                     "parameters are not needed with it.",
@@ -248,31 +259,32 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/claims": {
         "get": {
             "operationId": "getClaims",
+            "tags": ["officials"],
             "summary": "Claims on national ids claimed more than once (audit-logged)",
             "security": ADMIN,
             "parameters": [
-                _query("all", {"enum": [0, 1], "default": 0}, "1 adds resolved groups."),
-                _query(
-                    "reveal",
-                    {"enum": [0, 1], "default": 0},
-                    "1 adds each claimant's full_name and phone (audit-logged).",
-                ),
+                _query("all", _switch(), "1 adds resolved groups."),
+                _parameter("Reveal", "1 adds each claimant's full_name and phone (audit-logged)."),
                 _query(
                     "limit",
-                    {"type": "integer", "minimum": 1, "maximum": 5000, "default": 500},
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_CLAIM_GROUPS,
+                        "default": DEFAULT_CLAIM_GROUPS,
+                    },
                     "Ids per page, each with all its claims.",
                 ),
-                _query(
-                    "cursor",
-                    {"type": "string", "maxLength": 512},
-                    "The next page: the `next` of the page before.",
-                ),
+                _parameter("Cursor"),
             ],
             "responses": {
                 "200": _json(
                     _object(
                         {
-                            "claims": {"type": "array", "items": CLAIM},
+                            "claims": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Claim"},
+                            },
                             "next": {
                                 "type": ["string", "null"],
                                 "description": "The cursor of the next page; null after "
@@ -291,9 +303,10 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/claims/{claim_id}/accept": {
         "post": {
             "operationId": "acceptClaim",
+            "tags": ["officials"],
             "summary": "Accept a claim; every other claim on its id is rejected",
             "security": ADMIN,
-            "parameters": [_path_param("claim_id", {"$ref": "#/components/schemas/Id"})],
+            "parameters": [_parameter("ClaimId")],
             "responses": {
                 "200": _json(
                     _object(
@@ -316,6 +329,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/audit": {
         "get": {
             "operationId": "getAudit",
+            "tags": ["officials"],
             "summary": "A page of the audit log, oldest first (this read is logged too)",
             "description": "Entries written at or after since, by id. A full page "
             "gives next_after: ask again with after=next_after for the next one. Entries "
@@ -376,6 +390,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/visits/{person_id}": {
         "get": {
             "operationId": "getStoredVisits",
+            "tags": ["trace"],
             "summary": "A person's stored scan events and visits (audit-logged)",
             "security": ADMIN,
             "parameters": [PERSON_ID],
@@ -400,6 +415,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/status": {
         "get": {
             "operationId": "getStatus",
+            "tags": ["operations"],
             "summary": "The buffer's backlog per shard, the last flush, what storage holds, "
             "and the notices pending",
             "security": ADMIN,
@@ -431,6 +447,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/reports/daily": {
         "get": {
             "operationId": "getDailyReport",
+            "tags": ["reports"],
             "summary": "Per day and group: scans, check-ins, persons, visits, median "
             "stay, peak occupancy",
             "description": "Days in SCANGATE_TIMEZONE, at most 92.",

@@ -8,11 +8,14 @@ from typing import Final
 from gateway.http.openapi.schemas import PUBLIC, Schema, _error, _json, _object
 
 METRICS_MEDIA_TYPE: Final = "text/plain"
+# Not in the document when SCANGATE_METRICS_PORT serves it on a listener of its own.
+METRICS_PATH: Final = "/metrics"
 
 PATHS: Final[dict[str, Schema]] = {
     "/healthz": {
         "get": {
             "operationId": "getHealthz",
+            "tags": ["operations"],
             "summary": "Alive",
             "security": PUBLIC,
             "responses": {"200": _json(_object({"status": {"const": "ok"}}), "Alive")},
@@ -21,6 +24,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/readyz": {
         "get": {
             "operationId": "getReadyz",
+            "tags": ["operations"],
             "summary": "Ready: Redis and storage answer",
             "security": PUBLIC,
             "responses": {
@@ -38,9 +42,10 @@ PATHS: Final[dict[str, Schema]] = {
             },
         }
     },
-    "/metrics": {
+    METRICS_PATH: {
         "get": {
             "operationId": "getMetrics",
+            "tags": ["operations"],
             "summary": "Prometheus metrics of all workers",
             "security": PUBLIC,
             "responses": {
@@ -54,6 +59,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/openapi.json": {
         "get": {
             "operationId": "getOpenapi",
+            "tags": ["operations"],
             "summary": "This document",
             "security": PUBLIC,
             "responses": {"200": _json({"type": "object"}, "The OpenAPI document")},

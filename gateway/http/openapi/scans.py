@@ -46,7 +46,7 @@ SCAN_EVENT: Final[Schema] = {
     "required": ["event_id", "kind", "venue_code", "person_code", "scanned_at"],
     "properties": {
         "event_id": EVENT_ID,
-        "kind": {"enum": list(KINDS)},
+        "kind": {"$ref": "#/components/schemas/ScanKind"},
         "venue_code": {"$ref": "#/components/schemas/Code"},
         "person_code": {"$ref": "#/components/schemas/Code"},
         "scanned_at": SCANNED_AT,
@@ -89,29 +89,42 @@ SCAN_RESULT: Final[Schema] = _object(
     }
 )
 
-MANUAL_SCAN: Final[Schema] = {
-    "type": "object",
-    "required": ["event_id", "kind", "venue_code", "scanned_at"],
-    "properties": {
-        "event_id": EVENT_ID,
-        "kind": {"enum": list(KINDS)},
-        "venue_code": {"$ref": "#/components/schemas/Code"},
-        "scanned_at": SCANNED_AT,
-        "device_id": DEVICE_ID,
-        "phone": {"$ref": "#/components/schemas/Phone"},
-        "full_name": {
-            "type": ["string", "null"],
-            "maxLength": MAX_NAME_CHARS,
-            "description": "Needed when several people declared with that phone.",
-        },
-        "id_card": {
-            "type": "string",
-            "maxLength": MAX_ID_CARD_CHARS,
-            "description": "The text of a chip ID card's QR: "
-            "id|old id|name|ddmmyyyy|gender|address|issue date.",
-        },
+_MANUAL_FIELDS: Final[dict[str, Schema]] = {
+    "event_id": EVENT_ID,
+    "kind": {"$ref": "#/components/schemas/ScanKind"},
+    "venue_code": {"$ref": "#/components/schemas/Code"},
+    "scanned_at": SCANNED_AT,
+    "device_id": DEVICE_ID,
+    "phone": {"$ref": "#/components/schemas/Phone"},
+    "full_name": {
+        "type": ["string", "null"],
+        "maxLength": MAX_NAME_CHARS,
+        "description": "Needed when several people declared with that phone.",
     },
-    "oneOf": [{"required": ["phone"]}, {"required": ["id_card"]}],
+    "id_card": {
+        "type": "string",
+        "maxLength": MAX_ID_CARD_CHARS,
+        "description": "The text of a chip ID card's QR: "
+        "id|old id|name|ddmmyyyy|gender|address|issue date.",
+    },
+}
+
+
+def _manual_scan(found_by: str) -> Schema:
+    """A manual scan that finds the person by ``found_by``: the same fields either way."""
+    return {
+        "type": "object",
+        "required": ["event_id", "kind", "venue_code", "scanned_at", found_by],
+        "properties": _MANUAL_FIELDS,
+    }
+
+
+# Either form, never both: a body with a phone and an ID card matches both, so neither.
+MANUAL_SCAN: Final[Schema] = {
+    "oneOf": [
+        {"$ref": "#/components/schemas/ManualScanByPhone"},
+        {"$ref": "#/components/schemas/ManualScanByIdCard"},
+    ],
     "description": 'Either "phone" or "id_card". An envelope or venue code that breaks the '
     "rules answers 200 with a rejected verdict, as in POST /v1/scans.",
 }
@@ -119,36 +132,37 @@ MANUAL_SCAN: Final[Schema] = {
 # Recorded or rejected: never who was found (issue 16: the door learns no person id).
 MANUAL_VERDICT: Final[Schema] = {
     "oneOf": [
-        _object(
-            {
-                "event_id": {"type": "string"},
-                "status": {"enum": ["accepted", "duplicate"]},
-            }
-        ),
-        _object(
-            {
-                "event_id": {"type": ["string", "null"]},
-                "status": {"const": "rejected"},
-                "reason": {"enum": [*EVENT_REASONS, "not_now"]},
-                "detail": {"type": "string"},
-            }
-        ),
+        {"$ref": "#/components/schemas/VerdictTaken"},
+        {"$ref": "#/components/schemas/ManualVerdictRejected"},
     ]
 }
+MANUAL_VERDICT_REJECTED: Final[Schema] = _object(
+    {
+        "event_id": {"type": ["string", "null"]},
+        "status": {"const": "rejected"},
+        "reason": {"enum": [*EVENT_REASONS, "not_now"]},
+        "detail": {"type": "string"},
+    }
+)
 
 SCHEMAS: Final[dict[str, Schema]] = {
+    "ScanKind": {"type": "string", "enum": list(KINDS)},
     "ScanEvent": SCAN_EVENT,
     "ScanResult": SCAN_RESULT,
     "VerdictTaken": VERDICT_TAKEN,
     "VerdictRejected": VERDICT_REJECTED,
     "ManualScan": MANUAL_SCAN,
+    "ManualScanByPhone": _manual_scan("phone"),
+    "ManualScanByIdCard": _manual_scan("id_card"),
     "ManualVerdict": MANUAL_VERDICT,
+    "ManualVerdictRejected": MANUAL_VERDICT_REJECTED,
 }
 
 PATHS: Final[dict[str, Schema]] = {
     "/v1/scans": {
         "post": {
             "operationId": "postScans",
+            "tags": ["scans"],
             "summary": "Post a batch of scans; every event's verdict in request order",
             "description": "A 2xx means every accepted event is in Redis.",
             "security": APP,
@@ -193,6 +207,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/scans/manual": {
         "post": {
             "operationId": "postManualScan",
+            "tags": ["door"],
             "summary": "A check-in or check-out at the door, for a person found by "
             "phone or ID card",
             "description": "With the app's token, or a staff token of the venue. The "

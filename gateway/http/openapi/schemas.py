@@ -1,6 +1,12 @@
 """What the whole OpenAPI document shares: the schemas several resources use (ids, codes,
-phones, times, the error body), the headers and security requirements, and the helpers every
-operation is written with (``_object``, ``_json``, ``_error`` and friends).
+phones, times, the error body), the error answers and parameters every resource refers to
+(``components/responses``, ``components/parameters``), the headers and security
+requirements, and the helpers every operation is written with (``_object``, ``_json``,
+``_error`` and friends).
+
+Every error answer is the one ``Error`` schema, by reference: a client generator makes one
+error model of it, not one per operation and status. Which codes an operation's answer can
+carry is said in that answer's description, in backticks after ``error:``.
 
 The helpers keep their leading underscore: they are for the modules of this package only.
 """
@@ -73,7 +79,10 @@ ERROR: Final[Schema] = {
     "type": "object",
     "required": ["error", "detail"],
     "properties": {
-        "error": {"type": "string", "description": "A stable code."},
+        "error": {
+            "type": "string",
+            "description": "A stable code: each answer's description names the codes it can carry.",
+        },
         "detail": {"type": "string", "description": "For people; never personal data."},
         "field": {"type": "string", "description": "The field that is wrong (invalid_field)."},
         "tries_left": {
@@ -105,16 +114,42 @@ def _json(schema: Schema, description: str, headers: dict[str, Schema] | None = 
     return response
 
 
-def _error(status: int, description: str, *codes: str) -> dict[str, Schema]:
-    """An error answer whose ``error`` is one of ``codes``; 429 and 503 say when to retry."""
-    schema: Schema = {
-        "allOf": [
-            {"$ref": "#/components/schemas/Error"},
-            {"properties": {"error": {"enum": list(codes)}}},
-        ]
-    }
+# The error answers, one per status: the Error body (429 and 503 also say when to retry).
+_ERROR_ANSWERS: Final = {
+    400: ("BadRequest", "The request breaks a rule"),
+    401: ("Unauthorized", "No credential, or one that is not (or no longer) valid"),
+    403: ("Forbidden", "The credential may not do this"),
+    404: ("NotFound", "Nothing of that is known to the caller"),
+    409: ("Conflict", "The request conflicts with what is stored"),
+    413: ("PayloadTooLarge", f"The body is over {MAX_BODY_BYTES} bytes"),
+    415: ("UnsupportedMediaType", "The body is not application/json"),
+    429: ("TooManyRequests", "Over a limit: retry after Retry-After seconds"),
+    503: ("Unavailable", "A server the gateway needs does not answer: retry after Retry-After"),
+}
+
+
+def _error_answer(status: int) -> Schema:
+    _, description = _ERROR_ANSWERS[status]
     retry = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
-    return {str(status): _json(schema, description, retry if status in (429, 503) else None)}
+    return _json(
+        {"$ref": "#/components/schemas/Error"},
+        description,
+        retry if status in (429, 503) else None,
+    )
+
+
+def _error(status: int, description: str, *codes: str) -> dict[str, Schema]:
+    """An error answer of the shared kind for ``status``, whose ``error`` is one of
+    ``codes``: the codes are named in the description, which OpenAPI 3.1 lets a reference
+    give in place of the shared one."""
+    name, _ = _ERROR_ANSWERS[status]
+    named = ", ".join(f"`{code}`" for code in codes)
+    return {
+        str(status): {
+            "$ref": f"#/components/responses/{name}",
+            "description": f"{description}. error: {named}",
+        }
+    }
 
 
 def _json_body(schema_name: str) -> Schema:
@@ -145,6 +180,11 @@ def _binary(types: dict[str, str], description: str, headers: dict[str, Schema])
     }
 
 
+def _switch() -> Schema:
+    """A query parameter that is 0 (the default) or 1: a plain integer to a client."""
+    return {"type": "integer", "minimum": 0, "maximum": 1, "default": 0}
+
+
 def _path_param(name: str, schema: Schema, description: str = "") -> Schema:
     param: Schema = {"name": name, "in": "path", "required": True, "schema": schema}
     if description:
@@ -166,7 +206,29 @@ def _query(name: str, schema: Schema, description: str, *, required: bool = Fals
     }
 
 
-PERSON_ID: Final[Schema] = _path_param("person_id", {"$ref": "#/components/schemas/Id"})
+def _parameter(name: str, description: str = "") -> Schema:
+    """A reference to a shared parameter, with a description of its own when given."""
+    reference: Schema = {"$ref": f"#/components/parameters/{name}"}
+    if description:
+        reference["description"] = description
+    return reference
+
+
+_ID_REF: Final[Schema] = {"$ref": "#/components/schemas/Id"}
+# The parameters several operations take.
+PARAMETERS: Final[dict[str, Schema]] = {
+    "VenueId": _path_param("venue_id", _ID_REF, "A venue."),
+    "PersonId": _path_param("person_id", _ID_REF, "A person."),
+    "CaseId": _path_param("case_id", _ID_REF, "A confirmed case."),
+    "ClaimId": _path_param("claim_id", _ID_REF, "A claim on a national id."),
+    "Cursor": _query(
+        "cursor",
+        {"type": "string", "maxLength": 512},
+        "The next page: the `next` of the page before.",
+    ),
+    "Reveal": _query("reveal", _switch(), "1 adds full_name and phone (audit-logged)."),
+}
+PERSON_ID: Final[Schema] = _parameter("PersonId")
 # The venue_id member of an answer about a venue (the venues, and the risky venue windows).
 VENUE_ID_MEMBER: Final[dict[str, Schema]] = {"venue_id": {"$ref": "#/components/schemas/Id"}}
 
@@ -176,5 +238,8 @@ ADMIN: Final[list[dict[str, list[str]]]] = [{"adminToken": []}]
 APP_AND_SESSION: Final[list[dict[str, list[str]]]] = [{"appToken": [], "session": []}]
 PUBLIC: Final[list[dict[str, list[str]]]] = []
 
-# The components every resource refers to; each resource module adds its own.
+# The components every resource refers to; each resource module adds its own schemas.
 SCHEMAS: Final[dict[str, Schema]] = {"Error": ERROR, "Id": ID, "Code": CODE, "Phone": PHONE}
+RESPONSES: Final[dict[str, Schema]] = {
+    name: _error_answer(status) for status, (name, _) in _ERROR_ANSWERS.items()
+}

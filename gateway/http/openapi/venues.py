@@ -17,6 +17,7 @@ from gateway.http.openapi.schemas import (
     _json,
     _json_body,
     _object,
+    _parameter,
     _path_param,
     _text,
     _unauthorized,
@@ -33,19 +34,23 @@ VENUE_FORM: Final[Schema] = {
         "phone": {"$ref": "#/components/schemas/Phone"},
         "address": _text(MAX_ADDRESS_CHARS),
         "province": _text(MAX_PROVINCE_CHARS),
-        "kind": {"enum": list(VENUE_KINDS), "default": "other"},
+        "kind": {"$ref": "#/components/schemas/VenueKind", "default": "other"},
     },
 }
 
-VENUE_ID: Final[Schema] = _path_param("venue_id", {"$ref": "#/components/schemas/Id"})
+VENUE_ID: Final[Schema] = _parameter("VenueId")
 NO_SUCH_VENUE: Final = _error(404, "no such venue, or another app's", "not_found")
 
-SCHEMAS: Final[dict[str, Schema]] = {"VenueForm": VENUE_FORM}
+SCHEMAS: Final[dict[str, Schema]] = {
+    "VenueForm": VENUE_FORM,
+    "VenueKind": {"type": "string", "enum": list(VENUE_KINDS)},
+}
 
 PATHS: Final[dict[str, Schema]] = {
     "/v1/venues": {
         "post": {
             "operationId": "postVenue",
+            "tags": ["venues"],
             "summary": "Register a venue of the calling app",
             "security": APP,
             "requestBody": _json_body("VenueForm"),
@@ -62,6 +67,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/venues/{venue_id}": {
         "delete": {
             "operationId": "deleteVenue",
+            "tags": ["venues"],
             "summary": "Revoke the venue's code: scans with it are rejected (revoked)",
             "security": APP,
             "parameters": [VENUE_ID],
@@ -75,6 +81,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/venues/{venue_id}/staff-tokens": {
         "post": {
             "operationId": "postStaffToken",
+            "tags": ["venues"],
             "summary": "A door-staff token for manual check-ins at this venue only",
             "description": "The token is shown only now.",
             "security": APP,
@@ -101,6 +108,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/venues/{venue_id}/staff-tokens/{token_id}": {
         "delete": {
             "operationId": "deleteStaffToken",
+            "tags": ["venues"],
             "summary": "Revoke a door-staff token",
             "security": APP,
             "parameters": [VENUE_ID, _path_param("token_id", {"type": "string"})],
@@ -121,6 +129,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/venues/{venue_id}/poster.{format}": {
         "get": {
             "operationId": "getPoster",
+            "tags": ["venues"],
             "summary": "The venue's printable A4 poster, its code issued afresh",
             "security": APP,
             "parameters": [VENUE_ID, _format_param(POSTER_TYPES)],
@@ -139,6 +148,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/staff/venue": {
         "get": {
             "operationId": "getStaffVenue",
+            "tags": ["door"],
             "summary": "The venue of a staff token, with a fresh code for manual check-ins",
             "security": [{"staffToken": []}],
             "responses": {
@@ -149,7 +159,7 @@ PATHS: Final[dict[str, Schema]] = {
                             "name": {"type": "string"},
                             "address": {"type": "string"},
                             "province": {"type": "string"},
-                            "kind": {"enum": list(VENUE_KINDS)},
+                            "kind": {"$ref": "#/components/schemas/VenueKind"},
                             "venue_code": {"$ref": "#/components/schemas/Code"},
                         }
                     ),
@@ -162,6 +172,7 @@ PATHS: Final[dict[str, Schema]] = {
     "/v1/venues/{venue_id}/occupancy": {
         "get": {
             "operationId": "getOccupancy",
+            "tags": ["venues"],
             "summary": "How many people are inside now (visits in progress)",
             "security": APP,
             "parameters": [VENUE_ID],

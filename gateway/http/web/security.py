@@ -56,6 +56,25 @@ PAGE_HEADERS: Final = {
 }
 
 
+# The API's documentation (/docs, Swagger UI) has a policy of its own, for what that bundle
+# needs: this origin's scripts, styles and calls (the document, and requests tried out);
+# the data: images of its style sheet, and blob: for an image answer tried out. No service
+# worker or manifest, unlike the pages.
+DOCS_CONTENT_SECURITY_POLICY: Final = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "base-uri 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
+DOCS_HEADERS: Final = {**PAGE_HEADERS, "Content-Security-Policy": DOCS_CONTENT_SECURITY_POLICY}
+
+
 class CsrfFailed(ApiError):
     status, code = 403, "csrf_failed"
 
