@@ -185,9 +185,9 @@ class Settings:
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
             var = "SCANGATE_" + f.name.upper()
-            if var not in env:
+            if var not in env and var + FILE_SUFFIX not in env:
                 var = "SCANGATE_" + f.name.upper().removesuffix("_S")
-            raw = env.get(var)
+            raw = _value_of(env, var)
             if raw is None or raw == "":
                 continue
             try:
@@ -280,6 +280,26 @@ _OTP_LIMITS: Final = (
     "otp_phone_address_guess_limit",
     "otp_phone_cap",
 )
+
+
+FILE_SUFFIX: Final = "_FILE"
+
+
+def _value_of(env: Mapping[str, str], var: str) -> str | None:
+    """``var``'s value, or the contents of the file ``var_FILE`` names (trailing newlines
+    dropped): how container platforms hand over secrets (a mounted Docker or Kubernetes
+    secret), read here so every process and command sees them, ``compose exec`` included.
+    Setting both is refused, as a guess between them could pick the stale one."""
+    path = env.get(var + FILE_SUFFIX)
+    if path is None or path == "":
+        return env.get(var)
+    if env.get(var):
+        raise SettingsError(f"both {var} and {var}{FILE_SUFFIX} are set; use one")
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise SettingsError(f"{var}{FILE_SUFFIX}: cannot read {path}: {why}") from None
 
 
 def _convert(name: str, raw: str) -> object:
