@@ -1,7 +1,7 @@
 """The load-test tools in benchmarks/: the data set they mint verifies, the plot draws, and
 the flusher benchmark runs end to end on a small history.
 
-Both scripts run as real subprocesses, the way the README has people run them.
+Both scripts run as real subprocesses, the way docs/benchmarks.md has people run them.
 """
 
 from __future__ import annotations

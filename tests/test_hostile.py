@@ -49,7 +49,7 @@ from .harness import GatewayStarter
 
 SHARDS: Final = 4
 MIB: Final = 1024 * 1024
-# The verdict reasons README.md documents for POST /v1/scans, and nothing else.
+# The verdict reasons docs/api.md documents for POST /v1/scans, and nothing else.
 DOCUMENTED_REASONS: Final = frozenset(
     {
         "malformed_code",

@@ -1,4 +1,4 @@
-"""Pairing of one person's scan events into visits: DESIGN.md's worked examples, the
+"""Pairing of one person's scan events into visits: docs/design.md's worked examples, the
 boundaries of every window, and properties that must hold for every order and copy count."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def visit(venue: str, start: str | int, end: str | int, closed_by: ClosedBy) -> 
     return Visit(PERSON, venue, start_ms, end_ms, closed_by, source)
 
 
-# DESIGN.md, "Pairing": every row must hold exactly with the default rules.
+# docs/design.md, "Pairing": every row must hold exactly with the default rules.
 WORKED_EXAMPLES = [
     pytest.param(
         [cin("V1", "10:00"), cout("V1", "11:00")],

@@ -542,8 +542,8 @@ async def test_the_epidemic_part_counts_by_province_as_the_issue_defines_it(
 
 def test_the_chart_draws_the_cases_and_their_projection_band() -> None:
     """A 14-day series growing 10% a day: the chart gets a third panel, the cases and the
-    fit carried a week on as a band; a copy lands with the screenshots (README, "Set up
-    and run the tests")."""
+    fit carried a week on as a band; a copy lands with the screenshots (docs/development.md,
+    "Browser tests")."""
     rows = [ReportRow("2026-12-05", "Hà Nội", 10, 8, 7, 6, 42.0, 3)]
     counts = [round(5 * 1.1**t) for t in range(14)]
     days = [dt.date(2026, 11, 22) + dt.timedelta(days=i) for i in range(14)]

@@ -101,7 +101,7 @@ def test_trusted_proxies_are_cidrs_or_addresses() -> None:
     assert Settings.from_env({}).trusted_proxy_networks == ()
 
 
-def test_otp_limits_default_to_the_readme_and_windows_can_be_shortened() -> None:
+def test_otp_limits_default_to_the_documented_values_and_windows_can_be_shortened() -> None:
     s = Settings.from_env({})
     assert (s.otp_window_s, s.otp_address_limit, s.otp_phone_address_limit) == (900, 60, 3)
     assert (s.otp_address_guess_limit, s.otp_phone_address_guess_limit) == (120, 5)

@@ -509,10 +509,10 @@ async def test_officials_list_and_accept_claims_and_trace_by_id_from_the_cli(des
 
 
 def test_every_test_the_threat_model_names_exists() -> None:
-    """The README's threat model names its evidence; a renamed test must not leave it
-    pointing at nothing."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Threat model", 1)[1].split("\n## ", 1)[0]
+    """The threat model (docs/security.md) names its evidence; a renamed test must not
+    leave it pointing at nothing."""
+    page = Path(__file__).parent.parent / "docs" / "security.md"
+    section = page.read_text(encoding="utf-8").split("## Threat model", 1)[1].split("\n## ", 1)[0]
     named: list[tuple[str, str]] = []
     current = ""  # a `::test` cell belongs to the file named last before it
     for file, test in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)`", section):
