@@ -51,7 +51,7 @@ class Storage(EventStore, Registry, Outbox, AuditLog):
     async def trace(
         self, query: TraceQuery, actor: str, read_from: Storage | None = None
     ) -> list[ContactRow]:
-        """Contacts of a person (DESIGN.md, "Contact tracing"), every row, audit-logged
+        """Contacts of a person (docs/design.md, "Contact tracing"), every row, audit-logged
         here; the visits are read from ``read_from`` when given (a read-only replica)."""
         return [row async for rows in self.trace_stream(query, actor, read_from) for row in rows]
 

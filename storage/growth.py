@@ -4,7 +4,7 @@ The model: the cases of day ``t`` (0 for the first day of the window) are Poisso
 ``exp(a + b t)``, so the cases grow by ``exp(b) - 1`` a day. It is fitted by maximum
 likelihood (Newton's method on the two parameters), and ``b``'s 95% interval is
 ``b ± 1.96`` standard errors from the inverse of the Fisher information. What it assumes,
-and when not to trust it (README, "Analysis and forecasting"):
+and when not to trust it (docs/api.md, "Analysis and forecasting"):
 - every day's cases are counted the same way: a change in testing or reporting within the
   window changes the counts, not the epidemic, and the fit cannot tell them apart;
 - growth is steady over the window (7 or 14 days): a turn within it is averaged away;

@@ -75,7 +75,7 @@ class Visit(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class PairingRules:
-    """The windows of pairing (DESIGN.md, "Pairing"), in milliseconds."""
+    """The windows of pairing (docs/design.md, "Pairing"), in milliseconds."""
 
     repeat_window_ms: int = 5 * 60_000
     max_stay_ms: int = 4 * 3_600_000

@@ -1,4 +1,4 @@
-"""Pairing: a person's scan events into visits (DESIGN.md, "Pairing").
+"""Pairing: a person's scan events into visits (docs/design.md, "Pairing").
 
 The visits of a person are a pure function of the *set* of that person's events: no clock,
 no arrival order, no count of copies. Re-derivation after a late or redelivered event is

@@ -1,4 +1,4 @@
-"""Contact tracing, the pure part (DESIGN.md, "Contact tracing"): no I/O, no clock.
+"""Contact tracing, the pure part (docs/design.md, "Contact tracing"): no I/O, no clock.
 
 A storage backend fetches visits and calls these functions:
 

@@ -252,3 +252,13 @@ def test_the_hostile_traffic_benchmark_runs_every_phase(tmp_path: Path) -> None:
     assert "slow connections closed at the header deadline" in rows[1][7]
     assert "each drawn (a miss)" in rows[2][7]
     assert "<!-- bench_hostile:start -->" in results.read_text()
+
+
+def test_the_worker_memory_benchmark_measures_a_real_worker() -> None:
+    """benchmarks/worker_rss.py (issue 20): one start, the worker found among the
+    supervisor's children and its memory read; a worker that imported matplotlib again
+    would show here as well as in tests/test_reports.py."""
+    result = run_script("worker_rss.py", "--runs", "1", timeout_s=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    median = float(result.stdout.split("median ")[1].split(" MB")[0])
+    assert 20 < median < 110, result.stdout

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check-in/check-out scans signed with per-app keys, de-duplicates them, buffers them "
         "in Redis streams and pairs them into visits for contact tracing.",
         epilog="Each command has its own --help. Settings come from SCANGATE_* variables "
-        "(see README).",
+        "(docs/settings.md lists them; SCANGATE_<NAME>_FILE reads one from a file).",
     )
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=OneLineParser)
     groups.required = True
