@@ -1,5 +1,8 @@
 """deploy/: the YAML parses and is lint-clean, the settings it sets are ones scangate reads,
-the commands are ones the CLI accepts, and shutdown gets more time than it needs."""
+the commands are ones the CLI accepts, and shutdown gets more time than it needs. Grafana is
+provisioned with the Prometheus its dashboard queries; the optional Ingress and
+ServiceMonitors point at ports that exist and keep /metrics private; every alert links its
+runbook. All checked statically: no Docker engine or cluster is needed."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import dataclasses
 import json
 import re
 import shlex
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +21,34 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from gateway import Settings, parse_duration_s
+from gateway.http.context import MAX_BODY_BYTES
+from gateway.http.web.docs import DOCS_PATH
+from gateway.http.web.pages import PAGES
 from gateway.run.cli import build_parser
 from gateway.run.server import SHUTDOWN_DEADLINE_S
+from storage.postgres import ACQUIRE_TIMEOUT_S, COMMAND_TIMEOUT_S
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
+# Optional Kubernetes parts, kustomize Components outside the default kustomization.
+INGRESS = KUBERNETES / "ingress"
+MONITORING = KUBERNETES / "monitoring"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
+PROMETHEUS = DEPLOY / "prometheus"
+ALERTS = PROMETHEUS / "alerts.yml"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "scangate.json"
+PROVISIONING = GRAFANA / "provisioning"
+DATASOURCES = PROVISIONING / "datasources" / "prometheus.yaml"
+DASHBOARD_PROVIDERS = PROVISIONING / "dashboards" / "scangate.yaml"
+OPERATIONS = ROOT / "docs" / "operations.md"
+# The job names alerts.yml and the dashboard rely on.
+JOBS = {"scangate-gateway", "scangate-flusher"}
+# Served by the gateway, never to be routed from the Internet.
+PRIVATE_PATHS = ("/metrics", "/healthz", "/readyz")
+NGINX = "nginx.ingress.kubernetes.io/"
 SCANGATE_IMAGE = "scangate"
 # A deployment of several hosts cannot use the embedded Valkey, the SQLite file or a key
 # file generated in one host's data dir.
@@ -94,7 +119,17 @@ def _check_serve(args: Any) -> None:
 
 
 def test_the_deploy_files_are_there() -> None:
-    for path in (COMPOSE, DOCKERFILE, DEPLOY / ".yamllint", KUBERNETES / "kustomization.yaml"):
+    for path in (
+        COMPOSE,
+        DOCKERFILE,
+        DEPLOY / ".yamllint",
+        KUBERNETES / "kustomization.yaml",
+        INGRESS / "kustomization.yaml",
+        MONITORING / "kustomization.yaml",
+        DASHBOARD,
+        DATASOURCES,
+        DASHBOARD_PROVIDERS,
+    ):
         assert path.is_file(), path
     assert (DEPLOY / "redis" / "redis.conf").is_file()
     assert (DEPLOY / "postgresql" / "postgresql.conf").is_file()
@@ -166,6 +201,132 @@ def test_compose_gives_shutdown_time_and_checks_health(
     port = _parse_cli(gateway["command"], capsys).port
     probe = " ".join(gateway["healthcheck"]["test"])
     assert re.search(rf"//127\.0\.0\.1:{port}/(readyz|healthz)\b", probe), probe
+
+
+# -- Grafana in compose ----------------------------------------------------------------------
+
+
+def _compose_mounts(service: dict[str, Any]) -> dict[str, tuple[Path, bool]]:
+    """Bind mounts of a compose service: container path -> (host path, read-only)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *options = str(volume).split(":")
+        if source.startswith("."):
+            mounts[target] = ((DEPLOY / source).resolve(), "ro" in options)
+    return mounts
+
+
+def _depends_on(service: dict[str, Any]) -> set[str]:
+    return set(service.get("depends_on", []))  # a list, or a dict keyed by service
+
+
+def _provisioned_datasource() -> dict[str, Any]:
+    provisioning = _load(DATASOURCES)
+    assert provisioning["apiVersion"] == 1
+    (source,) = provisioning["datasources"]
+    assert source["type"] == "prometheus" and source["uid"]
+    return dict(source)
+
+
+def test_compose_grafana_is_provisioned_with_the_dashboard() -> None:
+    compose = _load(COMPOSE)
+    grafana = compose["services"]["grafana"]
+    # Pinned: a release, never latest.
+    assert re.fullmatch(r"grafana/grafana(-oss)?:\d+\.\d+\.\d+", grafana["image"]), grafana["image"]
+    assert "prometheus" in _depends_on(grafana)
+
+    mounts = _compose_mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == (PROVISIONING.resolve(), True)
+    providers = _load(DASHBOARD_PROVIDERS)
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    mounted_dashboard = f"{provider['options']['path']}/{DASHBOARD.name}"
+    assert mounts[mounted_dashboard] == (DASHBOARD.resolve(), True)
+    env = _compose_env(grafana)
+    assert env.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH", mounted_dashboard) == (
+        mounted_dashboard
+    )
+
+
+def test_compose_grafana_is_private_to_the_host() -> None:
+    compose = _load(COMPOSE)
+    grafana = compose["services"]["grafana"]
+    env = _compose_env(grafana)
+    # The admin password comes from a secret file, as scangate's own secrets do.
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    (secret,) = grafana["secrets"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == f"/run/secrets/{secret}"
+    assert compose["secrets"][secret]["file"].startswith("./secrets/")
+    # Anonymous visitors, if let in at all, only view.
+    if env.get("GF_AUTH_ANONYMOUS_ENABLED", "false") != "false":
+        assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer"
+    # Reachable from this host only.
+    if grafana.get("network_mode") == "host":
+        assert "ports" not in grafana
+        assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+    else:
+        assert grafana["ports"]
+        for port in grafana["ports"]:
+            assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_compose_grafana_queries_the_compose_prometheus() -> None:
+    services = _load(COMPOSE)["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    # Prometheus has the config and the alerts of deploy/prometheus.
+    mounts = _compose_mounts(prometheus)
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in prometheus["command"])
+    config_dir, config_name = flags["config.file"].rsplit("/", 1)
+    assert mounts[config_dir] == (PROMETHEUS.resolve(), True)
+    config = _load(PROMETHEUS / config_name)
+    assert config["rule_files"] == [ALERTS.name]
+    # Grafana shares its network namespace (or its network) and uses its address.
+    source = _provisioned_datasource()
+    listen = flags["web.listen-address"]
+    if prometheus.get("network_mode") == "host":
+        assert grafana.get("network_mode") == "host"
+        assert source["url"] == f"http://{listen}"
+    else:
+        assert source["url"] == f"http://prometheus:{listen.rpartition(':')[2]}"
+    # $__rate_interval is right only when Grafana knows the scrape interval.
+    assert source["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+
+
+def _datasource_uid(ref: dict[str, Any], variables: dict[str, dict[str, Any]]) -> str:
+    """The uid a panel's or a target's datasource reference resolves to."""
+    assert ref["type"] == "prometheus", ref
+    uid = str(ref["uid"])
+    found = re.fullmatch(r"\$\{(\w+)\}|\$(\w+)", uid)
+    if found is None:
+        return uid
+    variable = variables[found.group(1) or found.group(2)]
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    return str(variable["current"]["value"])
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, those inside collapsed rows included."""
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def test_every_dashboard_panel_queries_the_provisioned_datasource() -> None:
+    uid = _provisioned_datasource()["uid"]
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert "__inputs" not in dashboard, "provisioning does not fill in ${DS_...} inputs"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    queried = 0
+    for panel in _panels(dashboard["panels"]):
+        if panel["type"] == "row":
+            continue
+        assert _datasource_uid(panel["datasource"], variables) == uid, panel["title"]
+        for target in panel["targets"]:
+            ref = target.get("datasource", panel["datasource"])
+            assert _datasource_uid(ref, variables) == uid, panel["title"]
+            queried += 1
+    assert queried > 10
 
 
 # -- Kubernetes ------------------------------------------------------------------------------
@@ -293,6 +454,219 @@ def test_kubernetes_every_deployment_has_a_disruption_budget() -> None:
         assert any(b.items() <= labels.items() for b in budgets), deployment["metadata"]["name"]
     (hpa,) = _k8s("HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "scangate-gateway"
+
+
+# -- Kubernetes: the optional Ingress and ServiceMonitors ------------------------------------
+
+
+def _component_documents(directory: Path) -> list[dict[str, Any]]:
+    """The manifests of a kustomize Component, which must list every one of them."""
+    component = _load(directory / "kustomization.yaml")
+    assert component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    assert component["kind"] == "Component"
+    on_disk = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(component["resources"]) == on_disk
+    namespace = _load(KUBERNETES / "kustomization.yaml")["namespace"]
+    docs = [doc for name in component["resources"] for doc in _load_all(directory / name)]
+    for doc in docs:
+        # Right with kubectl apply -f too, where the kustomization's namespace is not set.
+        assert doc["metadata"]["namespace"] == namespace, doc["metadata"]["name"]
+    return docs
+
+
+def test_kubernetes_optional_parts_are_components() -> None:
+    components = {p.parent for p in KUBERNETES.glob("*/kustomization.yaml")}
+    assert components == {INGRESS, MONITORING}
+    kustomization = _load(KUBERNETES / "kustomization.yaml")
+    assert set(kustomization.get("components", [])) <= {p.name for p in components}
+    # The default apply needs no CRD: nothing of prometheus-operator's in it.
+    assert not any(d["apiVersion"].startswith("monitoring.coreos.com/") for d in _k8s_documents())
+
+
+def _ingress() -> dict[str, Any]:
+    (ingress,) = [d for d in _component_documents(INGRESS) if d["kind"] == "Ingress"]
+    return ingress
+
+
+def _routed(paths: list[dict[str, Any]], request_path: str) -> bool:
+    """Whether any Ingress path takes ``request_path`` (Kubernetes' matching: Exact is the
+    whole path, Prefix whole path elements)."""
+    for item in paths:
+        path = item["path"]
+        if item["pathType"] == "Exact" and request_path == path:
+            return True
+        if item["pathType"] == "Prefix":
+            prefix = path.rstrip("/")
+            if request_path == prefix or request_path.startswith(prefix + "/"):
+                return True
+    return False
+
+
+def test_the_ingress_routes_the_public_paths_and_never_metrics() -> None:
+    ingress = _ingress()
+    (service,) = _k8s("Service", "scangate-gateway")
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    tls_hosts = {host for tls in ingress["spec"]["tls"] for host in tls["hosts"]}
+    assert all(tls["secretName"] for tls in ingress["spec"]["tls"])
+    paths = []
+    for rule in ingress["spec"]["rules"]:
+        assert rule["host"] in tls_hosts, rule["host"]
+        for item in rule["http"]["paths"]:
+            # Exact and Prefix mean the same on every controller; ImplementationSpecific
+            # may be a regular expression that matches more than it says.
+            assert item["pathType"] in {"Exact", "Prefix"}, item
+            backend = item["backend"]["service"]
+            assert backend["name"] == "scangate-gateway"
+            assert backend["port"]["name"] in port_names
+            paths.append(item)
+    for path in PRIVATE_PATHS:
+        assert not _routed(paths, path), path
+        assert not _routed(paths, path + "/x"), path
+    public = [*PAGES, DOCS_PATH, "/openapi.json", "/v1/scans", "/web/api/otp", "/static/site.css"]
+    assert [path for path in public if not _routed(paths, path)] == []
+
+
+def _nginx_size_bytes(size: str) -> int:
+    """An nginx size ("1m", "512k", "1048576") in bytes."""
+    found = re.fullmatch(r"(\d+)([kmg]?)", size.lower())
+    assert found is not None, size
+    return int(found.group(1)) * 1024 ** " kmg".index(found.group(2) or " ")
+
+
+def test_the_ingress_keeps_to_the_gateway_limits() -> None:
+    annotations = _ingress()["metadata"]["annotations"]
+    (config,) = _k8s("ConfigMap", "scangate-config")
+    settings = Settings.from_env({**SECRET_STANDINS, **config["data"]})
+    # nginx refuses what the gateway would refuse, before it crosses the cluster.
+    assert _nginx_size_bytes(annotations[NGINX + "proxy-body-size"]) == MAX_BODY_BYTES
+    assert float(annotations[NGINX + "proxy-send-timeout"]) == settings.body_timeout_s
+    # The gateway answers its own slow requests before nginx gives up with a 504.
+    read_timeout_s = float(annotations[NGINX + "proxy-read-timeout"])
+    assert read_timeout_s > ACQUIRE_TIMEOUT_S + COMMAND_TIMEOUT_S
+
+
+def _metrics_port(deployment: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> int:
+    """The container port a scangate Deployment serves /metrics on."""
+    (container,) = _scangate_containers(deployment)
+    args = _parse_cli(container.get("command", []) + container.get("args", []), capsys)
+    if args.handler.__name__ == "cmd_flush":
+        return int(args.metrics_port)
+    assert args.handler.__name__ == "cmd_serve"
+    own_port = _container_env(container).get("SCANGATE_METRICS_PORT", "0")
+    return int(own_port) or int(args.port)
+
+
+def _relabelled_job(endpoint: dict[str, Any], service: dict[str, Any]) -> str:
+    """The job label prometheus-operator gives the endpoint's targets: the Service's name
+    unless a relabeling replaces it."""
+    job = str(service["metadata"]["name"])
+    for relabel in endpoint.get("relabelings", []):
+        if relabel.get("targetLabel") == "job" and relabel.get("action", "replace") == "replace":
+            assert not relabel.get("sourceLabels"), relabel
+            job = relabel["replacement"]
+    return job
+
+
+def test_the_servicemonitors_scrape_every_metrics_port_as_the_alerts_jobs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monitors = [d for d in _component_documents(MONITORING) if d["kind"] == "ServiceMonitor"]
+    assert {m["apiVersion"] for m in monitors} == {"monitoring.coreos.com/v1"}
+    jobs = set()
+    for monitor in monitors:
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        (service,) = [
+            s for s in _k8s("Service") if selector.items() <= s["metadata"]["labels"].items()
+        ]
+        (deployment,) = [
+            d
+            for d in _k8s("Deployment")
+            if service["spec"]["selector"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        (container,) = _scangate_containers(deployment)
+        container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        service_ports = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            target = service_ports[endpoint["port"]]
+            assert container_ports.get(target, target) == _metrics_port(deployment, capsys)
+            assert endpoint.get("path", "/metrics") == "/metrics"
+            jobs.add(_relabelled_job(endpoint, service))
+    assert jobs == JOBS
+    prometheus = _load(PROMETHEUS / "prometheus.yml")
+    assert {job["job_name"] for job in prometheus["scrape_configs"]} == JOBS
+    assert set(re.findall(r'job="([^"]+)"', ALERTS.read_text(encoding="utf-8"))) <= JOBS
+
+
+# -- alerts and their runbooks ---------------------------------------------------------------
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case; letters, marks, digits, ``_`` and ``-``
+    stay, every space becomes ``-``, the rest goes."""
+    kept = (c for c in heading.lower() if c in " -_" or unicodedata.category(c)[0] in "LMN")
+    return "".join(kept).replace(" ", "-")
+
+
+def _heading_anchors(markdown: str) -> set[str]:
+    """The anchors of a Markdown page's headings (none inside fenced code)."""
+    anchors, fenced = set(), False
+    for line in markdown.splitlines():
+        if re.match(r" {0,3}(```|~~~)", line):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r" {0,3}#{1,6}[ \t]+(.*?)[ \t#]*$", line)):
+            anchors.add(github_anchor(heading.group(1)))
+    return anchors
+
+
+def _alerts() -> list[dict[str, Any]]:
+    groups = _load(ALERTS)["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+RUNBOOK_URL = re.compile(r"(https://[^#\s]+/)docs/operations\.md#([\w-]+)")
+
+
+def _runbook_link(rule: dict[str, Any]) -> tuple[str, str]:
+    """(base, anchor) of an alert's runbook_url."""
+    url = rule["annotations"]["runbook_url"]
+    found = RUNBOOK_URL.fullmatch(url)
+    assert found is not None, (rule["alert"], url)
+    return found.group(1), found.group(2)
+
+
+@pytest.mark.parametrize(
+    ("heading", "anchor"),
+    [
+        ("ScangateBacklogGrowing", "scangatebackloggrowing"),
+        ("Prometheus, Grafana and alerts", "prometheus-grafana-and-alerts"),
+        ("What a 2xx promises (durability)", "what-a-2xx-promises-durability"),
+        ("`POST /v1/scans`", "post-v1scans"),
+        ("snake_case and dashes-too", "snake_case-and-dashes-too"),
+    ],
+)
+def test_anchors_are_made_as_github_makes_them(heading: str, anchor: str) -> None:
+    assert github_anchor(heading) == anchor
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    bases = set()
+    alerts = _alerts()
+    assert len(alerts) >= 10
+    for rule in alerts:
+        base, anchor = _runbook_link(rule)
+        assert anchor == github_anchor(rule["alert"]), rule["alert"]
+        bases.add(base)
+    # One base, named in the file's header, where operators replace it.
+    (base,) = bases
+    header = ALERTS.read_text(encoding="utf-8").partition("\ngroups:")[0]
+    assert base in header
+
+
+def test_every_runbook_url_names_a_section_of_the_operations_document() -> None:
+    anchors = _heading_anchors(OPERATIONS.read_text(encoding="utf-8"))
+    missing = [rule["alert"] for rule in _alerts() if _runbook_link(rule)[1] not in anchors]
+    assert missing == [], "docs/operations.md has no section for these alerts"
 
 
 # -- the image -------------------------------------------------------------------------------
