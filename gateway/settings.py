@@ -40,6 +40,8 @@ def parse_networks(text: str) -> tuple[Network, ...]:
 
 SmsSender = Literal["log", "http"]
 RedisFsync = Literal["everysec", "always"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class SettingsError(ValueError):
@@ -59,9 +61,11 @@ class Settings:
     data_dir: Path = Path("./scangate-data")
     redis_url: str | None = None  # None: start the embedded Valkey server
     redis_cluster: bool = False
-    # Answer 2xx only once this many replicas confirm the write (WAIT): see README.
+    # Answer 2xx only once this many replicas confirm the write (WAIT): see
+    # docs/design.md, "What a 2xx promises".
     redis_wait_replicas: int = 0
-    # "always": answer 2xx only once Redis has the events on disk (see README, durability).
+    # "always": answer 2xx only once Redis has the events on disk (docs/design.md, "What a
+    # 2xx promises").
     redis_fsync: RedisFsync = "everysec"
     storage_url: str | None = None  # None: SQLite in the data dir
     # Tracing reads visits from here when set (a read-only replica); audit goes to storage.
@@ -98,7 +102,7 @@ class Settings:
     # One-time codes (gateway.http.otp; a limit of 0 is off). Per client address (an IPv4
     # address, or an IPv6 /64) over a sliding window: codes asked, codes asked for one
     # phone, wrong codes, wrong codes for one phone. Sized for carrier-grade NAT, where
-    # many phones share one IPv4 address (README, "One-time codes").
+    # many phones share one IPv4 address (docs/api.md, "One-time codes").
     otp_window_s: float = 15 * 60
     otp_address_limit: int = 60
     otp_phone_address_limit: int = 3
@@ -152,6 +156,12 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     # The app the web pages act as (/khai-bao, /dang-ky-diem): None turns those pages off.
     web_app: str | None = None
+    # Log lines (gateway.logs): text for people, json (one object per line) for collectors;
+    # the level of scangate's own loggers (libraries stay at info or above).
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
+    # One line per request: method, route pattern, status, duration, bytes, request id, app.
+    access_log: bool = False
 
     @property
     def keyring_path(self) -> Path:
@@ -243,6 +253,10 @@ class Settings:
             )
         if self.web_app is not None and not APP_ID_PATTERN.fullmatch(self.web_app):
             raise SettingsError("SCANGATE_WEB_APP: an app id, 2 to 16 of a-z0-9")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError("SCANGATE_LOG_FORMAT: use text or json")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise SettingsError("SCANGATE_LOG_LEVEL: use debug, info, warning or error")
         if self.sms not in ("log", "http"):
             raise SettingsError("SCANGATE_SMS: use log or http")
         if self.sms == "http" and not self.sms_url:
