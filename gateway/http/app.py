@@ -31,6 +31,7 @@ from gateway.http import (
     venues,
 )
 from gateway.http import web as web_pages
+from gateway.http.access import ROUTE, STARTED
 from gateway.http.context import JSON, MAX_BODY_BYTES, load_personal_data
 from gateway.http.errors import (
     HTTP_STATUS_CODES,
@@ -64,6 +65,7 @@ from gateway.http.last_use import LastUse
 from gateway.http.otp import OtpLimits, OtpService
 from gateway.http.posters import Posters
 from gateway.http.ratelimit import TokenBuckets
+from gateway.logs import REQUEST_ID_HEADER, bind_request_id
 from gateway.metrics import Metrics
 from gateway.outbox.notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
 from gateway.outbox.sms import make_sms_sender
@@ -88,7 +90,8 @@ RETRY_AFTER_UNAVAILABLE_S: Final = 1
 
 class _NoRequestBytesInLogs(logging.Filter):
     """aiohttp logs a request it cannot parse with the parser's message, which quotes the
-    raw bytes (a body can hold names and phone numbers). Keep the fact, drop the bytes."""
+    raw bytes (a body can hold names and phone numbers). Keep the fact, drop the bytes.
+    Its other errors name the client's address (personal data): keep the error, drop that."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
@@ -96,6 +99,8 @@ class _NoRequestBytesInLogs(logging.Filter):
             record.msg, record.args = f"malformed HTTP request ({name}); bytes not logged", ()
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
+        elif isinstance(record.msg, str) and record.msg.startswith("Error handling request"):
+            record.msg, record.args = "error handling a request", ()
         return True
 
 
@@ -374,9 +379,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn errors into JSON answers and count and time every request by route."""
+    """Give every request its id (``gateway.logs``: every line logged while it is handled
+    carries it), turn errors into JSON answers and count and time every request by route."""
+    bind_request_id(request.headers.get(REQUEST_ID_HEADER))
     started = time.perf_counter()
-    route = request.match_info.route.name or "unmatched"
+    matched = request.match_info.route
+    route = matched.name or "unmatched"
+    request[ROUTE] = "unmatched" if matched.resource is None else matched.resource.canonical
+    request[STARTED] = started
     try:
         response = await handler(request)
     except ApiError as exc:

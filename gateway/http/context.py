@@ -11,6 +11,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from gateway.http.access import CALLER_APP
 from gateway.http.addresses import address_bucket, client_address
 from gateway.http.errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from gateway.http.keys import KEYRING_REFRESH, TOKEN_USES, TRUSTED_PROXIES
@@ -45,6 +46,7 @@ async def authenticate(request: web.Request, keyring: Keyring) -> str:
     it was first missed: an app just added works at once."""
     acting: str | None = request.get(ACTING_APP)
     if acting is not None:
+        request[CALLER_APP] = acting
         return acting
     header = request.headers.get("Authorization")
     if header is None:
@@ -60,6 +62,7 @@ async def authenticate(request: web.Request, keyring: Keyring) -> str:
     if found is None:
         raise Unauthorized("unknown or revoked token")
     request.app[TOKEN_USES].note(found.token_id, time.time())
+    request[CALLER_APP] = found.app_id
     return found.app_id
 
 

@@ -47,7 +47,7 @@ from gateway.http.people import (
     normalise_phone,
     parse_declaration,
 )
-from gateway.outbox.sms import SmsSender
+from gateway.outbox.sms import SmsError, SmsSender
 from gateway.pipeline.buffer import BufferUnavailable
 from signing import Keyring
 from signing.codes import ID_PATTERN
@@ -127,8 +127,10 @@ async def _send_code(sms: SmsSender, phone: str, text: str) -> None:
     try:
         await sms.send(phone, text)
     except Exception as exc:
-        # No phone and no code in the log: the person asks again.
-        log.warning("an OTP SMS was not delivered: %s", exc)
+        # No phone and no code in the log: the person asks again. An SmsError's text is
+        # safe to log; any other error's may quote the message, so only its type is.
+        reason = str(exc) if isinstance(exc, SmsError) else type(exc).__name__
+        log.warning("an OTP SMS was not delivered: %s", reason)
 
 
 async def post_otp_verify(request: web.Request) -> web.Response:

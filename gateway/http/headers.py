@@ -11,6 +11,8 @@ too (``gateway.http.protocol``).
   themselves.
 - SVG is a document that can carry script: an SVG answer (a poster, a personal code)
   may load and run nothing, even when opened on its own.
+- ``X-Request-Id``: the id the request is logged under (``gateway.logs``), its own when it
+  sent a sane one; so a caller can quote it when reporting a problem.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 from typing import Final
 
 from aiohttp import web
+
+from gateway.logs import REQUEST_ID_HEADER, current_request_id
 
 SERVER_NAME: Final = "scangate"
 COMMON_HEADERS: Final = {"Server": SERVER_NAME, "X-Content-Type-Options": "nosniff"}
@@ -28,5 +32,8 @@ async def answer_headers(request: web.Request, response: web.StreamResponse) -> 
     headers = response.headers
     headers.update(COMMON_HEADERS)
     headers.setdefault("Cache-Control", "no-store")
+    request_id = current_request_id()  # bound by the application's middleware
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
     if response.content_type == "image/svg+xml":
         headers["Content-Security-Policy"] = SVG_POLICY

@@ -15,7 +15,8 @@ but not one that trickles a request: 300 clients sending a header line every 10 
   ``overloaded`` (with ``Retry-After: 1``) and closed.
 
 It also answers aiohttp's own errors (a request that is not HTTP) in the API's JSON, never
-quoting the bytes back, and names the server without its version.
+quoting the bytes back, with a request id like every answer, and names the server without
+its version.
 
 This reads a few of aiohttp's protocol internals (the parsed-message queue and counter, the
 idle waiter). ``pyproject.toml`` bounds aiohttp to the minor versions tested, and
@@ -32,7 +33,10 @@ from typing import Any, Final, cast
 import orjson
 from aiohttp import web, web_protocol, web_server
 
+from gateway.http.access import AccessLog
 from gateway.http.headers import COMMON_HEADERS, SERVER_NAME
+from gateway.http.keys import SETTINGS
+from gateway.logs import ACCESS, REQUEST_ID_HEADER, bind_request_id, current_request_id
 from gateway.settings import Settings
 
 OVERLOADED_BODY: Final = orjson.dumps(
@@ -148,7 +152,9 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """The answer to a request aiohttp could not parse or handle: JSON like every other
-        error, without the bytes it could not parse (aiohttp quotes them)."""
+        error, without the bytes it could not parse (aiohttp quotes them), with its request
+        id (bound before aiohttp logs the error, so that line carries it too)."""
+        request_id = current_request_id() or bind_request_id(request.headers.get(REQUEST_ID_HEADER))
         response = super().handle_error(request, status, exc, message)
         if isinstance(response, web.Response):
             phrase = HTTPStatus(status).phrase
@@ -157,6 +163,7 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             response.body = orjson.dumps({"error": code, "detail": detail})
             response.content_type = "application/json"
         response.headers.update(COMMON_HEADERS)
+        response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
 
@@ -179,9 +186,15 @@ class GuardedServer(web_server.Server):
 
 class GuardedRunner(web.AppRunner):
     """An ``AppRunner`` whose connections keep ``ConnectionLimits`` from the app's
-    settings; ``scangate serve`` and the tests' servers run the gateway with it."""
+    settings; ``scangate serve`` and the tests' servers run the gateway with it.
+
+    aiohttp's own access log is never on, whatever the caller asks: it names the client's
+    address and quotes the path and query. The gateway's (``gateway.http.access``) is on
+    with ``SCANGATE_ACCESS_LOG``."""
 
     def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
+        kwargs["access_log_class"] = AccessLog
+        kwargs["access_log"] = ACCESS if app[SETTINGS].access_log else None
         super().__init__(app, **kwargs)
         self._limits = limits
 

@@ -19,6 +19,7 @@ from typing import Final
 
 from aiohttp import web
 
+from gateway.http.access import CALLER_APP
 from gateway.http.context import authenticate, json_response, read_json
 from gateway.http.errors import InvalidRequest, NotFound, Unauthorized
 from gateway.http.keys import KEYRING, PERSONAL, POSTERS, REVOKED_VENUES, STORAGE
@@ -177,6 +178,7 @@ async def staff_venue(request: web.Request) -> StaffTokenRecord | None:
     record = await request.app[STORAGE].staff_token(hash_token(token))
     if record is None:
         raise Unauthorized("unknown or revoked staff token")
+    request[CALLER_APP] = record.app_id
     return record
 
 

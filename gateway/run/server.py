@@ -27,6 +27,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, Final
 
+from gateway.logs import configure_logging
 from gateway.settings import Settings
 from signing import Keyring, Sealer, load_master_key
 from storage.keyring_store import keyring_store
@@ -237,9 +238,7 @@ def run_worker(
 ) -> None:
     """One gateway process: serve until SIGTERM/SIGINT (or its supervisor's death), then
     shut down gracefully."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
+    configure_logging(settings)
     supervision.exit_with_supervisor(supervisor_pid)
     try:
         import uvloop
@@ -252,7 +251,9 @@ def run_worker(
         raise SystemExit(1) from None
     except Exception as exc:
         ready.put(("failed", f"{type(exc).__name__}: {exc}"))
-        raise
+        # Logged here, as a log line: multiprocessing would print it raw to stderr.
+        log.exception("worker failed")
+        raise SystemExit(1) from None
 
 
 async def _serve_worker(
@@ -272,7 +273,6 @@ async def _serve_worker(
     runner = GuardedRunner(
         app,
         ConnectionLimits.of(settings),
-        access_log=None,
         shutdown_timeout=options.shutdown_deadline_s,
         handle_signals=False,
     )
@@ -338,14 +338,18 @@ def run_flusher(
 ) -> int:
     """A flusher process: flush until SIGTERM/SIGINT (or, under ``serve``, its
     supervisor's death), finishing the batch in hand."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
-    if supervisor_pid is not None:
-        supervision.exit_with_supervisor(supervisor_pid)
+    configure_logging(settings)
     import uvloop
 
-    return uvloop.run(_flush_until_stopped(settings, metrics_port, metrics_host))
+    if supervisor_pid is None:  # ``scangate flush``: the command says what went wrong
+        return uvloop.run(_flush_until_stopped(settings, metrics_port, metrics_host))
+    supervision.exit_with_supervisor(supervisor_pid)
+    try:
+        return uvloop.run(_flush_until_stopped(settings, metrics_port, metrics_host))
+    except Exception:
+        # Logged here, as a log line: multiprocessing would print it raw to stderr.
+        log.exception("flusher failed")
+        raise SystemExit(1) from None
 
 
 async def _flush_until_stopped(

@@ -35,6 +35,7 @@ from gateway.http.keys import SETTINGS
 from gateway.http.openapi import cases, citizens, officials, operations, scans, schemas, venues
 from gateway.http.openapi.schemas import PUBLIC, RETRY_AFTER, Schema
 from gateway.http.venues import STAFF_TOKEN_PREFIX
+from gateway.logs import SANE_REQUEST_ID
 
 OPENAPI_VERSION: Final = "3.1.0"
 API_VERSION: Final = "1"
@@ -120,7 +121,9 @@ def openapi_document(*, metrics: bool = True) -> dict[str, Any]:
             "carry Retry-After. Any request can also get 404 not_found (no route matches the "
             "path) or 405 method_not_allowed (the path does not take the method). A body "
             "must be application/json (else 415) of at most "
-            f"{MAX_BODY_BYTES} bytes (else 413).",
+            f"{MAX_BODY_BYTES} bytes (else 413). Every answer carries X-Request-Id: the "
+            f"request's own X-Request-Id when it matches {SANE_REQUEST_ID.pattern}, else one "
+            "made for it; the gateway's log lines about the request carry it.",
         },
         "servers": [{"url": "/"}],
         "security": PUBLIC,

@@ -12,12 +12,12 @@ alone on its line. Bad arguments and failed operations print one line to stderr 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.logs import configure_logging
 from gateway.settings import Settings, SettingsError
 from signing import SigningError
 from storage import StorageError
@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
     """Run the command in ``argv`` (default: the process's) and return its exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -80,6 +79,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
             os.environ if env is None else env,
             data_dir=Path(args.data_dir) if "data_dir" in args else None,
         )
+        configure_logging(settings)  # SCANGATE_LOG_FORMAT and _LEVEL, as every process does
         handler: Handler = args.handler
         return handler(args, settings)
     except (UsageError, SigningError, SettingsError, StorageError) as exc:
