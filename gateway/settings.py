@@ -193,6 +193,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
         """Settings from ``SCANGATE_*`` variables; ``overrides`` (CLI flags) win."""
         values: dict[str, object] = {}
+        from_files: set[str] = set()  # variables whose value came from a file
         for f in dataclasses.fields(cls):
             var = "SCANGATE_" + f.name.upper()
             if var not in env and var + FILE_SUFFIX not in env:
@@ -200,13 +201,19 @@ class Settings:
             raw = _value_of(env, var)
             if raw is None or raw == "":
                 continue
+            if env.get(var + FILE_SUFFIX):
+                from_files.add(var)
             try:
                 values[f.name] = _convert(f.name, raw)
             except ValueError as exc:
-                raise SettingsError(f"{var}: {exc}") from None
+                raise _refusal(var, str(exc), from_files) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
-        settings.check()
+        try:
+            settings.check()
+        except SettingsError as exc:
+            var, _, why = str(exc).partition(": ")
+            raise _refusal(var, why, from_files) from None
         return settings
 
     def check(self) -> None:
@@ -314,6 +321,18 @@ def _value_of(env: Mapping[str, str], var: str) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise SettingsError(f"{var}{FILE_SUFFIX}: cannot read {path}: {why}") from None
+
+
+def _refusal(var: str, why: str, from_files: set[str]) -> SettingsError:
+    """The error for a refused value. One read from a file is not quoted (the file may be
+    a secret mounted under the wrong name, and the message goes to the logs): the message
+    names the file's variable instead."""
+    if var in from_files:
+        return SettingsError(
+            f"{var}{FILE_SUFFIX}: the file's contents are not a valid {var} (not shown: "
+            "they may be a secret)"
+        )
+    return SettingsError(f"{var}: {why}")
 
 
 def _convert(name: str, raw: str) -> object:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.logs import OWN_LOGGERS
 from signing import FileKeyringStore, Keyring, Sealer
 
 from .harness import GatewayStarter, GatewayUnderTest, StorageKind, start_gateway
@@ -77,3 +80,21 @@ async def gateway_under_test(
     yield start
     for gateway in reversed(started):
         await gateway.close()
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """``configure_logging`` changes the process's logging: put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    own = {name: logging.getLogger(name).level for name in (*OWN_LOGGERS, "gateway.access")}
+    hook = sys.excepthook
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, own_level in own.items():
+            logging.getLogger(name).setLevel(own_level)
+        sys.excepthook = hook
+        logging.captureWarnings(False)

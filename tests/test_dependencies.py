@@ -60,8 +60,15 @@ def test_every_declared_dependency_is_pinned_within_its_range(lock: str, groups:
         )
 
 
+def test_the_build_lock_holds_a_backend_the_project_builds_with() -> None:
+    backend = pins("build.lock")
+    for text in PYPROJECT["build-system"]["requires"]:
+        requirement = Requirement(text)
+        assert requirement.specifier.contains(backend[canonicalize_name(requirement.name)])
+
+
 def test_every_pin_carries_its_hashes() -> None:
-    for lock in ("runtime.lock", "test.lock", "lowest.lock"):
+    for lock in ("runtime.lock", "build.lock", "test.lock", "lowest.lock"):
         text = (REQUIREMENTS / lock).read_text(encoding="utf-8")
         for entry in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2]):
             if PIN.match(entry):
@@ -104,8 +111,12 @@ def test_ci_and_the_image_install_the_locks_by_hash() -> None:
     assert "--require-hashes -r requirements/test.lock" in ci
     assert "--require-hashes -r requirements/lowest.lock" in ci
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8")
-    assert "pip install --require-hashes -r requirements/runtime.lock" in dockerfile
-    assert "pip install --no-deps ." in dockerfile
+    assert (
+        "pip install --require-hashes -r requirements/runtime.lock -r requirements/build.lock"
+        in dockerfile
+    )
+    # Built with the locked backend: an isolated build would fetch one unchecked.
+    assert "pip install --no-deps --no-build-isolation ." in dockerfile
     # Everything the image copies is in its build context.
     ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text(encoding="utf-8")
     allowed = {line.removeprefix("!").rstrip("/") for line in ignore.splitlines()}

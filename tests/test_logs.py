@@ -19,7 +19,6 @@ import pytest
 
 from gateway import Settings
 from gateway.logs import (
-    OWN_LOGGERS,
     JsonLines,
     RequestIdStamp,
     StderrLines,
@@ -65,24 +64,6 @@ def json_lines(caplog: pytest.LogCaptureFixture) -> Iterator[Lines]:
         yield lines
     finally:
         logging.getLogger().removeHandler(lines)
-
-
-@pytest.fixture
-def restored_logging() -> Iterator[None]:
-    """``configure_logging`` changes the process's logging: put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    own = {name: logging.getLogger(name).level for name in (*OWN_LOGGERS, "gateway.access")}
-    hook = sys.excepthook
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, own_level in own.items():
-            logging.getLogger(name).setLevel(own_level)
-        sys.excepthook = hook
-        logging.captureWarnings(False)
 
 
 def record(msg: str, *args: object, **over: Any) -> logging.LogRecord:
@@ -340,3 +321,26 @@ async def test_there_is_no_access_log_unless_asked_and_aiohttp_s_own_never(
     assert (await gateway.client.get("/nowhere")).status == 404
     await asyncio.sleep(0.05)
     assert [d for d in json_lines.docs() if d["logger"].endswith(".access")] == []
+
+
+async def test_the_group_commit_carries_no_single_requests_id() -> None:
+    """The group commit serves many requests at once: what it logs must not be filed under
+    the id of whichever request started it."""
+    from gateway.pipeline.buffer import RedisBuffer, connect_redis
+
+    client = connect_redis("redis://127.0.0.1:1/0")  # never reached: the commit is replaced
+    buffer = RedisBuffer(client, shards=1, retry_memory_s=600)
+    seen: list[str | None] = []
+
+    async def commit(group: list[Any]) -> list[dict[int, list[bool]]]:
+        seen.append(current_request_id())
+        return [{0: [True]} for _ in group]
+
+    buffer._commit = commit  # type: ignore[method-assign]
+    try:
+        bind_request_id("the-first-request")
+        assert await buffer.append_encoded({0: [(b"identity", b"value")]}, 0) == {0: [True]}
+        assert current_request_id() == "the-first-request"  # the request keeps its own
+        assert seen == [None]
+    finally:
+        await client.aclose()

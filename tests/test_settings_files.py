@@ -68,12 +68,34 @@ def test_an_unreadable_file_names_the_variable_and_the_path_but_no_contents(
     assert "UnicodeDecodeError" in str(raised.value)
 
 
-def test_a_value_read_from_a_file_is_checked_like_any_other(tmp_path: Path) -> None:
-    (tmp_path / "shards").write_text("many")
-    with pytest.raises(SettingsError, match="SCANGATE_SHARDS: 'many' is not a whole number"):
-        Settings.from_env({"SCANGATE_SHARDS_FILE": str(tmp_path / "shards")})
+@pytest.mark.parametrize(
+    ("name", "contents"),
+    [
+        ("SCANGATE_SHARDS", "hunter2-secret"),  # refused while converting
+        ("SCANGATE_SHARDS", "0"),  # refused by the checks after
+        ("SCANGATE_TIMEZONE", "hunter2-secret"),
+        ("SCANGATE_TRUSTED_PROXIES", "hunter2-secret"),
+        ("SCANGATE_KIND_MAX_STAY", "hunter2-secret"),
+    ],
+)
+def test_a_value_read_from_a_file_is_checked_but_never_quoted(
+    tmp_path: Path, name: str, contents: str
+) -> None:
+    """A secret file mounted under the wrong setting's name must not reach the logs through
+    the error that refuses it."""
+    (tmp_path / "value").write_text(contents)
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({f"{name}_FILE": str(tmp_path / "value")})
+    assert str(raised.value) == (
+        f"{name}_FILE: the file's contents are not a valid {name} (not shown: they may be a secret)"
+    )
+    # The same value set directly is quoted, as the operator typed it.
+    if contents != "0":
+        with pytest.raises(SettingsError, match=contents):
+            Settings.from_env({name: contents})
 
 
+@pytest.mark.usefixtures("restored_logging")  # main() configures the process's logging
 def test_the_command_line_uses_the_master_key_file_and_mints_no_key_of_its_own(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

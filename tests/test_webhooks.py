@@ -92,6 +92,8 @@ def test_the_receiver_snippets_in_the_docs_take_a_delivery_and_refuse_a_bad_one(
         assert verify(body, delivery()) == orjson.loads(body)
         assert verify(body.replace(b"N1", b"N2"), delivery()) is None  # changed
         assert verify(body, CIMultiDict(stale)) is None  # replayed after its 5 minutes
+        ahead = signature_headers(key, "N1", now_s + 360, body)
+        assert verify(body, CIMultiDict(ahead)) is None  # dated 6 minutes in the future
         assert verify(body, delivery(**{"webhook-signature": stale["webhook-signature"]})) is None
         other = signature_headers(secrets.token_bytes(32), "N1", now_s, body)
         assert verify(body, CIMultiDict(other)) is None  # another key

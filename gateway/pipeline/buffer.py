@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -213,7 +214,11 @@ class RedisBuffer:
         if len(self._queue) >= GROUP_TARGET or self._queued_events >= GROUP_EVENTS_TARGET:
             self._group_full.set()
         if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_queued(), name="group-commit")
+            # A context of its own: the committer serves many requests, so it must not
+            # carry (and log under) the request id of the one that happened to start it.
+            self._committer = asyncio.create_task(
+                self._commit_queued(), name="group-commit", context=contextvars.Context()
+            )
         return await done
 
     async def _commit_queued(self) -> None:
