@@ -212,6 +212,7 @@ async def _buffer(app: web.Application) -> AsyncIterator[None]:
         wait_replicas=settings.redis_wait_replicas,
     )
     yield
+    app[BUFFER].close()
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:

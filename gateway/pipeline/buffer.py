@@ -36,6 +36,7 @@ from gateway.pipeline.keyspace import (
     shard_of,
     stream_key,
 )
+from gateway.pipeline.resp import LeanPool
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class RedisBuffer:
         self._queued_events = 0
         self._in_flight: set[asyncio.Task[None]] = set()
         self._heads: dict[tuple[int, int], list[Any]] = {}
+        self._lean: LeanPool | None = None  # single server: the group commit's connections
 
     async def append(self, events: Sequence[ScanEvent], now_ms: int) -> list[bool]:
         """Append checked events, each to its shard (a stable hash of its identity), in its
@@ -339,9 +341,7 @@ class RedisBuffer:
                 fsync = config.get(b"appendfsync", config.get("appendfsync", b""))
                 if fsync in (b"always", "always"):
                     self._fsync_mode = "server"
-                elif await self.client.execute_command(  # type: ignore[no-untyped-call]
-                    "COMMAND", "INFO", "WAITAOF"
-                ) != [None]:
+                elif await self._has_waitaof():
                     self._fsync_mode = "waitaof"
             except RedisError as exc:
                 raise BufferUnavailable(_describe(exc)) from exc
@@ -352,6 +352,18 @@ class RedisBuffer:
                 )
             log.info("durable writes: %s", self._fsync_mode)
         return self._fsync_mode == "waitaof"
+
+    async def _has_waitaof(self) -> bool:
+        """Whether the server knows WAITAOF (Redis 7.2+, Valkey): asked by running it with
+        nothing to wait for. (redis-py's COMMAND INFO reply parser fails on an unknown
+        command with a TypeError, so a Redis 7.0 answered every write 503 as an error.)"""
+        try:
+            await self.client.execute_command("WAITAOF", 0, 0, 1)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            if "unknown command" in str(exc).lower():
+                return False
+            raise
+        return True
 
     async def _send_cluster(self, calls: list[list[Any]], wait_aof: bool) -> list[Any]:
         """``_send`` for a Redis Cluster: the calls grouped by the node that holds their
@@ -391,50 +403,67 @@ class RedisBuffer:
         with contextlib.suppress(RedisError, OSError):
             await self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
 
-    async def _pipelined(self, conn: Any, calls: list[list[Any]], wait_aof: bool) -> list[Any]:
-        """EVALSHA each call on ``conn`` in one write, then WAITAOF / WAIT when asked for."""
+    def _commands(self, calls: list[list[Any]], wait_aof: bool) -> list[tuple[Any, ...]]:
+        """EVALSHA each call, then WAITAOF / WAIT when asked for."""
         commands: list[tuple[Any, ...]] = [("EVALSHA", *c) for c in calls]
         if wait_aof:
             commands.append(("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS))
         if self.wait_replicas:
             commands.append(("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS))
+        return commands
+
+    def _confirmed(self, replies: list[Any], calls: int, wait_aof: bool) -> list[Any]:
+        """The calls' replies, once the WAITAOF / WAIT replies after them say the group is
+        as durable as promised (else BufferUnavailable)."""
+        confirmations = replies[calls:]
+        if wait_aof:
+            confirmation = confirmations.pop(0)
+            if isinstance(confirmation, BaseException):
+                raise BufferUnavailable(_describe(confirmation))
+            if int(confirmation[0]) < 1:
+                raise BufferUnavailable("Redis did not confirm the fsync in time")
+        if self.wait_replicas:
+            confirmation = confirmations.pop(0)
+            if isinstance(confirmation, BaseException):
+                raise BufferUnavailable(_describe(confirmation))
+            if int(confirmation) < self.wait_replicas:
+                raise BufferUnavailable(
+                    f"only {int(confirmation)} of {self.wait_replicas} replicas confirmed "
+                    "the write in time"
+                )
+        return replies[:calls]
+
+    async def _pipelined(self, conn: Any, calls: list[list[Any]], wait_aof: bool) -> list[Any]:
+        """The group on one of redis-py's connections (a cluster node's), in one write."""
+        commands = self._commands(calls, wait_aof)
         await conn.send_packed_command(conn.pack_commands(commands))
         replies: list[Any] = []
-        for _ in calls:
+        for _ in commands:
             try:
                 replies.append(await conn.read_response())
             except ResponseError as exc:
                 replies.append(exc)
-        if wait_aof:
-            local, _replicas = await conn.read_response()
-            if int(local) < 1:
-                raise BufferUnavailable("Redis did not confirm the fsync in time")
-        if self.wait_replicas:
-            acked = int(await conn.read_response())
-            if acked < self.wait_replicas:
-                raise BufferUnavailable(
-                    f"only {acked} of {self.wait_replicas} replicas confirmed the write in time"
-                )
-        return replies
+        return self._confirmed(replies, len(calls), wait_aof)
 
     async def _send(self, calls: list[list[Any]], wait_aof: bool = False) -> list[Any]:
-        """EVALSHA each call, pipelined on one pooled connection: one write, then the
-        replies in order (an error reply is returned, not raised). With ``wait_aof`` the
-        pipeline ends with WAITAOF, and an unconfirmed fsync fails the whole group.
+        """EVALSHA each call, pipelined on one lean connection (``gateway.pipeline.resp``):
+        one write, then the replies in order (an error reply is returned, not raised).
+        With ``wait_aof`` the pipeline ends with WAITAOF, and an unconfirmed fsync fails
+        the whole group.
 
         redis-py's Pipeline does the same with more bookkeeping per execution (command
-        stack, reset under a shield, retry wrapper) than a group commit can afford.
+        stack, reset under a shield, retry wrapper), and its connection reads each reply
+        on its own path; a group commit can afford neither.
         """
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            return await self._pipelined(conn, calls, wait_aof)
-        except BaseException:
-            # A half-read connection must not go back to the pool in that state.
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
+        if self._lean is None:
+            self._lean = LeanPool(self.client.connection_pool)
+        replies = await self._lean.exchange(self._commands(calls, wait_aof))
+        return self._confirmed(replies, len(calls), wait_aof)
+
+    def close(self) -> None:
+        """Close the lean connections (the client, which the caller owns, stays open)."""
+        if self._lean is not None:
+            self._lean.close()
 
     async def poll_lengths(self) -> list[int]:
         """Every shard's stream length (entries not yet flushed), in one round trip."""
