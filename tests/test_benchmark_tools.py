@@ -1,24 +1,33 @@
-"""The load-test tools in benchmarks/: the data set they mint verifies, the plot draws, and
-the flusher benchmark runs end to end on a small history.
+"""The load-test tools in benchmarks/: the data set they mint verifies, the plot draws, the
+rush runs on two Locust worker processes against a served gateway, and the flusher
+benchmark runs end to end on a small history.
 
 Both scripts run as real subprocesses, the way docs/benchmarks.md has people run them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from signing import Code, FileKeyringStore, Keyring, Sealer, load_master_key
+from tests.servers import free_loopback_port, missing, scangate_env
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -172,6 +181,24 @@ def test_plot_locust_draws_a_png(tmp_path: Path) -> None:
         assert colors is not None and len(colors) > 50
 
 
+def test_plot_locust_adds_events_per_second_from_the_locustfiles_file(tmp_path: Path) -> None:
+    """``<prefix>_events.csv`` beside the history (the locustfile writes it) adds a panel of
+    events/s: a taller chart than the history alone draws."""
+    history = tmp_path / "rush_stats_history.csv"
+    write_history(history)
+    alone = tmp_path / "alone.png"
+    assert run_script("plot_locust.py", str(history), "-o", str(alone)).returncode == 0
+    with (tmp_path / "rush_events.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Timestamp", "Requests", "Events"])
+        writer.writerows([1_795_000_000 + s, 30 * s, 150 * s] for s in range(2, 38))
+    out = tmp_path / "rush.png"
+    result = run_script("plot_locust.py", str(history), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as with_events, Image.open(alone) as without:
+        assert with_events.size[1] > without.size[1] * 1.2
+
+
 def test_plot_locust_refuses_what_it_cannot_plot(tmp_path: Path) -> None:
     stats = tmp_path / "rush_stats.csv"  # the per-name totals, not the history
     stats.write_text("Type,Name,Request Count\nPOST,/v1/scans,10\n")
@@ -183,13 +210,136 @@ def test_plot_locust_refuses_what_it_cannot_plot(tmp_path: Path) -> None:
         (str(tmp_path / "missing.csv"), "-o", str(tmp_path / "c.png")),
         (str(stats), "-o", str(tmp_path / "d.svg")),
         (str(stats),),
-    ]
+        (str(tmp_path / "rush_stats_history.csv"), "-o", str(tmp_path / "e.png"), "--events",
+         str(tmp_path / "missing_events.csv")),
+        (str(tmp_path / "rush_stats_history.csv"), "-o", str(tmp_path / "f.png"), "--events",
+         str(stats)),
+    ]  # fmt: skip
+    write_history(tmp_path / "rush_stats_history.csv")
     for args in cases:
         result = run_script("plot_locust.py", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
         assert result.stderr.startswith("plot_locust.py: error: ")
     assert not list(tmp_path.glob("*.png"))
+
+
+@contextlib.contextmanager
+def served_gateway(data_dir: Path) -> Iterator[str]:
+    """``scangate serve`` (one worker, its flusher, embedded Valkey) on ``data_dir``: its
+    base URL, until the block ends; then it must stop cleanly."""
+    port = free_loopback_port()
+    log = data_dir.parent / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), "serve",
+             "--port", str(port), "--workers", "1"],
+            env=scangate_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not ready(base):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(10)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def ready(base: str) -> bool:
+    with (
+        contextlib.suppress(OSError, urllib.error.URLError),
+        urllib.request.urlopen(base + "/readyz", timeout=2) as resp,  # loopback only
+    ):
+        return bool(resp.status == 200)
+    return False
+
+
+def gateway_verdicts(base: str) -> Counter[str]:
+    """Events the gateway answered, by outcome, from its own /metrics."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:  # loopback only
+        text = resp.read().decode()
+    counts: Counter[str] = Counter()
+    for outcome, value in re.findall(
+        r'^scangate_scan_events_total\{[^}]*outcome="(\w+)"[^}]*\} ([\d.e+]+)$', text, re.M
+    ):
+        counts[outcome] += int(float(value))
+    return counts
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.timeout(90)
+def test_the_rush_runs_on_two_worker_processes_and_counts_every_event(tmp_path: Path) -> None:
+    """benchmarks/locustfile.py at a small target rate with ``--processes 2`` against a
+    served gateway (issue 21): nothing fails; no worker sends another's event ids (a new
+    event answered duplicate would be one); the master's verdict counts hold both workers'
+    events and equal the gateway's own; the master and each worker report their CPU."""
+    if importlib.util.find_spec("locust") is None:
+        missing("locust is not installed: .venv/bin/pip install -e . --group bench")
+    data_dir, data = tmp_path / "data", tmp_path / "loadtest.json"
+    minted = run_script(
+        "setup_data.py", "--data-dir", str(data_dir), "--venues", "50", "--persons", "500",
+        "--out", str(data),
+    )  # fmt: skip
+    assert minted.returncode == 0, minted.stderr
+    prefix = tmp_path / "out" / "rush"
+    with served_gateway(data_dir) as base:
+        result = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(BENCHMARKS / "locustfile.py"),
+             "--headless", "--only-summary", "--host", base, "--processes", "2",
+             "--csv", str(prefix), "--scangate-data", str(data), "--rush-target-eps", "80",
+             "--rush-seconds", "6", "--stay", "0.1-0.3", "--stop-timeout", "5"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=scangate_env(),
+            timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        served = gateway_verdicts(base)
+
+    assert "MorningRush: target 80 events/s: " in result.stderr
+    stats = read_rows(Path(f"{prefix}_stats.csv"))
+    aggregated = next(row for row in stats if row["Name"] == "Aggregated")
+    assert int(aggregated["Request Count"]) > 20
+    assert aggregated["Failure Count"] == "0"
+
+    outcomes = read_rows(Path(f"{prefix}_outcomes.csv"))
+    by_verdict: Counter[str] = Counter()
+    for row in outcomes:
+        by_verdict[row["Verdict"].split(":")[0]] += int(row["Events"])
+        if row["Verdict"] == "duplicate":
+            assert row["Kind"] == "retry", outcomes  # a first sending is never a duplicate
+    assert by_verdict["accepted"] > 50
+    assert by_verdict == served  # every answer counted, once, whichever worker got it
+
+    cpu = {row["Process"]: row for row in read_rows(Path(f"{prefix}_cpu.csv"))}
+    assert sorted(cpu) == ["master", "worker 0", "worker 1"]
+    for role in ("worker 0", "worker 1"):
+        assert float(cpu[role]["CPU s"]) > 0 and float(cpu[role]["Wall s"]) > 5
+        assert int(cpu[role]["Events"]) > 0  # both workers ran users
+    assert sum(int(row["Events"]) for row in cpu.values()) == by_verdict.total()
+    summary = {row["Figure"]: row["Value"] for row in read_rows(Path(f"{prefix}_summary.csv"))}
+    assert int(summary["events"]) == by_verdict.total()
+    assert float(summary["generator_cpu_s"]) > 0
+    assert float(summary["hold_events_per_s"]) > 0
+    per_second = read_rows(Path(f"{prefix}_events.csv"))
+    assert sum(int(row["Events"]) for row in per_second) == by_verdict.total()
 
 
 @pytest.mark.timeout(300)
