@@ -15,6 +15,8 @@ it they are cumulative from the start, which flattens every change.
 When ``<prefix>_events.csv`` is there too (benchmarks/locustfile.py writes it: the events
 answered in each second, from every worker), a middle panel draws events/s: each second's,
 and their average over the 10 seconds up to it. ``--events FILE`` names another such file.
+The top panel then leaves out the requests done in each second: with worker processes the
+running total it comes from moves only when they report, every 3 seconds.
 """  # noqa: E501 - the command above is meant to be copied whole
 
 from __future__ import annotations
@@ -201,14 +203,18 @@ def plot(history: History, out: Path, title: str, event_rates: EventRates | None
     )
     top, bottom = axes[0], axes[-1]
     t = history.seconds
-    top.plot(
-        t,
-        history.rps_each_second,
-        color="tab:blue",
-        alpha=0.35,
-        linewidth=1.0,
-        label="requests done in each second",
-    )
+    if not with_events:
+        # With workers the running total moves only when they report (every 3 s), so
+        # each second's difference swings between 0 and three seconds' worth; the events
+        # panel has each second's count from the workers themselves instead.
+        top.plot(
+            t,
+            history.rps_each_second,
+            color="tab:blue",
+            alpha=0.35,
+            linewidth=1.0,
+            label="requests done in each second",
+        )
     top.plot(t, history.rps, color="tab:blue", linewidth=1.8, label="requests/s (locust, 10 s avg)")
     if any(f > 0 for f in history.failures_per_s if not math.isnan(f)):
         top.plot(t, history.failures_per_s, color="tab:red", linewidth=1.2, label="failures/s")
