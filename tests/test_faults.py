@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from gateway import Settings
 from gateway.metrics import FlusherMetrics
-from gateway.pipeline.buffer import connect_redis
+from gateway.pipeline.client import connect_redis
 from gateway.pipeline.flusher import Flusher
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer, connect_redis
+from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer
+from gateway.pipeline.client import connect_redis
 from gateway.pipeline.keyspace import stream_key
 from gateway.run.embedded import RedisProcess
 
@@ -255,3 +256,35 @@ async def test_a_restarted_server_is_reconnected_to(private_redis: PrivateRedisF
             await append(buffer, b"b")
         server.start()
         assert await append(buffer, b"b", b"a") == {0: [True, False]}
+
+
+async def test_big_writes_sent_at_once_keep_every_rule(redis_url: str) -> None:
+    """Writes of SEND_AT_ONCE_EVENTS or more go to Redis from their request's own turn
+    (``RedisBuffer._send_at_once``): concurrent ones are each stored once, a lost script is
+    loaded again on that path too, and duplicates are still told apart."""
+    from gateway.pipeline.buffer import SEND_AT_ONCE_EVENTS
+
+    size = SEND_AT_ONCE_EVENTS + 10
+
+    def batch(name: str) -> list[bytes]:
+        return [f"{name}-{i}".encode() for i in range(size)]
+
+    async with buffer_at(redis_url) as buffer:
+        received = 0
+        original = buffer._receive
+
+        async def counting(sent: Any) -> Any:
+            nonlocal received
+            received += 1
+            return await original(sent)
+
+        buffer._receive = counting  # type: ignore[method-assign]
+        assert await append(buffer, b"warm-up") == {0: [True]}  # opens a lean connection
+        firsts = await asyncio.gather(*(append(buffer, *batch(f"r{r}")) for r in range(6)))
+        assert all(result == {0: [True] * size} for result in firsts)
+        assert received >= 1  # at least the first went at once
+        with redis.Redis.from_url(redis_url) as client:
+            client.script_flush()
+        again = await append(buffer, *batch("r0")[:5], *batch("fresh")[: size - 5])
+        assert again == {0: [False] * 5 + [True] * (size - 5)}
+    assert stored(redis_url) == 1 + 6 * size + size - 5

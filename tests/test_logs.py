@@ -326,13 +326,14 @@ async def test_there_is_no_access_log_unless_asked_and_aiohttp_s_own_never(
 async def test_the_group_commit_carries_no_single_requests_id() -> None:
     """The group commit serves many requests at once: what it logs must not be filed under
     the id of whichever request started it."""
-    from gateway.pipeline.buffer import RedisBuffer, connect_redis
+    from gateway.pipeline.buffer import RedisBuffer
+    from gateway.pipeline.client import connect_redis
 
     client = connect_redis("redis://127.0.0.1:1/0")  # never reached: the commit is replaced
     buffer = RedisBuffer(client, shards=1, retry_memory_s=600)
     seen: list[str | None] = []
 
-    async def commit(group: list[Any]) -> list[dict[int, list[bool]]]:
+    async def commit(group: list[Any], *_: Any) -> list[dict[int, list[bool]]]:
         seen.append(current_request_id())
         return [{0: [True]} for _ in group]
 

@@ -69,7 +69,8 @@ from gateway.logs import REQUEST_ID_HEADER, bind_request_id
 from gateway.metrics import Metrics
 from gateway.outbox.notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
 from gateway.outbox.sms import make_sms_sender
-from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer, connect_redis
+from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer
+from gateway.pipeline.client import connect_redis
 from gateway.pipeline.events import EventRules
 from gateway.settings import Settings
 from signing import Keyring, Sealer, load_master_key

@@ -16,115 +16,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
+from gateway.pipeline.append_script import APPEND_SCRIPT, APPEND_SHA
 from gateway.pipeline.events import ScanEvent, encode_event
 from gateway.pipeline.keyspace import (
-    CONSUMER_GROUP,
     EVENT_FIELD,
     seen_field,
     seen_key,
     shard_of,
     stream_key,
 )
-from gateway.pipeline.resp import LeanPool
+from gateway.pipeline.resp import LeanConnection, LeanPool
 
 log = logging.getLogger(__name__)
 
 SEEN_BUCKETS_CHECKED: Final = 3
 MIN_BUCKET_MS: Final = 1000
-MAX_CONNECTIONS: Final = 32  # per process; group commit needs one at a time
-POOL_WAIT_S: Final = 2.0
 # With this many requests, or events, queued a group goes without waiting for the window:
 # a batch of 100 already pays for its own round trip.
 GROUP_TARGET: Final = 48
 GROUP_EVENTS_TARGET: Final = 200
 MAX_IN_FLIGHT: Final = 2
+# A write of this many events goes to Redis from its request's own turn of the loop when a
+# group slot is free (RedisBuffer._send_at_once): Redis then works on it while the process
+# checks the next requests, instead of the two taking turns. Fewer wait for the committer,
+# which gathers small writes into one round trip (sending single events at once cost 10%
+# of the single-event rate; batches of 100 gained 13%: benchmarks/RESULTS.md).
+SEND_AT_ONCE_EVENTS: Final = 50
 # WAITAOF holds a group until the server's next fsync (up to its cron tick, ~100 ms): let
 # more groups wait at once, or the fsync wait would cap throughput at 2 groups per tick.
 MAX_IN_FLIGHT_WAITAOF: Final = 16
 WAITAOF_TIMEOUT_MS: Final = 2000
 WAIT_TIMEOUT_MS: Final = 2000
 
-APPEND_SCRIPT: Final = (
-    b"""
--- KEYS[1]: the shard's stream; KEYS[2]: the current seen-bucket; KEYS[3..]: older buckets.
--- ARGV[1]: bucket lifetime (ms); ARGV[2]: the stream field; then (identity, value) pairs.
--- Returns {stream length, then per event: 1 appended, 0 duplicate}.
--- A new stream gets its consumer group at once: creating one later is refused once
--- Redis is at maxmemory, and then no flusher could ever drain the stream.
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[1], '"""
-    + CONSUMER_GROUP.encode()
-    + b"""', '0', 'MKSTREAM')
-end
-local out = {0}
-local added = false
-for i = 3, #ARGV, 2 do
-  local identity = ARGV[i]
-  local seen = false
-  for k = 2, #KEYS do
-    if redis.call('HEXISTS', KEYS[k], identity) == 1 then seen = true; break end
-  end
-  if seen then
-    out[#out + 1] = 0
-  else
-    redis.call('HSET', KEYS[2], identity, '')
-    redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i + 1])
-    out[#out + 1] = 1
-    added = true
-  end
-end
-if added then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
-out[1] = redis.call('XLEN', KEYS[1])
-return out
-"""
-)
-APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT, usedforsecurity=False).hexdigest()
-
 
 class BufferUnavailable(Exception):
     """Redis did not take the write (down, loading, out of memory): answer 503."""
-
-
-def connect_redis(url: str, cluster: bool = False) -> aioredis.Redis:
-    """A client that fails fast: a scan request waits on Redis for seconds at most, and a
-    write is never retried behind our back (the caller answers 503, the app retries).
-
-    With ``cluster`` the URL names any node of a Redis Cluster and the client is redis-py's
-    cluster client (typed as a plain client: callers use only what both offer, and the
-    buffer and flusher take the cluster's own path where the two differ).
-    """
-    if cluster:
-        client: Any = RedisCluster.from_url(
-            url,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            decode_responses=False,
-            max_connections=MAX_CONNECTIONS,
-        )
-        return client  # type: ignore[no-any-return]
-    # A blocking pool: when every connection is busy a caller waits (bounded) for one
-    # instead of failing at once, as the default pool does past its size.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=POOL_WAIT_S,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-    )
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 class _Write(NamedTuple):
@@ -133,6 +67,15 @@ class _Write(NamedTuple):
     by_shard: Mapping[int, Sequence[tuple[bytes, bytes]]]
     bucket: int
     done: asyncio.Future[dict[int, list[bool]]]
+
+
+class _Sent(NamedTuple):
+    """A group ``_send_at_once`` wrote: its calls, and where their replies will come."""
+
+    merged: dict[tuple[int, int], list[Any]]
+    connection: LeanConnection
+    future: asyncio.Future[list[Any]]
+    wait_aof: bool
 
 
 class RedisBuffer:
@@ -216,6 +159,8 @@ class RedisBuffer:
         if len(self._queue) >= GROUP_TARGET or self._queued_events >= GROUP_EVENTS_TARGET:
             self._group_full.set()
         if self._committer is None or self._committer.done():
+            if self._send_at_once():
+                return await done
             # A context of its own: the committer serves many requests, so it must not
             # carry (and log under) the request id of the one that happened to start it.
             self._committer = asyncio.create_task(
@@ -242,10 +187,49 @@ class RedisBuffer:
         # Done when nothing is queued: groups still in flight answer their own requests,
         # and the next write starts a new committer.
 
-    async def _deliver(self, group: list[_Write]) -> None:
-        """Commit a group and answer each of its requests."""
+    def _send_at_once(self) -> bool:
+        """With a group slot free, write what is queued to Redis now, from the request's
+        own turn of the loop, so Redis works on it while this process checks the requests
+        that arrive next (a committer task would run only after all of them). Only on a
+        single server, with an idle lean connection and the durability mode known; False
+        leaves the queue to the committer."""
+        limit = MAX_IN_FLIGHT_WAITAOF if self._fsync_mode == "waitaof" else MAX_IN_FLIGHT
+        if self._queued_events < SEND_AT_ONCE_EVENTS or len(self._in_flight) >= limit:
+            return False
+        if self.cluster or self._lean is None:
+            return False
+        if self.fsync_always and self._fsync_mode is None:
+            return False
+        connection = self._lean.take_idle()
+        if connection is None:
+            return False
+        group, self._queue, self._queued_events = self._queue, [], 0
+        self._group_full.clear()
+        merged = self._merge(group)
+        wait_aof = self._fsync_mode == "waitaof"
         try:
-            results = await self._commit(group)
+            future = connection.send(self._commands(list(merged.values()), wait_aof))
+        except RedisError:
+            connection.close()
+            sent = None  # the group's task tries again through the usual path
+        else:
+            sent = _Sent(merged, connection, future, wait_aof)
+        task = asyncio.create_task(
+            self._deliver(group, sent, merged), context=contextvars.Context()
+        )
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return True
+
+    async def _deliver(
+        self,
+        group: list[_Write],
+        sent: _Sent | None = None,
+        merged: dict[tuple[int, int], list[Any]] | None = None,
+    ) -> None:
+        """Commit a group (already written when ``sent``) and answer each of its requests."""
+        try:
+            results = await self._commit(group, sent, merged)
         except Exception as exc:
             failure = (
                 exc
@@ -260,19 +244,16 @@ class RedisBuffer:
             if not write.done.done():
                 write.done.set_result(result)
 
-    async def _commit(self, group: list[_Write]) -> list[dict[int, list[bool]]]:
+    async def _commit(
+        self,
+        group: list[_Write],
+        sent: _Sent | None = None,
+        merged: dict[tuple[int, int], list[Any]] | None = None,
+    ) -> list[dict[int, list[bool]]]:
         """One script call per (shard, bucket) for the whole group, in one round trip."""
-        merged: dict[tuple[int, int], list[Any]] = {}
-        for write in group:
-            for shard, pairs in write.by_shard.items():
-                key = (shard, write.bucket)
-                args = merged.get(key)
-                if args is None:
-                    args = merged[key] = [*self._call_head(shard, write.bucket)]
-                for identity, value in pairs:
-                    args.append(identity)
-                    args.append(value)
-        replies = await self._run(merged)
+        if merged is None:
+            merged = self._merge(group)
+        replies = await (self._run(merged) if sent is None else self._receive(sent))
         cursors = dict.fromkeys(merged, 1)  # reply[0] is the stream length
         results: list[dict[int, list[bool]]] = []
         for write in group:
@@ -286,6 +267,45 @@ class RedisBuffer:
         for (shard, _bucket), reply in replies.items():
             self.lengths[shard] = int(reply[0])
         return results
+
+    def _merge(self, group: list[_Write]) -> dict[tuple[int, int], list[Any]]:
+        """The group's script calls: one per (shard, bucket), every request's pairs in it."""
+        merged: dict[tuple[int, int], list[Any]] = {}
+        for write in group:
+            for shard, pairs in write.by_shard.items():
+                key = (shard, write.bucket)
+                args = merged.get(key)
+                if args is None:
+                    args = merged[key] = [*self._call_head(shard, write.bucket)]
+                for identity, value in pairs:
+                    args.append(identity)
+                    args.append(value)
+        return merged
+
+    async def _receive(self, sent: _Sent) -> dict[Any, list[int]]:
+        """``_run``'s answer for a group ``_send_at_once`` wrote: its replies, and the calls
+        whose script the server had lost run again through ``_run`` (which loads it)."""
+        assert self._lean is not None
+        try:
+            raw = await sent.connection.receive(sent.future)
+        except RedisError as exc:
+            self._fsync_mode = None  # the server may come back configured otherwise
+            raise BufferUnavailable(_describe(exc)) from exc
+        finally:
+            self._lean.give_back(sent.connection)
+        replies = self._confirmed(raw, len(sent.merged), sent.wait_aof)
+        done: dict[Any, list[int]] = {}
+        missing: dict[Any, list[Any]] = {}
+        for (key, call), reply in zip(sent.merged.items(), replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                missing[key] = call
+            elif isinstance(reply, BaseException):
+                raise BufferUnavailable(_describe(reply))
+            else:
+                done[key] = reply
+        if missing:
+            done.update(await self._run(missing))
+        return done
 
     def _call_head(self, shard: int, bucket: int) -> list[Any]:
         """EVALSHA's arguments before the event pairs (cached: they change per bucket)."""

@@ -149,6 +149,11 @@ class LeanConnection:
         exception (not raised). Raises ``ConnectionError`` or ``TimeoutError`` when the
         connection fails or the replies do not come in time: the connection is then
         closed, since a reply left unread would answer the next exchange."""
+        return await self.receive(self.send(commands))
+
+    def send(self, commands: Sequence[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        """Write ``commands`` now, in one write, from the caller's own turn of the loop (so
+        the server starts on them before anything else runs); ``receive`` the future."""
         protocol = self._protocol
         if protocol.lost is not None:
             raise protocol.lost
@@ -156,6 +161,10 @@ class LeanConnection:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.waiting.append((future, len(commands), []))
         protocol.transport.write(b"".join([hiredis.pack_command(c) for c in commands]))
+        return future
+
+    async def receive(self, future: asyncio.Future[list[Any]]) -> list[Any]:
+        """The replies to what ``send`` wrote, as ``exchange`` returns them."""
         try:
             async with asyncio.timeout(READ_TIMEOUT_S):
                 replies = await future
@@ -185,10 +194,18 @@ class LeanPool:
     async def exchange(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         idle = self._idle
         connection = idle.pop() if idle else await LeanConnection.open(self._pool)
-        replies = await connection.exchange(commands)  # a failed connection is closed
+        try:
+            return await connection.exchange(commands)  # a failed connection is closed
+        finally:
+            self.give_back(connection)
+
+    def take_idle(self) -> LeanConnection | None:
+        """An open connection no exchange is using, if there is one (no waiting)."""
+        return self._idle.pop() if self._idle else None
+
+    def give_back(self, connection: LeanConnection) -> None:
         if connection.usable:
-            idle.append(connection)
-        return replies
+            self._idle.append(connection)
 
     def close(self) -> None:
         for connection in self._idle:

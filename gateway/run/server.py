@@ -356,7 +356,7 @@ async def _flush_until_stopped(
     settings: Settings, metrics_port: int | None, metrics_host: str
 ) -> int:
     from gateway.metrics import FlusherMetrics
-    from gateway.pipeline.buffer import connect_redis
+    from gateway.pipeline.client import connect_redis
     from gateway.pipeline.flusher import Flusher
     from storage import connect_storage
 

@@ -237,7 +237,7 @@ def add_status(groups: Subcommands) -> None:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.http.stored import pipeline_status
-    from gateway.pipeline.buffer import connect_redis
+    from gateway.pipeline.client import connect_redis
     from gateway.pipeline.status import status_table
 
     url = settings.redis_url or embedded_redis_url(settings)
