@@ -97,7 +97,8 @@ from results import cpu_model, write_section
 
 import gateway.pipeline.flusher
 from gateway.metrics import FlusherMetrics
-from gateway.pipeline.buffer import RedisBuffer, connect_redis
+from gateway.pipeline.buffer import RedisBuffer
+from gateway.pipeline.client import connect_redis
 from gateway.pipeline.events import encode_event
 from gateway.pipeline.flusher import Flusher, pairing_rules
 from gateway.pipeline.keyspace import EVENT_FIELD, seen_field, shard_of, stream_key

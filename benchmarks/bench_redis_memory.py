@@ -21,7 +21,8 @@ from pathlib import Path
 
 from results import write_section
 
-from gateway.pipeline.buffer import RedisBuffer, connect_redis
+from gateway.pipeline.buffer import RedisBuffer
+from gateway.pipeline.client import connect_redis
 from gateway.pipeline.events import ScanEvent, encode_event
 from gateway.pipeline.keyspace import seen_field, shard_of
 from gateway.run.embedded import RedisProcess, valkey_binary
