@@ -10,7 +10,6 @@ import dataclasses
 import json
 import re
 import shlex
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,9 @@ from gateway.http.web.pages import PAGES
 from gateway.run.cli import build_parser
 from gateway.run.server import SHUTDOWN_DEADLINE_S
 from storage.postgres import ACQUIRE_TIMEOUT_S, COMMAND_TIMEOUT_S
+
+# GitHub's heading anchors, as the docs' own link check computes them.
+from .test_docs import anchors, slug
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -601,24 +603,6 @@ def test_the_servicemonitors_scrape_every_metrics_port_as_the_alerts_jobs(
 # -- alerts and their runbooks ---------------------------------------------------------------
 
 
-def github_anchor(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case; letters, marks, digits, ``_`` and ``-``
-    stay, every space becomes ``-``, the rest goes."""
-    kept = (c for c in heading.lower() if c in " -_" or unicodedata.category(c)[0] in "LMN")
-    return "".join(kept).replace(" ", "-")
-
-
-def _heading_anchors(markdown: str) -> set[str]:
-    """The anchors of a Markdown page's headings (none inside fenced code)."""
-    anchors, fenced = set(), False
-    for line in markdown.splitlines():
-        if re.match(r" {0,3}(```|~~~)", line):
-            fenced = not fenced
-        elif not fenced and (heading := re.match(r" {0,3}#{1,6}[ \t]+(.*?)[ \t#]*$", line)):
-            anchors.add(github_anchor(heading.group(1)))
-    return anchors
-
-
 def _alerts() -> list[dict[str, Any]]:
     groups = _load(ALERTS)["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
@@ -635,27 +619,13 @@ def _runbook_link(rule: dict[str, Any]) -> tuple[str, str]:
     return found.group(1), found.group(2)
 
 
-@pytest.mark.parametrize(
-    ("heading", "anchor"),
-    [
-        ("ScangateBacklogGrowing", "scangatebackloggrowing"),
-        ("Prometheus, Grafana and alerts", "prometheus-grafana-and-alerts"),
-        ("What a 2xx promises (durability)", "what-a-2xx-promises-durability"),
-        ("`POST /v1/scans`", "post-v1scans"),
-        ("snake_case and dashes-too", "snake_case-and-dashes-too"),
-    ],
-)
-def test_anchors_are_made_as_github_makes_them(heading: str, anchor: str) -> None:
-    assert github_anchor(heading) == anchor
-
-
 def test_every_alert_links_its_runbook_section() -> None:
     bases = set()
     alerts = _alerts()
     assert len(alerts) >= 10
     for rule in alerts:
         base, anchor = _runbook_link(rule)
-        assert anchor == github_anchor(rule["alert"]), rule["alert"]
+        assert anchor == slug(rule["alert"]), rule["alert"]
         bases.add(base)
     # One base, named in the file's header, where operators replace it.
     (base,) = bases
@@ -664,8 +634,8 @@ def test_every_alert_links_its_runbook_section() -> None:
 
 
 def test_every_runbook_url_names_a_section_of_the_operations_document() -> None:
-    anchors = _heading_anchors(OPERATIONS.read_text(encoding="utf-8"))
-    missing = [rule["alert"] for rule in _alerts() if _runbook_link(rule)[1] not in anchors]
+    sections = anchors(OPERATIONS)
+    missing = [rule["alert"] for rule in _alerts() if _runbook_link(rule)[1] not in sections]
     assert missing == [], "docs/operations.md has no section for these alerts"
 
 

@@ -152,6 +152,9 @@ def broken(page: Path, target: str) -> str | None:
         ("The old header, X-Scangate-Signature", "the-old-header-x-scangate-signature"),
         ("Khai báo y tế: Tiếng Việt", "khai-báo-y-tế-tiếng-việt"),
         ("snake_case and [a link](api.md)", "snake_case-and-a-link"),
+        ("snake_case and dashes-too", "snake_case-and-dashes-too"),
+        ("ScangateBacklogGrowing", "scangatebackloggrowing"),  # an alert's runbook
+        ("Prometheus, Grafana and alerts", "prometheus-grafana-and-alerts"),
     ],
 )
 def test_anchors_are_made_as_github_makes_them(heading: str, anchor: str) -> None:
