@@ -96,6 +96,10 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=3, help="how many starts (default 3)")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs: at least 1")
+    if not os.access(args.python, os.X_OK):
+        parser.error(f"--python: {args.python} is not an interpreter that can be run")
     values = []
     for run in range(1, args.runs + 1):
         kb = measure_once(args.python)

@@ -412,3 +412,13 @@ def test_the_worker_memory_benchmark_measures_a_real_worker() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     median = float(result.stdout.split("median ")[1].split(" MB")[0])
     assert 20 < median < 110, result.stdout
+
+
+def test_the_worker_memory_benchmark_refuses_bad_arguments_on_one_line(tmp_path: Path) -> None:
+    for args, why in [
+        (["--runs", "0"], "--runs: at least 1"),
+        (["--python", str(tmp_path / "absent")], "is not an interpreter that can be run"),
+    ]:
+        result = run_script("worker_rss.py", *args)
+        assert result.returncode == 2, result.stderr
+        assert why in result.stderr and "Traceback" not in result.stderr
