@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import Settings
-from gateway.http.keys import KEYRING
+from gateway.http import scans
+from gateway.http.access import CALLER_APP, ROUTE
+from gateway.http.keys import KEYRING, METRICS
 from gateway.pipeline.events import decode_event
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
@@ -378,3 +381,216 @@ def test_entries_are_compact() -> None:
 
     value = encode_event(ScanEvent("vhd", "E" * 16, "checkin", "V1", "P1", 1, 2, None))
     assert orjson.loads(value) == ["vhd", "E" * 16, "i", "V1", "P1", 1, 2, None]
+
+
+# -- the front door (gateway.http.front_door) -------------------------------------------------
+# An exact POST /v1/scans is answered by the front door; with a query string the same request
+# goes through the router, the middleware and the prepare signal. Both must answer alike.
+
+ROUTED = "/v1/scans?via=router"
+# What may differ between two answers to the same request.
+PER_ANSWER_HEADERS = {"date", "content-length", "x-request-id"}
+
+
+async def _both_ways(
+    world: World, monkeypatch: pytest.MonkeyPatch, make: Callable[[str], Any]
+) -> tuple[Any, Any]:
+    """``make(path)`` posted at the front door and through the router: the two answers,
+    after checking that each took the way it should."""
+    from gateway.http import front_door
+
+    taken: list[str] = []
+    original = front_door.take_scans
+
+    async def counted(*args: Any) -> Any:
+        taken.append("front door")
+        return await original(*args)
+
+    monkeypatch.setattr(front_door, "take_scans", counted)
+    direct = await make("/v1/scans")
+    at_the_front_door = len(taken)
+    assert at_the_front_door > 0
+    routed = await make(ROUTED)
+    assert len(taken) == at_the_front_door, "a request with a query string took the front door"
+    return direct, routed
+
+
+async def _alike(direct: Any, routed: Any) -> dict[str, Any]:
+    assert direct.status == routed.status
+    names = {name.lower() for name in direct.headers} - PER_ANSWER_HEADERS
+    assert names == {name.lower() for name in routed.headers} - PER_ANSWER_HEADERS
+    for name in names:
+        assert direct.headers[name] == routed.headers[name], name
+    for answer in (direct, routed):
+        assert answer.headers["Server"] == "scangate"
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Cache-Control"] == "no-store"
+        assert answer.headers["Content-Type"] == "application/json"
+    body: dict[str, Any] = await direct.json()
+    # The events of each way have ids of their own, ending in -d and -r.
+    unmarked = (await direct.text()).replace('-d"', '"')
+    assert unmarked == (await routed.text()).replace('-r"', '"')
+    return body
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["accepted", "duplicate", "mixed", "no token", "unknown token", "text/plain", "not json",
+     "no events", "501 events", "over 1 MiB", "rate limited"],
+)  # fmt: skip
+async def test_the_front_door_answers_as_the_router_does(
+    make_world: WorldFactory, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    world: World = await make_world(rate_limit=1 if case == "rate limited" else 0)
+    json_type = {"Content-Type": "application/json"}
+    # Each way gets its own events, the same but for their ids (which the answer quotes).
+    n = iter(range(0, 10_000, 1000))
+
+    async def make(path: str) -> Any:
+        base = next(n)
+        events = [world.event(base + i, kind="checkout" if i % 3 else "checkin") for i in range(5)]
+        for e in events:
+            e["event_id"] = f"EVT-{i_of(e)}-{'r' if path == ROUTED else 'd'}"
+        if case == "duplicate":
+            await world.client.post(path, json={"events": events[:2]}, headers=world.auth())
+        elif case == "mixed":
+            events[1]["venue_code"] = "VHD:nope"
+            events[3]["scanned_at"] = "yesterday"
+        elif case == "rate limited" and path != ROUTED:  # the burst (a full batch) spent
+            burst = [world.event(base + 100 + i) for i in range(scans.MAX_EVENTS)]
+            spent = await world.client.post(path, json={"events": burst}, headers=world.auth())
+            assert spent.status == 200
+        payload = {"events": events}
+        if case in ("accepted", "duplicate", "mixed", "rate limited"):
+            return await world.client.post(path, json=payload, headers=world.auth())
+        if case == "no token":
+            return await world.client.post(path, json=payload)
+        if case == "unknown token":
+            return await world.client.post(
+                path, json=payload, headers={"Authorization": "Bearer x"}
+            )
+        if case == "text/plain":
+            text = {**world.auth(), "Content-Type": "text/plain"}
+            return await world.client.post(path, data=orjson.dumps(payload), headers=text)
+        if case == "not json":
+            return await world.client.post(path, data=b'{"events": [',
+                                            headers={**world.auth(), **json_type})  # fmt: skip
+        if case == "no events":
+            return await world.client.post(path, json={"events": []}, headers=world.auth())
+        if case == "501 events":
+            return await world.client.post(path, json={"events": [{}] * 501}, headers=world.auth())
+        assert case == "over 1 MiB"
+        big = b'{"events": ["' + b"x" * (1024 * 1024) + b'"]}'
+        return await world.client.post(path, data=io.BytesIO(big),
+                                        headers={**world.auth(), **json_type})  # fmt: skip
+
+    def i_of(event: dict[str, Any]) -> str:
+        return str(event["event_id"]).removeprefix("EVT-")[-3:]
+
+    direct, routed = await _both_ways(world, monkeypatch, make)
+    body = await _alike(direct, routed)
+    expected = {
+        "accepted": (200, None), "duplicate": (200, None), "mixed": (200, None),
+        "no token": (401, "unauthorized"), "unknown token": (401, "unauthorized"),
+        "text/plain": (415, "unsupported_media_type"), "not json": (400, "malformed_json"),
+        "no events": (400, "invalid_request"), "501 events": (413, "payload_too_large"),
+        "over 1 MiB": (413, "payload_too_large"), "rate limited": (429, "rate_limited"),
+    }[case]  # fmt: skip
+    assert (direct.status, body.get("error")) == expected
+    if case == "duplicate":
+        assert (body["accepted"], body["duplicates"]) == (3, 2)
+    if case == "mixed":
+        assert [r["status"] for r in body["results"]].count("rejected") == 2
+    if case == "rate limited":
+        assert direct.headers["Retry-After"] == routed.headers["Retry-After"]
+
+
+async def test_the_front_door_keeps_the_request_id_metrics_and_access_log(
+    make_world: WorldFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.http.access import AccessLog
+
+    world: World = await make_world(access_log=True)
+    world.app[METRICS].publish()
+    before = await (await world.client.get("/metrics")).text()
+    logged: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(
+        AccessLog, "log", lambda self, request, response, time: logged.append(
+            (request.get(ROUTE), request.get(CALLER_APP), response.status)
+        ),
+    )  # fmt: skip
+
+    async def make(path: str) -> Any:
+        sent = "trace-1.2:3" if path == ROUTED else "trace-4.5:6"
+        ok = await world.client.post(
+            path, json={"events": [world.event(len(path))]},
+            headers={**world.auth(), "X-Request-Id": sent},
+        )  # fmt: skip
+        assert ok.headers["X-Request-Id"] == sent
+        # An id that is not sane is replaced, on an error answer too.
+        refused = await world.client.post(
+            path, json={"events": []}, headers={"X-Request-Id": "<script>"}
+        )
+        assert refused.status == 401
+        assert re.fullmatch(r"[0-9a-f]{16}", refused.headers["X-Request-Id"])
+        return ok
+
+    await _both_ways(world, monkeypatch, make)
+    world.app[METRICS].publish()
+    after = await (await world.client.get("/metrics")).text()
+
+    def count(text: str, status: str) -> float:
+        line = rf'scangate_http_requests_total\{{route="scans",status="{status}"\}} (\S+)'
+        found = re.search(line, text)
+        return float(found.group(1)) if found else 0.0
+
+    assert count(after, "200") - count(before, "200") == 2
+    assert count(after, "401") - count(before, "401") == 2
+    assert logged.count(("/v1/scans", "vhd", 200)) == 2
+    assert logged.count(("/v1/scans", None, 401)) == 2
+
+
+async def test_expect_100_continue_and_other_methods_take_the_router(world: World) -> None:
+    resp = await world.client.post(
+        "/v1/scans", json={"events": [world.event(7)]}, headers=world.auth(), expect100=True
+    )
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+    for method in ("GET", "PUT", "DELETE"):
+        resp = await world.client.request(method, "/v1/scans", headers=world.auth())
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
+        assert (await resp.json())["error"] == "method_not_allowed"
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_whole(world: World) -> None:
+    body = orjson.dumps({"events": [world.event(i) for i in range(3)]})
+
+    async def pieces() -> Any:
+        for start in range(0, len(body), 100):
+            yield body[start : start + 100]
+            await asyncio.sleep(0.01)
+
+    resp = await world.client.post(
+        "/v1/scans", data=pieces(), headers={**world.auth(), "Content-Type": "application/json"}
+    )
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 3
+
+
+def test_the_all_accepted_template_is_the_json_of_the_general_answer() -> None:
+    from gateway.http.scans import _all_accepted, _answer
+    from gateway.metrics import Metrics
+    from gateway.pipeline.events import ScanEvent
+
+    for n in (1, 2, 100, 500):
+        events = [
+            ScanEvent("vhd", f"Ev_-{i:06d}" + "x" * (i % 50), "checkin" if i % 4 else "checkout",
+                      "V1", "P1", 1, 2, None)
+            for i in range(n)
+        ]  # fmt: skip
+        template, general = Metrics(), Metrics()
+        body = _all_accepted("vhd", events, template)  # type: ignore[arg-type]
+        assert orjson.loads(body) == orjson.loads(_answer("vhd", events, [True] * n, general))  # type: ignore[arg-type]
+        assert body == orjson.dumps(orjson.loads(body))  # compact, as orjson writes it
+        assert template._events == general._events

@@ -1,17 +1,15 @@
 """The aiohttp application: ``create_app(settings)``, its cleanup contexts (one per
-resource, each under its own typed key of ``gateway.http.keys``), the error middleware,
-and the routes of every resource module (the scan handler, the pipeline's source, is
-``gateway.http.scans``)."""
+resource, each under its own typed key of ``gateway.http.keys``), and the routes of every
+resource module (the scan handler, the pipeline's source, is ``gateway.http.scans``).
+Requests enter through ``gateway.http.front_door``, which also holds the middleware."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from typing import Final
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -31,12 +29,8 @@ from gateway.http import (
     venues,
 )
 from gateway.http import web as web_pages
-from gateway.http.access import ROUTE, STARTED
-from gateway.http.context import JSON, MAX_BODY_BYTES, load_personal_data
-from gateway.http.errors import (
-    HTTP_STATUS_CODES,
-    ApiError,
-)
+from gateway.http.context import MAX_BODY_BYTES, load_personal_data
+from gateway.http.front_door import observe_and_answer_errors
 from gateway.http.headers import answer_headers
 from gateway.http.keyring_refresh import KeyringRefresh
 from gateway.http.keys import (
@@ -65,7 +59,6 @@ from gateway.http.last_use import LastUse
 from gateway.http.otp import OtpLimits, OtpService
 from gateway.http.posters import Posters
 from gateway.http.ratelimit import TokenBuckets
-from gateway.logs import REQUEST_ID_HEADER, bind_request_id
 from gateway.metrics import Metrics
 from gateway.outbox.notifier import DELIVERY_TIMEOUT_S, Notifier, run_until
 from gateway.outbox.sms import make_sms_sender
@@ -74,7 +67,7 @@ from gateway.pipeline.client import connect_redis
 from gateway.pipeline.events import EventRules
 from gateway.settings import Settings
 from signing import Keyring, Sealer, load_master_key
-from storage import StorageUnavailable, connect_storage
+from storage import connect_storage
 from storage.keyring_store import keyring_store
 
 log = logging.getLogger(__name__)
@@ -86,7 +79,6 @@ REVOCATIONS_REFRESH_S: Final = 2.0
 SHUTDOWN_BACKGROUND_S: Final = 10.0
 BACKLOG_POLL_S: Final = 0.5
 METRICS_PUBLISH_S: Final = 1.0
-RETRY_AFTER_UNAVAILABLE_S: Final = 1
 
 
 class _NoRequestBytesInLogs(logging.Filter):
@@ -119,7 +111,7 @@ def create_app(settings: Settings, *, workers: int = 1) -> web.Application:
     context of its own, below, in the order they are appended.
     """
     logging.getLogger("aiohttp.server").addFilter(_NO_REQUEST_BYTES)  # once: same object
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_observe_and_answer_errors])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[observe_and_answer_errors])
     app.on_response_prepare.append(answer_headers)
     sealer = Sealer(load_master_key(settings.master_key, settings.data_dir))
     app[SETTINGS] = settings
@@ -372,64 +364,3 @@ async def _metrics_publisher(app: web.Application) -> AsyncIterator[None]:
     yield
     await task.stop()
     metrics.publish()
-
-
-# -- middleware ------------------------------------------------------------------------------
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request its id (``gateway.logs``: every line logged while it is handled
-    carries it), turn errors into JSON answers and count and time every request by route."""
-    bind_request_id(request.headers.get(REQUEST_ID_HEADER))
-    started = time.perf_counter()
-    matched = request.match_info.route
-    route = matched.name or "unmatched"
-    request[ROUTE] = "unmatched" if matched.resource is None else matched.resource.canonical
-    request[STARTED] = started
-    try:
-        response = await handler(request)
-    except ApiError as exc:
-        response = error_response(exc.status, exc.code, exc.detail, exc.retry_after_s, exc.extra)
-        response.headers.update(exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = HTTP_STATUS_CODES.get(exc.status, "http_error")
-        detail = exc.reason
-        if exc.status == 413:
-            detail = f"the body is over {MAX_BODY_BYTES} bytes"
-        response = error_response(exc.status, code, detail)
-        if "Allow" in exc.headers:  # a 405 says which methods the route has (RFC 9110)
-            response.headers["Allow"] = exc.headers["Allow"]
-    except StorageUnavailable as exc:
-        # Storage went away mid-request (a restart, a lost connection): the same promise
-        # as for Redis, a 503 the client may retry. The driver's error names what happened.
-        cause = type(exc.__cause__ or exc).__name__
-        log.warning("%s %s: storage unavailable (%s)", request.method, route, cause)
-        response = error_response(
-            503, "unavailable", "storage does not answer", RETRY_AFTER_UNAVAILABLE_S
-        )
-    except Exception:
-        log.exception("%s %s failed", request.method, route)
-        response = error_response(500, "internal_error", "the server failed; it is logged")
-    request.app[METRICS].observe_request(route, response.status, time.perf_counter() - started)
-    return response
-
-
-def error_response(
-    status: int,
-    code: str,
-    detail: str,
-    retry_after_s: int | None = None,
-    extra: Mapping[str, object] | None = None,
-) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return web.Response(
-        status=status,
-        body=orjson.dumps({"error": code, "detail": detail, **(extra or {})}),
-        content_type=JSON,
-        headers=headers,
-    )

@@ -39,11 +39,16 @@ def client_index(request: web.Request, personal: PersonalData) -> str:
     return personal.blind_index("client_address", bucket)
 
 
-async def authenticate(request: web.Request, keyring: Keyring) -> str:
+async def authenticate(
+    request: web.Request, keyring: Keyring, app: web.Application | None = None
+) -> str:
     """The app id of the request's bearer token (or of the web app, for the web pages).
     A revoked token is refused like an unknown one; a use of a live one is noted. A token
     not known is looked for again after a check of the keyring's store that began after
-    it was first missed: an app just added works at once."""
+    it was first missed: an app just added works at once.
+
+    ``app`` is the request's application, for a request the router did not route (the
+    front door's scans, ``gateway.http.front_door``), which has no ``request.app``."""
     acting: str | None = request.get(ACTING_APP)
     if acting is not None:
         request[CALLER_APP] = acting
@@ -56,12 +61,14 @@ async def authenticate(request: web.Request, keyring: Keyring) -> str:
         raise Unauthorized("use Authorization: Bearer <app token>")
     token = token.strip()
     found = keyring.token_for(token)
+    if app is None:
+        app = request.app
     if found is None:
-        await request.app[KEYRING_REFRESH].since(asyncio.get_running_loop().time())
+        await app[KEYRING_REFRESH].since(asyncio.get_running_loop().time())
         found = keyring.token_for(token)
     if found is None:
         raise Unauthorized("unknown or revoked token")
-    request.app[TOKEN_USES].note(found.token_id, time.time())
+    app[TOKEN_USES].note(found.token_id, time.time())
     request[CALLER_APP] = found.app_id
     return found.app_id
 
@@ -87,6 +94,15 @@ async def read_json(request: web.Request) -> Any:
         raise UnsupportedMediaType("send Content-Type: application/json")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+    content = request.content
+    if content.is_eof() and "Content-Encoding" not in request.headers:
+        # The whole body has arrived (the common case: a small request in one packet):
+        # take it as it lies, without read()'s awaits and copies. (A compressed body is
+        # decompressed as it is read, so it takes read().)
+        body = content.read_nowait()
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+        return _parsed(body)
     try:
         body = await request.read()
     except web.RequestPayloadError:
@@ -98,6 +114,10 @@ async def read_json(request: web.Request) -> Any:
             "the body could not be read (check Content-Encoding)",
             headers={"Connection": "close"},
         ) from None
+    return _parsed(body)
+
+
+def _parsed(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

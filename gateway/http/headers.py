@@ -29,10 +29,15 @@ SVG_POLICY: Final = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 
 
 async def answer_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """The application's ``on_response_prepare`` receiver: every routed answer."""
+    stamp_answer(response, current_request_id())  # bound by the application's middleware
+
+
+def stamp_answer(response: web.StreamResponse, request_id: str | None) -> None:
+    """The headers above, on one answer (the front door's scans set them themselves)."""
     headers = response.headers
     headers.update(COMMON_HEADERS)
     headers.setdefault("Cache-Control", "no-store")
-    request_id = current_request_id()  # bound by the application's middleware
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
     if response.content_type == "image/svg+xml":

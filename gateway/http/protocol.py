@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web, web_protocol, web_server
 
 from gateway.http.access import AccessLog
+from gateway.http.front_door import front_door
 from gateway.http.headers import COMMON_HEADERS, SERVER_NAME
 from gateway.http.keys import SETTINGS
 from gateway.logs import ACCESS, REQUEST_ID_HEADER, bind_request_id, current_request_id
@@ -205,4 +206,7 @@ class GuardedRunner(web.AppRunner):
         server.__class__ = GuardedServer
         assert isinstance(server, GuardedServer)
         server.limits = self._limits
+        # Requests enter through the front door, which takes the scans itself and passes
+        # the rest to the application (the app has started: its resources are open).
+        server.request_handler = front_door(self.app)
         return server
