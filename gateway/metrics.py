@@ -186,6 +186,10 @@ class Metrics:
         """Add a request's verdicts: (app, kind, outcome, reason) -> count."""
         self._events.update(tally)
 
+    def count_event(self, app: str, kind: str, outcome: str, n: int, reason: str = "") -> None:
+        """Add ``n`` verdicts of one kind (``count_events`` for a single key)."""
+        self._events[(app, kind, outcome, reason)] += n
+
     def publish(self) -> None:
         """Move the counts gathered since the last call into the Prometheus metrics."""
         requests, self._requests = self._requests, Tally()

@@ -14,7 +14,9 @@ from aiohttp import web
 from gateway.http.access import CALLER_APP
 from gateway.http.addresses import address_bucket, client_address
 from gateway.http.errors import MalformedJson, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from gateway.http.keyring_refresh import KeyringRefresh
 from gateway.http.keys import KEYRING_REFRESH, TOKEN_USES, TRUSTED_PROXIES
+from gateway.http.last_use import LastUse
 from signing import Keyring, Sealer
 from signing.personal import PersonalData, new_data_key, open_data_key, seal_data_key
 from storage import Storage
@@ -39,36 +41,48 @@ def client_index(request: web.Request, personal: PersonalData) -> str:
     return personal.blind_index("client_address", bucket)
 
 
-async def authenticate(
-    request: web.Request, keyring: Keyring, app: web.Application | None = None
-) -> str:
+async def authenticate(request: web.Request, keyring: Keyring) -> str:
     """The app id of the request's bearer token (or of the web app, for the web pages).
     A revoked token is refused like an unknown one; a use of a live one is noted. A token
     not known is looked for again after a check of the keyring's store that began after
-    it was first missed: an app just added works at once.
-
-    ``app`` is the request's application, for a request the router did not route (the
-    front door's scans, ``gateway.http.front_door``), which has no ``request.app``."""
+    it was first missed: an app just added works at once."""
     acting: str | None = request.get(ACTING_APP)
     if acting is not None:
         request[CALLER_APP] = acting
         return acting
+    app = request.app
+    return await app_of_token(request, keyring, app[KEYRING_REFRESH], app[TOKEN_USES])
+
+
+async def app_of_token(
+    request: web.Request, keyring: Keyring, refresh: KeyringRefresh, uses: LastUse
+) -> str:
+    """``authenticate``'s check of the bearer token, for a caller that holds the
+    application's resources already (the scans, ``gateway.http.scans.ScanIntake``)."""
+    app_id = app_of_known_token(request, keyring, uses)
+    if app_id is None:
+        await refresh.since(asyncio.get_running_loop().time())
+        app_id = app_of_known_token(request, keyring, uses)
+    if app_id is None:
+        raise Unauthorized("unknown or revoked token")
+    return app_id
+
+
+def app_of_known_token(request: web.Request, keyring: Keyring, uses: LastUse) -> str | None:
+    """The app id of the request's bearer token if the keyring knows it now (its use
+    noted), else None; Unauthorized when the request has no bearer token. Without an
+    await: the scans try this first, and wait for a keyring check only for a token it
+    does not know (``app_of_token``)."""
     header = request.headers.get("Authorization")
     if header is None:
         raise Unauthorized("missing Authorization: Bearer <app token>")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 256:
         raise Unauthorized("use Authorization: Bearer <app token>")
-    token = token.strip()
-    found = keyring.token_for(token)
-    if app is None:
-        app = request.app
+    found = keyring.token_for(token.strip())
     if found is None:
-        await app[KEYRING_REFRESH].since(asyncio.get_running_loop().time())
-        found = keyring.token_for(token)
-    if found is None:
-        raise Unauthorized("unknown or revoked token")
-    app[TOKEN_USES].note(found.token_id, time.time())
+        return None
+    uses.note(found.token_id, time.time())
     request[CALLER_APP] = found.app_id
     return found.app_id
 
@@ -88,21 +102,15 @@ async def authenticate_admin(request: web.Request, storage: Storage) -> str:
     return admin
 
 
+# What ``json_received`` answers for a body that has not all arrived yet.
+NOT_RECEIVED: Final = object()
+
+
 async def read_json(request: web.Request) -> Any:
     """The body as JSON: 415 unless JSON, 413 over the limit, 400 when it does not parse."""
-    if request.content_type != JSON:
-        raise UnsupportedMediaType("send Content-Type: application/json")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
-    content = request.content
-    if content.is_eof() and "Content-Encoding" not in request.headers:
-        # The whole body has arrived (the common case: a small request in one packet):
-        # take it as it lies, without read()'s awaits and copies. (A compressed body is
-        # decompressed as it is read, so it takes read().)
-        body = content.read_nowait()
-        if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
-        return _parsed(body)
+    doc = json_received(request)
+    if doc is not NOT_RECEIVED:
+        return doc
     try:
         body = await request.read()
     except web.RequestPayloadError:
@@ -114,6 +122,24 @@ async def read_json(request: web.Request) -> Any:
             "the body could not be read (check Content-Encoding)",
             headers={"Connection": "close"},
         ) from None
+    return _parsed(body)
+
+
+def json_received(request: web.Request) -> Any:
+    """``read_json`` without an await: the body as JSON when all of it has arrived (the
+    common case, a small request in one packet), taken as it lies, without ``read()``'s
+    awaits and copies; else ``NOT_RECEIVED``. A compressed body is decompressed as it is
+    read, so it is never taken here."""
+    if request.content_type != JSON:
+        raise UnsupportedMediaType("send Content-Type: application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+    content = request.content
+    if not content.is_eof() or "Content-Encoding" in request.headers:
+        return NOT_RECEIVED
+    body = content.read_nowait()
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
     return _parsed(body)
 
 

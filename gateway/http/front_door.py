@@ -38,7 +38,7 @@ from gateway.http.context import JSON, MAX_BODY_BYTES
 from gateway.http.errors import HTTP_STATUS_CODES, ApiError
 from gateway.http.headers import COMMON_HEADERS, stamp_answer
 from gateway.http.keys import METRICS
-from gateway.http.scans import take_scans
+from gateway.http.scans import SCAN_INTAKE
 from gateway.logs import REQUEST_ID_HEADER, bind_request_id
 from storage import StorageUnavailable
 
@@ -63,6 +63,7 @@ def front_door(app: web.Application) -> ServerHandler:
     application has started: the scans read resources its cleanup contexts open)."""
     routed = app._handle
     metrics = app[METRICS]
+    take_scans = app[SCAN_INTAKE].take
 
     async def enter(base: web.BaseRequest) -> web.StreamResponse:
         request = cast(web.Request, base)  # the runner's request factory makes web.Request
@@ -78,7 +79,7 @@ def front_door(app: web.Application) -> ServerHandler:
         request[STARTED] = started
         try:
             response = await take_scans(
-                request, app, {**SCAN_ANSWER_HEADERS, REQUEST_ID_HEADER: request_id}
+                request, {**SCAN_ANSWER_HEADERS, REQUEST_ID_HEADER: request_id}
             )
         except Exception as exc:
             response = answer_error(exc, hdrs.METH_POST, SCANS_ROUTE)

@@ -15,7 +15,14 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from gateway.http.context import JSON_HEADERS, authenticate, read_json
+from gateway.http.context import (
+    JSON_HEADERS,
+    NOT_RECEIVED,
+    app_of_known_token,
+    app_of_token,
+    json_received,
+    read_json,
+)
 from gateway.http.errors import (
     BacklogFull,
     InvalidRequest,
@@ -27,10 +34,12 @@ from gateway.http.keys import (
     BUFFER,
     EVENT_RULES,
     KEYRING,
+    KEYRING_REFRESH,
     METRICS,
     RATE_LIMITS,
     REVOKED_VENUES,
     SETTINGS,
+    TOKEN_USES,
 )
 from gateway.metrics import Metrics
 from gateway.pipeline.buffer import BufferUnavailable
@@ -41,63 +50,82 @@ RETRY_AFTER_UNAVAILABLE_S: Final = 1
 RETRY_AFTER_BACKLOG_S: Final = 5
 
 
+class ScanIntake:
+    """``POST /v1/scans`` with the application's resources looked up once, when it has
+    started (``add_routes`` binds it): the hot path reads no application key per request.
+    The revoked venues are read through their holder, which a refresh updates."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.keyring = app[KEYRING]
+        self.keyring_refresh = app[KEYRING_REFRESH]
+        self.token_uses = app[TOKEN_USES]
+        self.settings = app[SETTINGS]
+        self.rate_limits = app[RATE_LIMITS]
+        self.buffer = app[BUFFER]
+        self.metrics = app[METRICS]
+        self.rules = app[EVENT_RULES]
+        self.revoked = app[REVOKED_VENUES]
+
+    async def take(self, request: web.Request, headers: Mapping[str, str]) -> web.Response:
+        """Check a batch, buffer what it accepts, and answer every verdict in request
+        order, with ``headers``. The front door calls this directly (its requests have no
+        ``request.app``); the router through ``post_scans``."""
+        keyring, settings = self.keyring, self.settings
+        # Each step without an await when it can (a known token, a body that has arrived).
+        app_id = app_of_known_token(request, keyring, self.token_uses) or await app_of_token(
+            request, keyring, self.keyring_refresh, self.token_uses
+        )
+        doc = json_received(request)
+        if doc is NOT_RECEIVED:
+            doc = await read_json(request)
+        if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
+            raise InvalidRequest('expected {"events": [...]}')
+        raw_events: list[Any] = doc["events"]
+        if not raw_events:
+            raise InvalidRequest("events: send 1 to 500 events")
+        if len(raw_events) > MAX_EVENTS:
+            raise PayloadTooLarge(f"events: at most {MAX_EVENTS} per request")
+        rate_limits = self.rate_limits
+        if rate_limits is not None:
+            wait_s = rate_limits.take(app_id, len(raw_events), time.monotonic())
+            if wait_s:
+                raise RateLimited(
+                    f"over {settings.rate_limit} events per second for this app",
+                    retry_after_s=max(1, math.ceil(wait_s)),
+                )
+        buffer, metrics = self.buffer, self.metrics
+        if sum(buffer.lengths) >= settings.backlog_high_water:
+            metrics.backpressure_rejections.inc()
+            raise BacklogFull(
+                "the buffer is over its high-water mark; retry later",
+                retry_after_s=RETRY_AFTER_BACKLOG_S,
+            )
+
+        now_ms = int(time.time() * 1000)
+        verifier, rules, revoked = keyring.verifier(app_id), self.rules, self.revoked.ids
+        checked = [check_event(raw, app_id, verifier, rules, now_ms, revoked) for raw in raw_events]
+        accepted = [verdict for verdict in checked if isinstance(verdict, ScanEvent)]
+        fresh: list[bool] = []
+        if accepted:
+            try:
+                fresh = await buffer.append(accepted, now_ms)
+            except BufferUnavailable as exc:
+                metrics.redis_errors.inc()
+                raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
+
+        if len(accepted) == len(checked) and all(fresh):
+            body = _all_accepted(app_id, accepted, metrics)
+        else:
+            body = _answer(app_id, checked, fresh, metrics)
+        return web.Response(body=body, headers=headers)
+
+
+SCAN_INTAKE: Final = web.AppKey("scan_intake", ScanIntake)
+
+
 async def post_scans(request: web.Request) -> web.Response:
     """The routed handler: what the front door passes on (``gateway.http.front_door``)."""
-    return await take_scans(request, request.app, JSON_HEADERS)
-
-
-async def take_scans(
-    request: web.Request, app: web.Application, headers: Mapping[str, str]
-) -> web.Response:
-    """Check a batch, buffer what it accepts, and answer every verdict, with ``headers``.
-
-    The hot path: the front door calls this directly (a request it takes has no
-    ``request.app``), and each key is looked up once per request, into a local."""
-    keyring = app[KEYRING]
-    app_id = await authenticate(request, keyring, app)
-    doc = await read_json(request)
-    if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
-        raise InvalidRequest('expected {"events": [...]}')
-    raw_events: list[Any] = doc["events"]
-    if not raw_events:
-        raise InvalidRequest("events: send 1 to 500 events")
-    if len(raw_events) > MAX_EVENTS:
-        raise PayloadTooLarge(f"events: at most {MAX_EVENTS} per request")
-    settings = app[SETTINGS]
-    rate_limits = app[RATE_LIMITS]
-    if rate_limits is not None:
-        wait_s = rate_limits.take(app_id, len(raw_events), time.monotonic())
-        if wait_s:
-            raise RateLimited(
-                f"over {settings.rate_limit} events per second for this app",
-                retry_after_s=max(1, math.ceil(wait_s)),
-            )
-    buffer, metrics = app[BUFFER], app[METRICS]
-    if sum(buffer.lengths) >= settings.backlog_high_water:
-        metrics.backpressure_rejections.inc()
-        raise BacklogFull(
-            "the buffer is over its high-water mark; retry later",
-            retry_after_s=RETRY_AFTER_BACKLOG_S,
-        )
-
-    now_ms = int(time.time() * 1000)
-    verifier = keyring.verifier(app_id)
-    rules, revoked = app[EVENT_RULES], app[REVOKED_VENUES].ids
-    checked = [check_event(raw, app_id, verifier, rules, now_ms, revoked) for raw in raw_events]
-    accepted = [verdict for verdict in checked if isinstance(verdict, ScanEvent)]
-    fresh: list[bool] = []
-    if accepted:
-        try:
-            fresh = await buffer.append(accepted, now_ms)
-        except BufferUnavailable as exc:
-            metrics.redis_errors.inc()
-            raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
-
-    if len(accepted) == len(checked) and all(fresh):
-        body = _all_accepted(app_id, accepted, metrics)
-    else:
-        body = _answer(app_id, checked, fresh, metrics)
-    return web.Response(body=body, headers=headers)
+    return await request.app[SCAN_INTAKE].take(request, JSON_HEADERS)
 
 
 # The answer when every event was accepted as new, the common case, filled in as bytes:
@@ -111,12 +139,10 @@ _ACCEPTED: Final = b'{"event_id":"%s","status":"accepted"}'
 def _all_accepted(app_id: str, events: list[ScanEvent], metrics: Metrics) -> bytes:
     """The response body and the metrics' counts when every event was accepted as new."""
     checkins = sum(1 for event in events if event.kind == "checkin")
-    tally: Tally[tuple[str, str, str, str]] = Tally()
     if checkins:
-        tally[(app_id, "checkin", "accepted", "")] = checkins
+        metrics.count_event(app_id, "checkin", "accepted", checkins)
     if checkins < len(events):
-        tally[(app_id, "checkout", "accepted", "")] = len(events) - checkins
-    metrics.count_events(tally)
+        metrics.count_event(app_id, "checkout", "accepted", len(events) - checkins)
     results = b",".join([_ACCEPTED % event.event_id.encode() for event in events])
     return _ALL_ACCEPTED % (len(events), results)
 
@@ -164,5 +190,11 @@ def _answer(
     )
 
 
+async def _bind_intake(app: web.Application) -> None:
+    # An on_startup callback runs after every cleanup context has opened its resource.
+    app[SCAN_INTAKE] = ScanIntake(app)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/scans", post_scans, name="scans")
+    app.on_startup.append(_bind_intake)

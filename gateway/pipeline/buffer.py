@@ -130,6 +130,11 @@ class RedisBuffer:
         for those events, so nothing is stored twice.
         """
         shards = self.shards
+        if len(events) == 1:  # a single scan, the most common request: no bookkeeping
+            event = events[0]
+            shard = shard_of(event.app_id, event.event_id, shards)
+            pair = (seen_field(event.app_id, event.event_id), encode_event(event))
+            return (await self._enqueue({shard: (pair,)}, now_ms))[shard]
         placed: list[int] = []
         by_shard: dict[int, list[tuple[bytes, bytes]]] = {}
         for event in events:
@@ -140,7 +145,7 @@ class RedisBuffer:
             placed.append(shard)
         if not by_shard:
             return []
-        appended = await self.append_encoded(by_shard, now_ms)
+        appended = await self._enqueue(by_shard, now_ms)
         cursors = dict.fromkeys(appended, 0)
         fresh: list[bool] = []
         for shard in placed:
@@ -153,20 +158,24 @@ class RedisBuffer:
     ) -> dict[int, list[bool]]:
         """``append`` below the stream format: (identity, value) pairs already sharded and
         encoded; per shard, True where appended and False where a duplicate."""
+        return await self._enqueue(by_shard, now_ms)
+
+    def _enqueue(
+        self, by_shard: Mapping[int, Sequence[tuple[bytes, bytes]]], now_ms: int
+    ) -> asyncio.Future[dict[int, list[bool]]]:
+        """Queue a write for the group commit (starting it if idle); its answer's future."""
         done: asyncio.Future[dict[int, list[bool]]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Write(by_shard, now_ms // self.bucket_ms, done))
         self._queued_events += sum(len(pairs) for pairs in by_shard.values())
         if len(self._queue) >= GROUP_TARGET or self._queued_events >= GROUP_EVENTS_TARGET:
             self._group_full.set()
-        if self._committer is None or self._committer.done():
-            if self._send_at_once():
-                return await done
+        if (self._committer is None or self._committer.done()) and not self._send_at_once():
             # A context of its own: the committer serves many requests, so it must not
             # carry (and log under) the request id of the one that happened to start it.
             self._committer = asyncio.create_task(
                 self._commit_queued(), name="group-commit", context=contextvars.Context()
             )
-        return await done
+        return done
 
     async def _commit_queued(self) -> None:
         in_flight = self._in_flight
@@ -469,12 +478,7 @@ class RedisBuffer:
         """EVALSHA each call, pipelined on one lean connection (``gateway.pipeline.resp``):
         one write, then the replies in order (an error reply is returned, not raised).
         With ``wait_aof`` the pipeline ends with WAITAOF, and an unconfirmed fsync fails
-        the whole group.
-
-        redis-py's Pipeline does the same with more bookkeeping per execution (command
-        stack, reset under a shield, retry wrapper), and its connection reads each reply
-        on its own path; a group commit can afford neither.
-        """
+        the whole group. (Why not redis-py's Pipeline: ``gateway.pipeline.resp``.)"""
         if self._lean is None:
             self._lean = LeanPool(self.client.connection_pool)
         replies = await self._lean.exchange(self._commands(calls, wait_aof))
