@@ -594,3 +594,79 @@ def test_the_all_accepted_template_is_the_json_of_the_general_answer() -> None:
         assert orjson.loads(body) == orjson.loads(_answer("vhd", events, [True] * n, general))  # type: ignore[arg-type]
         assert body == orjson.dumps(orjson.loads(body))  # compact, as orjson writes it
         assert template._events == general._events
+
+
+async def _raw_exchange(world: World, requests: list[bytes], answers: int) -> list[bytes]:
+    """Send raw requests on one connection (pipelined) and read ``answers`` answers whole,
+    or whatever came before the server closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.client.server.port)
+    try:
+        writer.write(b"".join(requests))
+        got: list[bytes] = []
+        for _ in range(answers):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            got.append(head + await asyncio.wait_for(reader.readexactly(length), 5))
+        return got
+    finally:
+        writer.close()
+
+
+def _raw_scan(world: World, path: str, n: int, *, version: str = "1.1", extra: str = "") -> bytes:
+    body = orjson.dumps({"events": [world.event(n)]})
+    return (
+        f"POST {path} HTTP/{version}\r\nHost: x\r\nAuthorization: Bearer {world.tokens['vhd']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}"
+        f"X-Request-Id: id-{n}\r\n\r\n"
+    ).encode() + body
+
+
+def _head_lines(answer: bytes) -> list[bytes]:
+    """The answer's status line, then its header lines in order of name (the order of
+    headers means nothing in HTTP), the values that differ per answer blanked."""
+    status, *lines = answer.split(b"\r\n\r\n")[0].split(b"\r\n")
+    blanked = (re.sub(rb"^(Date|Content-Length|X-Request-Id): .*", rb"\1: -", line)
+               for line in lines)  # fmt: skip
+    return [status, *sorted(blanked)]
+
+
+async def test_the_written_answer_has_the_head_aiohttp_writes(world: World) -> None:
+    # Pipelined on one keep-alive connection: the front door's written answer, the
+    # router's (aiohttp's own writing), then the front door again.
+    direct, routed, again = await _raw_exchange(
+        world, [_raw_scan(world, "/v1/scans", 1), _raw_scan(world, ROUTED, 2),
+                _raw_scan(world, "/v1/scans", 3)], 3,
+    )  # fmt: skip
+    assert _head_lines(direct) == _head_lines(routed) == _head_lines(again)
+    assert direct.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nX-Request-Id: id-1\r\n" in direct and b"\r\nX-Request-Id: id-3\r\n" in again
+    for answer, event_id in ((direct, "EVT-00000001"), (again, "EVT-00000003")):
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["results"] == [
+            {"event_id": event_id, "status": "accepted"}
+        ]
+    assert len(await world.stored()) == 3
+
+
+@pytest.mark.parametrize(
+    ("version", "extra", "closes"),
+    [("1.0", "", True), ("1.0", "Connection: keep-alive\r\n", False),
+     ("1.1", "Connection: close\r\n", True)],
+)  # fmt: skip
+async def test_other_connections_get_aiohttp_s_own_answer(
+    world: World, version: str, extra: str, closes: bool
+) -> None:
+    request = _raw_scan(world, "/v1/scans", 5, version=version, extra=extra)
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.client.server.port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(f"HTTP/{version} 200 OK\r\n".encode())
+        assert b"\r\nCache-Control: no-store\r\n" in head and b"\r\nX-Request-Id: id-5\r\n" in head
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        assert orjson.loads(await reader.readexactly(length))["accepted"] == 1
+        if closes:
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed it
+        else:
+            assert b"\r\nConnection: keep-alive\r\n" in head
+    finally:
+        writer.close()

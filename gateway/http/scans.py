@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter as Tally
-from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
@@ -66,10 +65,11 @@ class ScanIntake:
         self.rules = app[EVENT_RULES]
         self.revoked = app[REVOKED_VENUES]
 
-    async def take(self, request: web.Request, headers: Mapping[str, str]) -> web.Response:
+    async def take(self, request: web.Request) -> bytes:
         """Check a batch, buffer what it accepts, and answer every verdict in request
-        order, with ``headers``. The front door calls this directly (its requests have no
-        ``request.app``); the router through ``post_scans``."""
+        order: the answer's body (a 200), or an ``ApiError`` raised. The front door calls
+        this directly (its requests have no ``request.app``); the router through
+        ``post_scans``."""
         keyring, settings = self.keyring, self.settings
         # Each step without an await when it can (a known token, a body that has arrived).
         app_id = app_of_known_token(request, keyring, self.token_uses) or await app_of_token(
@@ -114,10 +114,8 @@ class ScanIntake:
                 raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
 
         if len(accepted) == len(checked) and all(fresh):
-            body = _all_accepted(app_id, accepted, metrics)
-        else:
-            body = _answer(app_id, checked, fresh, metrics)
-        return web.Response(body=body, headers=headers)
+            return _all_accepted(app_id, accepted, metrics)
+        return _answer(app_id, checked, fresh, metrics)
 
 
 SCAN_INTAKE: Final = web.AppKey("scan_intake", ScanIntake)
@@ -125,7 +123,7 @@ SCAN_INTAKE: Final = web.AppKey("scan_intake", ScanIntake)
 
 async def post_scans(request: web.Request) -> web.Response:
     """The routed handler: what the front door passes on (``gateway.http.front_door``)."""
-    return await request.app[SCAN_INTAKE].take(request, JSON_HEADERS)
+    return web.Response(body=await request.app[SCAN_INTAKE].take(request), headers=JSON_HEADERS)
 
 
 # The answer when every event was accepted as new, the common case, filled in as bytes:
