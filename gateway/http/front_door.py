@@ -39,7 +39,7 @@ from gateway.http.access import ROUTE, STARTED
 from gateway.http.context import JSON, MAX_BODY_BYTES
 from gateway.http.errors import HTTP_STATUS_CODES, ApiError
 from gateway.http.headers import COMMON_HEADERS, stamp_answer
-from gateway.http.keys import METRICS
+from gateway.http.keys import METRICS, SETTINGS
 from gateway.http.scans import SCAN_INTAKE
 from gateway.logs import REQUEST_ID_HEADER, bind_request_id
 from storage import StorageUnavailable
@@ -66,6 +66,7 @@ def front_door(app: web.Application) -> ServerHandler:
     routed = app._handle
     metrics = app[METRICS]
     take_scans = app[SCAN_INTAKE].take
+    access_log = app[SETTINGS].access_log
 
     async def enter(base: web.BaseRequest) -> web.StreamResponse:
         request = cast(web.Request, base)  # the runner's request factory makes web.Request
@@ -77,10 +78,11 @@ def front_door(app: web.Application) -> ServerHandler:
             return await routed(request)
         request_id = bind_request_id(request.headers.get(REQUEST_ID_HEADER))
         started = time.perf_counter()
-        request[ROUTE] = SCANS_PATH
-        request[STARTED] = started
+        if access_log:  # what it reads (gateway.http.access)
+            request[ROUTE] = SCANS_PATH
+            request[STARTED] = started
         try:
-            response: web.Response = ScanAnswer(await take_scans(request), request_id)
+            response: web.StreamResponse = ScanAnswer(await take_scans(request), request_id)
         except Exception as exc:
             response = answer_error(exc, hdrs.METH_POST, SCANS_ROUTE)
             stamp_answer(response, request_id)
@@ -90,30 +92,40 @@ def front_door(app: web.Application) -> ServerHandler:
     return enter
 
 
-class ScanAnswer(web.Response):
+class ScanAnswer(web.StreamResponse):
     """A scan's 200 answer. To a keep-alive HTTP/1.1 request (every scanner app's) it is
     written as one block of bytes, its head laid out from a template, instead of through
     aiohttp's header machinery: the head is always the same headers, of which only the
     date, the length and the request id change. Any other request, or a connection whose
     writing is paused (the client is not reading), gets aiohttp's own way, with the same
-    headers. ``tests/test_scans.py`` compares the heads of both."""
+    headers. ``tests/test_scans.py`` compares the heads of both.
+
+    A ``StreamResponse`` whose body is written in ``prepare``: a ``web.Response`` would
+    build its headers and body at creation, for the one answer in many that takes
+    aiohttp's way."""
 
     def __init__(self, body: bytes, request_id: str) -> None:
-        super().__init__(body=body, headers={**SCAN_ANSWER_HEADERS, REQUEST_ID_HEADER: request_id})
+        super().__init__()
+        self._answer = body
         self._request_id = request_id
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        transport = request.transport
+        if self.prepared:
+            return await super().prepare(request)
+        body, transport = self._answer, request.transport
         if (
-            self.prepared
-            or request.version != HttpVersion11
+            request.version != HttpVersion11
             or not request.keep_alive
             or transport is None
             or transport.is_closing()
             or request.protocol.writing_paused
         ):
-            return await super().prepare(request)
-        body = cast(bytes, self.body)
+            self.headers.update(SCAN_ANSWER_HEADERS)
+            self.headers[REQUEST_ID_HEADER] = self._request_id
+            self.content_length = len(body)
+            writer = await super().prepare(request)
+            await self.write(body)  # aiohttp's finish_response then ends it (write_eof)
+            return writer
         answer = _SCAN_ANSWER_HEAD % (
             self._request_id.encode(),
             len(body),
