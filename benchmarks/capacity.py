@@ -47,10 +47,15 @@ from gateway.run.embedded import RedisProcess, valkey_binary
 HERE = Path(__file__).resolve().parent
 SERVER_CPU, CLIENT_CPU = 0, 1
 SHARDS = 16
+# Issue 21's floors. Its batch floor is absolute (events/s of one gateway process), set
+# beside a reference of 27,300 requests/s on 2026-12-04; this machine's speed moves from
+# day to day by more than the floor, so the same floor is also checked per reference
+# request (120,000 / 27,300 = 4.4 events per reference request).
 TARGET_SINGLE_RATIO = 0.6
-TARGET_BATCH_EVENTS = 50_000
-TARGET_P99_MS = 25.0
-TARGET_RSS_MB = 200
+TARGET_BATCH_EVENTS = 120_000
+TARGET_BATCH_PER_REFERENCE = 120_000 / 27_300
+TARGET_P99_MS = (10.0, 25.0)  # at half load: single events, batches of 100
+TARGET_RSS_MB = 100
 
 
 @dataclass
@@ -301,6 +306,8 @@ def main() -> int:
         flush_lines = ["", "### Flusher", "", *[ln for ln in body if not ln.startswith("## ")]]
 
     ratio = single.rps / reference.rps
+    per_reference = batch.events_per_s / reference.rps
+    p99_met = half_single.p99_ms <= TARGET_P99_MS[0] and half_batch.p99_ms <= TARGET_P99_MS[1]
     lines = [
         "## Capacity run (issue 5)",
         "",
@@ -335,9 +342,12 @@ def main() -> int:
         f"{_yes(ratio >= TARGET_SINGLE_RATIO)} |",
         f"| batches of 100 >= {TARGET_BATCH_EVENTS:,} events/s, one process | "
         f"{batch.events_per_s:,.0f} | {_yes(batch.events_per_s >= TARGET_BATCH_EVENTS)} |",
-        f"| p99 <= {TARGET_P99_MS:.0f} ms at half load (1 event / 100 events) | "
+        f"| the same per reference request >= {TARGET_BATCH_PER_REFERENCE:.1f} events | "
+        f"{per_reference:.1f} | {_yes(per_reference >= TARGET_BATCH_PER_REFERENCE)} |",
+        f"| p99 at half load <= {TARGET_P99_MS[0]:.0f} ms (1 event) / "
+        f"{TARGET_P99_MS[1]:.0f} ms (100 events) | "
         f"{half_single.p99_ms:.1f} / {half_batch.p99_ms:.1f} ms | "
-        f"{_yes(max(half_single.p99_ms, half_batch.p99_ms) <= TARGET_P99_MS)} |",
+        f"{_yes(p99_met)} |",
         f"| gateway RSS <= {TARGET_RSS_MB} MB at peak | {rss:.0f} MB | "
         f"{_yes(rss <= TARGET_RSS_MB)} |",
         "",

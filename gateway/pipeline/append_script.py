@@ -27,19 +27,21 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local out = {0}
 local added = false
+-- An identity is seen when an older bucket holds it, or the current one already does:
+-- HSETNX checks and records it there in one call (a new event: one HEXISTS per older
+-- bucket, the HSETNX, the XADD).
 for i = 3, #ARGV, 2 do
   local identity = ARGV[i]
   local seen = false
-  for k = 2, #KEYS do
+  for k = 3, #KEYS do
     if redis.call('HEXISTS', KEYS[k], identity) == 1 then seen = true; break end
   end
-  if seen then
-    out[#out + 1] = 0
-  else
-    redis.call('HSET', KEYS[2], identity, '')
+  if not seen and redis.call('HSETNX', KEYS[2], identity, '') == 1 then
     redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i + 1])
     out[#out + 1] = 1
     added = true
+  else
+    out[#out + 1] = 0
   end
 end
 if added then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
