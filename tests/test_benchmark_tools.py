@@ -422,3 +422,20 @@ def test_the_worker_memory_benchmark_refuses_bad_arguments_on_one_line(tmp_path:
         result = run_script("worker_rss.py", *args)
         assert result.returncode == 2, result.stderr
         assert why in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_hot_path_benchmark_times_each_step_of_a_real_scan() -> None:
+    """benchmarks/hot_path.py (issue 21): one short round of every step on the started
+    application; each step asserts its own result (a 200, an accepted event), so a step
+    that stopped doing its work would fail here, not print a small number."""
+    result = run_script("hot_path.py", "--rounds", "1", "--requests", "640", timeout_s=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([\d.-]+) \|$", result.stdout, re.M))
+    assert set(rows) == {
+        "(a task per call, taken off each row below)", "front door, whole",
+        "the scans' handler", "token", "body", "checks",
+        "buffer (group commit, 64 at a time)", "answer",
+    }, result.stdout  # fmt: skip
+    assert float(rows["front door, whole"]) > 0, result.stdout
+    bad = run_script("hot_path.py", "--requests", "10")
+    assert bad.returncode == 2 and "--requests 64 or more" in bad.stderr
