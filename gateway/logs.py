@@ -41,6 +41,8 @@ from gateway.settings import Settings
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 # A caller's id is kept when it is this (what tracing systems and load balancers send);
 # anything else could be a vehicle for log injection or personal data, and is replaced.
+# The scans' written answer puts it into its head unescaped (gateway.http.front_door):
+# ASCII only, never CR or LF.
 SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID_BITS: Final = 64  # 16 hex digits
 
@@ -56,9 +58,10 @@ ACCESS: Final = logging.getLogger("gateway.access")
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 # A request id only tells log lines apart: it grants nothing, so it need not be
-# unpredictable, and drawing it from the OS's random source cost a system call per request
-# (2% of a single-event scan). The generator is seeded from that source once per process,
-# and again in a forked child, so no two processes draw the same ids.
+# unpredictable (never make it a key or a secret: a caller sees many and may send its
+# own), and drawing it from the OS's random source cost a system call per request (2% of
+# a single-event scan). The generator is seeded from that source once per process, and
+# again in a forked child, so no two processes draw the same ids.
 _ids = random.Random()
 os.register_at_fork(after_in_child=_ids.seed)
 

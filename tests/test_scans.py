@@ -20,6 +20,7 @@ from gateway import Settings
 from gateway.http import scans
 from gateway.http.access import CALLER_APP, ROUTE
 from gateway.http.keys import KEYRING, METRICS
+from gateway.logs import bind_request_id
 from gateway.pipeline.events import decode_event
 from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
@@ -563,19 +564,40 @@ async def test_expect_100_continue_and_other_methods_take_the_router(world: Worl
         assert (await resp.json())["error"] == "method_not_allowed"
 
 
-async def test_a_body_that_arrives_in_pieces_is_read_whole(world: World) -> None:
+async def test_a_body_that_arrives_in_pieces_is_read_whole(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunked, in pieces 10 ms apart: the handler starts before the body has arrived, so
+    # it must take the awaited read (read_json), not the body as it lies.
+    read_awaited: list[int] = []
+    read_json = scans.read_json
+
+    async def counted(request: Any) -> Any:
+        read_awaited.append(1)
+        return await read_json(request)
+
+    monkeypatch.setattr(scans, "read_json", counted)
+
+    def pieces(body: bytes, size: int) -> Any:
+        async def chunks() -> Any:
+            for start in range(0, len(body), size):
+                yield body[start : start + size]
+                await asyncio.sleep(0.01)
+
+        return chunks()
+
+    json_type = {**world.auth(), "Content-Type": "application/json"}
     body = orjson.dumps({"events": [world.event(i) for i in range(3)]})
-
-    async def pieces() -> Any:
-        for start in range(0, len(body), 100):
-            yield body[start : start + 100]
-            await asyncio.sleep(0.01)
-
-    resp = await world.client.post(
-        "/v1/scans", data=pieces(), headers={**world.auth(), "Content-Type": "application/json"}
-    )
+    resp = await world.client.post("/v1/scans", data=pieces(body, 100), headers=json_type)
     assert resp.status == 200
     assert (await resp.json())["accepted"] == 3
+    assert read_awaited == [1]
+    # Chunked again, no Content-Length to refuse it early: over 1 MiB is refused as read.
+    big = b'{"events": ["' + b"x" * (1024 * 1024) + b'"]}'
+    resp = await world.client.post("/v1/scans", data=pieces(big, 64 * 1024), headers=json_type)
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "payload_too_large"
+    assert len(await world.stored()) == 3
 
 
 def test_the_all_accepted_template_is_the_json_of_the_general_answer() -> None:
@@ -621,6 +643,23 @@ def _raw_scan(world: World, path: str, n: int, *, version: str = "1.1", extra: s
     ).encode() + body
 
 
+def _watch_scan_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """How each ScanAnswer went out from now on: "template" (one write, aiohttp's writer
+    never used) or "aiohttp" (its own writing)."""
+    from gateway.http.front_door import ScanAnswer
+
+    ways: list[str] = []
+    prepare = ScanAnswer.prepare
+
+    async def watched(self: ScanAnswer, request: Any) -> Any:
+        writer = await prepare(self, request)
+        ways.append("template" if writer is None and self._eof_sent else "aiohttp")
+        return writer
+
+    monkeypatch.setattr(ScanAnswer, "prepare", watched)
+    return ways
+
+
 def _head_lines(answer: bytes) -> list[bytes]:
     """The answer's status line, then its header lines in order of name (the order of
     headers means nothing in HTTP), the values that differ per answer blanked."""
@@ -630,15 +669,20 @@ def _head_lines(answer: bytes) -> list[bytes]:
     return [status, *sorted(blanked)]
 
 
-async def test_the_written_answer_has_the_head_aiohttp_writes(world: World) -> None:
+async def test_the_written_answer_has_the_head_aiohttp_writes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Pipelined on one keep-alive connection: the front door's written answer, the
     # router's (aiohttp's own writing), then the front door again.
+    written = _watch_scan_answers(monkeypatch)
     direct, routed, again = await _raw_exchange(
         world, [_raw_scan(world, "/v1/scans", 1), _raw_scan(world, ROUTED, 2),
                 _raw_scan(world, "/v1/scans", 3)], 3,
     )  # fmt: skip
     assert _head_lines(direct) == _head_lines(routed) == _head_lines(again)
     assert direct.startswith(b"HTTP/1.1 200 OK\r\n")
+    # The two front-door answers went out through the template, in one write each.
+    assert written == ["template", "template"]
     assert b"\r\nX-Request-Id: id-1\r\n" in direct and b"\r\nX-Request-Id: id-3\r\n" in again
     for answer, event_id in ((direct, "EVT-00000001"), (again, "EVT-00000003")):
         assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["results"] == [
@@ -653,8 +697,9 @@ async def test_the_written_answer_has_the_head_aiohttp_writes(world: World) -> N
      ("1.1", "Connection: close\r\n", True)],
 )  # fmt: skip
 async def test_other_connections_get_aiohttp_s_own_answer(
-    world: World, version: str, extra: str, closes: bool
+    world: World, monkeypatch: pytest.MonkeyPatch, version: str, extra: str, closes: bool
 ) -> None:
+    written = _watch_scan_answers(monkeypatch)
     request = _raw_scan(world, "/v1/scans", 5, version=version, extra=extra)
     reader, writer = await asyncio.open_connection("127.0.0.1", world.client.server.port)
     try:
@@ -664,9 +709,20 @@ async def test_other_connections_get_aiohttp_s_own_answer(
         assert b"\r\nCache-Control: no-store\r\n" in head and b"\r\nX-Request-Id: id-5\r\n" in head
         length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
         assert orjson.loads(await reader.readexactly(length))["accepted"] == 1
+        assert written == ["aiohttp"]
         if closes:
             assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed it
+            if version == "1.1":
+                assert b"\r\nConnection: close\r\n" in head
         else:
             assert b"\r\nConnection: keep-alive\r\n" in head
     finally:
         writer.close()
+
+
+def test_a_request_id_that_could_break_a_head_is_replaced() -> None:
+    # The written answer puts the id into its head unescaped (gateway.http.front_door).
+    for offered in ("a\r\nSet-Cookie: x=1", "a\nb", "a\rb", "caf\u00e9", "a b", "", "x" * 129):
+        kept = bind_request_id(offered)
+        assert kept != offered and re.fullmatch(r"[0-9a-f]{16}", kept), offered
+    assert bind_request_id("trace-1.2:3_x") == "trace-1.2:3_x"

@@ -20,7 +20,7 @@ way on both paths, and the connection caps and deadlines sit below both, in the 
 Anything else that names the scans takes the routed path, which answers it the same at its
 usual cost: a query string, an escaped path, another method (405), or
 ``Expect: 100-continue`` (the router's resource answers the expectation).
-``tests/test_front_door.py`` holds the two paths' answers equal.
+``tests/test_scans.py`` holds the two paths' answers equal.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def front_door(app: web.Application) -> ServerHandler:
         try:
             response: web.StreamResponse = ScanAnswer(await take_scans(request), request_id)
         except Exception as exc:
+            if isinstance(exc, web.HTTPException) and exc.status < 400:
+                raise  # as the middleware does: a redirect is an answer, not an error
             response = answer_error(exc, hdrs.METH_POST, SCANS_ROUTE)
             stamp_answer(response, request_id)
         metrics.observe_request(SCANS_ROUTE, response.status, time.perf_counter() - started)
@@ -103,6 +105,9 @@ class ScanAnswer(web.StreamResponse):
     A ``StreamResponse`` whose body is written in ``prepare``: a ``web.Response`` would
     build its headers and body at creation, for the one answer in many that takes
     aiohttp's way."""
+
+    # aiohttp's way: the head waits for the body, and both go in one write.
+    _send_headers_immediately = False
 
     def __init__(self, body: bytes, request_id: str) -> None:
         super().__init__()
@@ -140,9 +145,10 @@ class ScanAnswer(web.StreamResponse):
         return None
 
 
-# The head of a ScanAnswer, in the order aiohttp writes the same headers; its date comes
-# from aiohttp's own clock (one formatting per second), and the request id is sane by then
-# (``gateway.logs``: letters, digits and ``._:-``), so nothing here needs escaping.
+# The head of a ScanAnswer; its date comes from aiohttp's own clock (one formatting per
+# second), and the request id is sane by then (``gateway.logs.SANE_REQUEST_ID``: ASCII
+# letters, digits and ``._:-``, never CR or LF; a test holds it so), so nothing here needs
+# the escaping check aiohttp gives every header it writes.
 _SCAN_ANSWER_HEAD: Final = (
     b"HTTP/1.1 200 OK\r\n"
     + b"".join(f"{name}: {value}\r\n".encode() for name, value in SCAN_ANSWER_HEADERS.items())

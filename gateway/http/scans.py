@@ -72,9 +72,9 @@ class ScanIntake:
         ``post_scans``."""
         keyring, settings = self.keyring, self.settings
         # Each step without an await when it can (a known token, a body that has arrived).
-        app_id = app_of_known_token(request, keyring, self.token_uses) or await app_of_token(
-            request, keyring, self.keyring_refresh, self.token_uses
-        )
+        app_id = app_of_known_token(request, keyring, self.token_uses)
+        if app_id is None:  # not known yet: wait for a check of the keyring's store
+            app_id = await app_of_token(request, keyring, self.keyring_refresh, self.token_uses)
         doc = json_received(request)
         if doc is NOT_RECEIVED:
             doc = await read_json(request)
