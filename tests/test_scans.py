@@ -570,13 +570,13 @@ async def test_a_body_that_arrives_in_pieces_is_read_whole(
     # Chunked, in pieces 10 ms apart: the handler starts before the body has arrived, so
     # it must take the awaited read (read_json), not the body as it lies.
     read_awaited: list[int] = []
-    read_json = scans.read_json
+    json_awaited = scans.json_awaited
 
     async def counted(request: Any) -> Any:
         read_awaited.append(1)
-        return await read_json(request)
+        return await json_awaited(request)
 
-    monkeypatch.setattr(scans, "read_json", counted)
+    monkeypatch.setattr(scans, "json_awaited", counted)
 
     def pieces(body: bytes, size: int) -> Any:
         async def chunks() -> Any:
@@ -726,3 +726,19 @@ def test_a_request_id_that_could_break_a_head_is_replaced() -> None:
         kept = bind_request_id(offered)
         assert kept != offered and re.fullmatch(r"[0-9a-f]{16}", kept), offered
     assert bind_request_id("trace-1.2:3_x") == "trace-1.2:3_x"
+
+
+async def test_a_client_that_is_not_reading_gets_aiohttp_s_writing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection whose writing is paused (its client stopped reading, the transport's
+    # buffer is full): the answer waits for aiohttp's drain instead of piling up.
+    from aiohttp.web_protocol import RequestHandler
+
+    written = _watch_scan_answers(monkeypatch)
+    monkeypatch.setattr(RequestHandler, "writing_paused", property(lambda self: True))
+    resp = await world.post([world.event(21)])
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert written == ["aiohttp"]

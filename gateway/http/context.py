@@ -61,8 +61,18 @@ async def app_of_token(
     application's resources already (the scans, ``gateway.http.scans.ScanIntake``)."""
     app_id = app_of_known_token(request, keyring, uses)
     if app_id is None:
-        await refresh.since(asyncio.get_running_loop().time())
-        app_id = app_of_known_token(request, keyring, uses)
+        app_id = await app_of_refreshed_token(request, keyring, refresh, uses)
+    return app_id
+
+
+async def app_of_refreshed_token(
+    request: web.Request, keyring: Keyring, refresh: KeyringRefresh, uses: LastUse
+) -> str:
+    """The app id of a bearer token ``app_of_known_token`` did not know, looked for again
+    after a check of the keyring's store that began after it was missed (an app just
+    added works at once); Unauthorized when it is still unknown."""
+    await refresh.since(asyncio.get_running_loop().time())
+    app_id = app_of_known_token(request, keyring, uses)
     if app_id is None:
         raise Unauthorized("unknown or revoked token")
     return app_id
@@ -109,8 +119,12 @@ NOT_RECEIVED: Final = object()
 async def read_json(request: web.Request) -> Any:
     """The body as JSON: 415 unless JSON, 413 over the limit, 400 when it does not parse."""
     doc = json_received(request)
-    if doc is not NOT_RECEIVED:
-        return doc
+    return await json_awaited(request) if doc is NOT_RECEIVED else doc
+
+
+async def json_awaited(request: web.Request) -> Any:
+    """The body as JSON, read to its end: for one ``json_received`` found still
+    arriving (which made the checks of its head already)."""
     try:
         body = await request.read()
     except web.RequestPayloadError:

@@ -25,7 +25,6 @@ A look-up by phone could be an identity oracle, and a manual scan could write hi
 from __future__ import annotations
 
 import time
-from collections import Counter as Tally
 from typing import Final, Literal
 
 import redis.asyncio as aioredis
@@ -268,7 +267,7 @@ async def post_manual_scan(request: web.Request) -> web.Response:
         metrics.redis_errors.inc()
         raise Unavailable(str(exc), retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from exc
     status = "accepted" if fresh else "duplicate"
-    metrics.count_events(Tally({(app_id, event.kind, status, ""): 1}))
+    metrics.count_event(app_id, event.kind, status, 1)
     return json_response({"event_id": event.event_id, "status": status})
 
 

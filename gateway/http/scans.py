@@ -18,9 +18,9 @@ from gateway.http.context import (
     JSON_HEADERS,
     NOT_RECEIVED,
     app_of_known_token,
-    app_of_token,
+    app_of_refreshed_token,
+    json_awaited,
     json_received,
-    read_json,
 )
 from gateway.http.errors import (
     BacklogFull,
@@ -74,10 +74,12 @@ class ScanIntake:
         # Each step without an await when it can (a known token, a body that has arrived).
         app_id = app_of_known_token(request, keyring, self.token_uses)
         if app_id is None:  # not known yet: wait for a check of the keyring's store
-            app_id = await app_of_token(request, keyring, self.keyring_refresh, self.token_uses)
+            app_id = await app_of_refreshed_token(
+                request, keyring, self.keyring_refresh, self.token_uses
+            )
         doc = json_received(request)
         if doc is NOT_RECEIVED:
-            doc = await read_json(request)
+            doc = await json_awaited(request)
         if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
             raise InvalidRequest('expected {"events": [...]}')
         raw_events: list[Any] = doc["events"]
