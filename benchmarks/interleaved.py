@@ -11,7 +11,7 @@ benchmarks/capacity.py. Each round runs wrk against the reference, then each gat
 ``--seconds`` each. On this machine the speed drifts within minutes, by more than most
 changes are worth: a version's ratio is taken to the reference of the same round, and the
 median over the rounds is printed with every round's ratio and the CPU the server spent
-per request (from /proc). The verdicts each gateway counted are printed too: a version
+per request (from /proc), and Valkey's. The verdicts each gateway counted are printed too: a version
 whose events were refused would look fast.
 """
 
@@ -35,6 +35,7 @@ from capacity import (
     pinned,
     prepare_data,
     run_wrk,
+    tree_cpu_seconds,
     wait_http,
     wait_port,
 )
@@ -109,21 +110,27 @@ def main() -> int:
             servers[str(checkout)] = (url, gw.pid, args.batch, connections)
         rates: dict[str, list[float]] = {name: [] for name in servers}
         cpu_us: dict[str, list[float]] = {name: [] for name in servers}
+        valkey_us: dict[str, list[float]] = {name: [] for name in servers}
         for _ in range(args.rounds):
             for n, (name, (url, pid, batch, conns)) in enumerate(servers.items()):
+                valkey_before = tree_cpu_seconds(valkey.pid or 0)
                 # The run's label starts every event id: letters and digits only.
                 row = run_wrk(f"ab{n}", url, lua, batch, args.seconds, conns, pid)
+                valkey_cpu = tree_cpu_seconds(valkey.pid or 0) - valkey_before
                 rates[name].append(row.rps * batch)
                 cpu_us[name].append(row.server_cpu / row.rps * 1e6)
+                valkey_us[name].append(valkey_cpu / row.requests * 1e6)
         print(f"\n{args.rounds} rounds of {args.seconds} s, {args.batch} event(s) a request; "
               "rate: events/s (the reference's: requests/s)\n")  # fmt: skip
-        print("| server | median rate | median ratio | ratios, round by round | CPU µs a request |")
-        print("|---|---:|---:|---|---:|")
+        print("| server | median rate | median ratio | ratios, round by round "
+              "| CPU µs a request | Valkey CPU µs a request |")
+        print("|---|---:|---:|---|---:|---:|")
         for name, rate in rates.items():
             ratios = [r / ref_r for r, ref_r in zip(rate, rates["reference"], strict=True)]
             print(f"| {name} | {statistics.median(rate):,.0f} | {statistics.median(ratios):.3f} "
                   f"| {' '.join(f'{r:.2f}' for r in ratios)} "
-                  f"| {statistics.median(cpu_us[name]):.0f} |")  # fmt: skip
+                  f"| {statistics.median(cpu_us[name]):.0f} "
+                  f"| {statistics.median(valkey_us[name]):.0f} |")  # fmt: skip
         print()
         for name, (url, *_) in servers.items():
             if name != "reference":
