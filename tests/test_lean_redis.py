@@ -174,7 +174,7 @@ async def test_waitaof_where_the_server_has_it(private_redis: PrivateRedisFactor
     valkey = private_redis("valkey", appendonly=True, appendfsync="everysec")
     async with buffer_at(valkey.url, fsync_always=True) as buffer:
         assert await append(buffer, b"a") == {0: [True]}
-        assert buffer._fsync_mode == "waitaof"
+        assert buffer.durability.mode == "waitaof"
     redis_70 = private_redis("redis", appendonly=True, appendfsync="everysec")
     async with buffer_at(redis_70.url, fsync_always=True) as buffer:
         with pytest.raises(BufferUnavailable, match="neither fsyncs every write"):

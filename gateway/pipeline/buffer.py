@@ -1,9 +1,11 @@
 """The Redis buffer: de-duplicate accepted events and append them to their shard's stream.
 
-One script call per shard per request, all shards in one pipeline (one round trip). The
-script checks the event's identity against the shard's recent seen-buckets, records it,
-and appends the event to the stream, atomically; it answers per event (appended or
-duplicate) and the stream's length, which keeps the backlog gauge current for free.
+Concurrent requests' events go to Redis together (the group commit): on a single server
+as one script call (``gateway.pipeline.append_script``), on a Redis Cluster as one call per
+shard, pipelined (one round trip). The script checks each event's identity against its
+shard's recent seen-buckets, records it, and appends the event to the stream, atomically;
+it answers per event (appended or duplicate) and each stream's length, which keeps the
+backlog gauge current for free.
 
 De-duplication memory is bucketed by time: each bucket is a hash of identities, and a call
 checks the current bucket and the two before it, each bucket lasting half the retry memory.
@@ -16,15 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from gateway.pipeline.append_script import APPEND_SCRIPT, APPEND_SHA
+from gateway.pipeline.append_script import APPEND_SCRIPT, append_call, split_reply
+from gateway.pipeline.durability import BufferUnavailable, Durability, describe
 from gateway.pipeline.events import ScanEvent, encode_event
 from gateway.pipeline.keyspace import (
     EVENT_FIELD,
@@ -35,7 +37,7 @@ from gateway.pipeline.keyspace import (
 )
 from gateway.pipeline.resp import LeanConnection, LeanPool
 
-log = logging.getLogger(__name__)
+__all__ = ["BufferState", "BufferUnavailable", "RedisBuffer"]
 
 SEEN_BUCKETS_CHECKED: Final = 3
 MIN_BUCKET_MS: Final = 1000
@@ -53,12 +55,6 @@ SEND_AT_ONCE_EVENTS: Final = 50
 # WAITAOF holds a group until the server's next fsync (up to its cron tick, ~100 ms): let
 # more groups wait at once, or the fsync wait would cap throughput at 2 groups per tick.
 MAX_IN_FLIGHT_WAITAOF: Final = 16
-WAITAOF_TIMEOUT_MS: Final = 2000
-WAIT_TIMEOUT_MS: Final = 2000
-
-
-class BufferUnavailable(Exception):
-    """Redis did not take the write (down, loading, out of memory): answer 503."""
 
 
 class _Write(NamedTuple):
@@ -69,10 +65,19 @@ class _Write(NamedTuple):
     done: asyncio.Future[dict[int, list[bool]]]
 
 
+class _Call(NamedTuple):
+    """One EVALSHA of the append script: the sections it carries (shard, bucket), their
+    event counts, and its arguments."""
+
+    sections: list[tuple[int, int]]
+    sizes: list[int]
+    args: list[Any]
+
+
 class _Sent(NamedTuple):
     """A group ``_send_at_once`` wrote: its calls, and where their replies will come."""
 
-    merged: dict[tuple[int, int], list[Any]]
+    calls: list[_Call]
     connection: LeanConnection
     future: asyncio.Future[list[Any]]
     wait_aof: bool
@@ -81,9 +86,9 @@ class _Sent(NamedTuple):
 class RedisBuffer:
     """Appends accepted events to the sharded streams, de-duplicated by identity.
 
-    Group commit: the writes of concurrent requests are merged into one script call per
-    shard, sent as one pipelined write. While ``MAX_IN_FLIGHT`` groups are at Redis the
-    next one gathers (it goes early once ``GROUP_TARGET`` requests or
+    Group commit: the writes of concurrent requests are merged into one script call (one
+    per shard on a cluster), sent as one pipelined write. While ``MAX_IN_FLIGHT`` groups
+    are at Redis the next one gathers (it goes early once ``GROUP_TARGET`` requests or
     ``GROUP_EVENTS_TARGET`` events wait); when Redis is idle a write goes at once. Under
     load many requests share each round trip, and a lone request never waits for company.
     """
@@ -98,16 +103,7 @@ class RedisBuffer:
     ) -> None:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
-        # With wait_replicas a write is answered only once that many replicas have it
-        # (WAIT after the group's scripts, on the same connection): a master that dies then
-        # loses nothing it answered for.
-        self.wait_replicas = wait_replicas
-        # With fsync_always a write is answered only once it is on the server's disk: the
-        # server fsyncs every write itself (appendfsync always), or the group's pipeline
-        # ends with WAITAOF 1 0 (Redis 7.2+, Valkey), which returns once the local
-        # append-only file holds it. Which of the two is found out at the first write.
-        self.fsync_always = fsync_always
-        self._fsync_mode: str | None = None  # "server" or "waitaof", once known
+        self.durability = Durability(fsync_always, wait_replicas)
         self.shards = shards
         self.bucket_ms = max(MIN_BUCKET_MS, int(retry_memory_s * 1000) // 2)
         self._bucket_ttl_ms = str(self.bucket_ms * SEEN_BUCKETS_CHECKED).encode()
@@ -118,7 +114,7 @@ class RedisBuffer:
         self._committer: asyncio.Task[None] | None = None
         self._queued_events = 0
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._heads: dict[tuple[int, int], list[Any]] = {}
+        self._section_keys: dict[tuple[int, int], list[str]] = {}
         self._lean: LeanPool | None = None  # single server: the group commit's connections
 
     async def append(self, events: Sequence[ScanEvent], now_ms: int) -> list[bool]:
@@ -185,7 +181,7 @@ class RedisBuffer:
             # The group commit: while MAX_IN_FLIGHT groups are at Redis, what arrives
             # queues and goes together in the next group. When Redis is idle a write goes
             # at once, so a lone request never waits for company.
-            limit = MAX_IN_FLIGHT_WAITAOF if self._fsync_mode == "waitaof" else MAX_IN_FLIGHT
+            limit = MAX_IN_FLIGHT_WAITAOF if self.durability.waits_for_aof else MAX_IN_FLIGHT
             while len(in_flight) >= limit and not self._group_full.is_set():
                 await asyncio.wait(set(in_flight), return_when="FIRST_COMPLETED")
             self._group_full.clear()
@@ -202,43 +198,38 @@ class RedisBuffer:
         that arrive next (a committer task would run only after all of them). Only on a
         single server, with an idle lean connection and the durability mode known; False
         leaves the queue to the committer."""
-        limit = MAX_IN_FLIGHT_WAITAOF if self._fsync_mode == "waitaof" else MAX_IN_FLIGHT
+        limit = MAX_IN_FLIGHT_WAITAOF if self.durability.waits_for_aof else MAX_IN_FLIGHT
         if self._queued_events < SEND_AT_ONCE_EVENTS or len(self._in_flight) >= limit:
             return False
         if self.cluster or self._lean is None:
             return False
-        if self.fsync_always and self._fsync_mode is None:
+        if not self.durability.known:
             return False
         connection = self._lean.take_idle()
         if connection is None:
             return False
         group, self._queue, self._queued_events = self._queue, [], 0
         self._group_full.clear()
-        merged = self._merge(group)
-        wait_aof = self._fsync_mode == "waitaof"
+        calls = self._calls(self._merge(group))
+        wait_aof = self.durability.waits_for_aof
         try:
-            future = connection.send(self._commands(list(merged.values()), wait_aof))
+            future = connection.send(self.durability.commands([c.args for c in calls], wait_aof))
         except RedisError:
             connection.close()
             sent = None  # the group's task tries again through the usual path
         else:
-            sent = _Sent(merged, connection, future, wait_aof)
-        task = asyncio.create_task(
-            self._deliver(group, sent, merged), context=contextvars.Context()
-        )
+            sent = _Sent(calls, connection, future, wait_aof)
+        task = asyncio.create_task(self._deliver(group, sent, calls), context=contextvars.Context())
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return True
 
     async def _deliver(
-        self,
-        group: list[_Write],
-        sent: _Sent | None = None,
-        merged: dict[tuple[int, int], list[Any]] | None = None,
+        self, group: list[_Write], sent: _Sent | None = None, calls: list[_Call] | None = None
     ) -> None:
         """Commit a group (already written when ``sent``) and answer each of its requests."""
         try:
-            results = await self._commit(group, sent, merged)
+            results = await self._commit(group, sent, calls)
         except Exception as exc:
             failure = (
                 exc
@@ -254,16 +245,13 @@ class RedisBuffer:
                 write.done.set_result(result)
 
     async def _commit(
-        self,
-        group: list[_Write],
-        sent: _Sent | None = None,
-        merged: dict[tuple[int, int], list[Any]] | None = None,
+        self, group: list[_Write], sent: _Sent | None = None, calls: list[_Call] | None = None
     ) -> list[dict[int, list[bool]]]:
-        """One script call per (shard, bucket) for the whole group, in one round trip."""
-        if merged is None:
-            merged = self._merge(group)
-        replies = await (self._run(merged) if sent is None else self._receive(sent))
-        cursors = dict.fromkeys(merged, 1)  # reply[0] is the stream length
+        """The whole group's script calls in one round trip; each request's verdicts."""
+        if calls is None:
+            calls = self._calls(self._merge(group))
+        replies = await (self._run(calls) if sent is None else self._receive(sent))
+        cursors = dict.fromkeys(replies, 1)  # reply[0] is the stream length
         results: list[dict[int, list[bool]]] = []
         for write in group:
             out: dict[int, list[bool]] = {}
@@ -277,124 +265,107 @@ class RedisBuffer:
             self.lengths[shard] = int(reply[0])
         return results
 
-    def _merge(self, group: list[_Write]) -> dict[tuple[int, int], list[Any]]:
-        """The group's script calls: one per (shard, bucket), every request's pairs in it."""
-        merged: dict[tuple[int, int], list[Any]] = {}
+    @staticmethod
+    def _merge(group: list[_Write]) -> dict[tuple[int, int], list[bytes]]:
+        """The group's sections: per (shard, bucket), every request's pairs, flattened."""
+        merged: dict[tuple[int, int], list[bytes]] = {}
         for write in group:
             for shard, pairs in write.by_shard.items():
-                key = (shard, write.bucket)
-                args = merged.get(key)
-                if args is None:
-                    args = merged[key] = [*self._call_head(shard, write.bucket)]
+                flat = merged.setdefault((shard, write.bucket), [])
                 for identity, value in pairs:
-                    args.append(identity)
-                    args.append(value)
+                    flat.append(identity)
+                    flat.append(value)
         return merged
 
-    async def _receive(self, sent: _Sent) -> dict[Any, list[int]]:
+    def _calls(self, merged: dict[tuple[int, int], list[bytes]]) -> list[_Call]:
+        """The script calls for a group's sections: one for all of them on a single server;
+        one per section on a cluster, where a call's keys must share a slot."""
+        chunks = [[key] for key in merged] if self.cluster else [list(merged)]
+        calls: list[_Call] = []
+        for sections in chunks:
+            pairs = [merged[key] for key in sections]
+            keys = [self._keys(*key) for key in sections]
+            args = append_call(keys, pairs, self._bucket_ttl_ms, EVENT_FIELD)
+            calls.append(_Call(sections, [len(flat) // 2 for flat in pairs], args))
+        return calls
+
+    async def _receive(self, sent: _Sent) -> dict[tuple[int, int], list[Any]]:
         """``_run``'s answer for a group ``_send_at_once`` wrote: its replies, and the calls
         whose script the server had lost run again through ``_run`` (which loads it)."""
         assert self._lean is not None
         try:
             raw = await sent.connection.receive(sent.future)
         except RedisError as exc:
-            self._fsync_mode = None  # the server may come back configured otherwise
-            raise BufferUnavailable(_describe(exc)) from exc
+            self.durability.forget()
+            raise BufferUnavailable(describe(exc)) from exc
         finally:
             self._lean.give_back(sent.connection)
-        replies = self._confirmed(raw, len(sent.merged), sent.wait_aof)
-        done: dict[Any, list[int]] = {}
-        missing: dict[Any, list[Any]] = {}
-        for (key, call), reply in zip(sent.merged.items(), replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                missing[key] = call
-            elif isinstance(reply, BaseException):
-                raise BufferUnavailable(_describe(reply))
-            else:
-                done[key] = reply
+        replies = self.durability.confirmed(raw, len(sent.calls), sent.wait_aof)
+        done: dict[tuple[int, int], list[Any]] = {}
+        missing = self._sort_replies(sent.calls, replies, done, reload=True)
         if missing:
             done.update(await self._run(missing))
         return done
 
-    def _call_head(self, shard: int, bucket: int) -> list[Any]:
-        """EVALSHA's arguments before the event pairs (cached: they change per bucket)."""
-        head = self._heads.get((shard, bucket))
-        if head is None:
-            if len(self._heads) > 4 * self.shards:
-                self._heads.clear()
+    def _keys(self, shard: int, bucket: int) -> list[str]:
+        """A section's keys: the stream, then the seen-buckets from the current one back
+        (cached: they change once per bucket)."""
+        keys = self._section_keys.get((shard, bucket))
+        if keys is None:
+            if len(self._section_keys) > 4 * self.shards:
+                self._section_keys.clear()
             keys = [stream_key(shard)]
             keys += [seen_key(shard, bucket - i) for i in range(SEEN_BUCKETS_CHECKED)]
-            head = [APPEND_SHA, len(keys), *keys, self._bucket_ttl_ms, EVENT_FIELD]
-            self._heads[(shard, bucket)] = head
-        return head
+            self._section_keys[(shard, bucket)] = keys
+        return keys
 
-    async def _run(self, calls: dict[Any, list[Any]]) -> dict[Any, list[int]]:
+    @staticmethod
+    def _sort_replies(
+        calls: list[_Call], replies: list[Any], done: dict[tuple[int, int], list[Any]],
+        reload: bool,
+    ) -> list[_Call]:  # fmt: skip
+        """Each call's reply cut into ``done`` per section; the calls whose script the
+        server had lost (NOSCRIPT), when ``reload``; any other error raised."""
+        missing: list[_Call] = []
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, NoScriptError) and reload:
+                missing.append(call)
+            elif isinstance(reply, BaseException):
+                raise BufferUnavailable(describe(reply))
+            else:
+                try:
+                    done.update(zip(call.sections, split_reply(reply, call.sizes), strict=True))
+                except (TypeError, ValueError) as exc:
+                    raise BufferUnavailable("Redis answered the append script oddly") from exc
+        return missing
+
+    async def _run(self, calls: list[_Call]) -> dict[tuple[int, int], list[Any]]:
         """EVALSHA every call in one pipeline; load the script once if the server lost it
         (a restart empties the script cache) and rerun only the calls that missed it."""
-        pending = dict(calls)
-        done: dict[Any, list[int]] = {}
-        wait_aof = self.fsync_always and await self._needs_waitaof()
+        pending = calls
+        done: dict[tuple[int, int], list[Any]] = {}
+        wait_aof = await self.durability.needs_waitaof(self.client)
         for attempt in range(2):
             try:
                 if self.cluster:
-                    replies = await self._send_cluster(list(pending.values()), wait_aof)
+                    replies = await self._send_cluster(pending, wait_aof)
                 else:
-                    replies = await self._send(list(pending.values()), wait_aof)
+                    replies = await self._send(pending, wait_aof)
             except RedisError as exc:
-                self._fsync_mode = None  # the server may come back configured otherwise
-                raise BufferUnavailable(_describe(exc)) from exc
-            missing: dict[Any, list[Any]] = {}
-            for (key, call), reply in zip(pending.items(), replies, strict=True):
-                if isinstance(reply, NoScriptError) and attempt == 0:
-                    missing[key] = call
-                elif isinstance(reply, BaseException):
-                    raise BufferUnavailable(_describe(reply))
-                else:
-                    done[key] = reply
+                self.durability.forget()
+                raise BufferUnavailable(describe(exc)) from exc
+            missing = self._sort_replies(pending, replies, done, reload=attempt == 0)
             if not missing:
                 break
             try:
                 # On a cluster, SCRIPT LOAD goes to every primary.
                 await self.client.script_load(APPEND_SCRIPT)
             except RedisError as exc:
-                raise BufferUnavailable(_describe(exc)) from exc
+                raise BufferUnavailable(describe(exc)) from exc
             pending = missing
         return done
 
-    async def _needs_waitaof(self) -> bool:
-        """Whether a group must end with WAITAOF to be on disk when answered; raises
-        BufferUnavailable when the server can promise neither way."""
-        if self._fsync_mode is None:
-            try:
-                config: Any = await self.client.config_get("appendfsync")
-                fsync = config.get(b"appendfsync", config.get("appendfsync", b""))
-                if fsync in (b"always", "always"):
-                    self._fsync_mode = "server"
-                elif await self._has_waitaof():
-                    self._fsync_mode = "waitaof"
-            except RedisError as exc:
-                raise BufferUnavailable(_describe(exc)) from exc
-            if self._fsync_mode is None:
-                raise BufferUnavailable(
-                    "SCANGATE_REDIS_FSYNC=always, but the server neither fsyncs every write "
-                    "(appendfsync always) nor has WAITAOF (Redis 7.2+, Valkey)"
-                )
-            log.info("durable writes: %s", self._fsync_mode)
-        return self._fsync_mode == "waitaof"
-
-    async def _has_waitaof(self) -> bool:
-        """Whether the server knows WAITAOF (Redis 7.2+, Valkey): asked by running it with
-        nothing to wait for. (redis-py's COMMAND INFO reply parser fails on an unknown
-        command with a TypeError, so a Redis 7.0 answered every write 503 as an error.)"""
-        try:
-            await self.client.execute_command("WAITAOF", 0, 0, 1)  # type: ignore[no-untyped-call]
-        except ResponseError as exc:
-            if "unknown command" in str(exc).lower():
-                return False
-            raise
-        return True
-
-    async def _send_cluster(self, calls: list[list[Any]], wait_aof: bool) -> list[Any]:
+    async def _send_cluster(self, calls: list[_Call], wait_aof: bool) -> list[Any]:
         """``_send`` for a Redis Cluster: the calls grouped by the node that holds their
         slot (each call's keys share one hash tag), every node's group pipelined on one of
         its connections, the nodes concurrently. A node that answers MOVED or fails makes
@@ -403,7 +374,7 @@ class RedisBuffer:
         await client.initialize()  # the slot map, read once (a no-op afterwards)
         by_node: dict[str, tuple[Any, list[int]]] = {}
         for i, call in enumerate(calls):
-            node = client.get_node_from_key(call[2])  # EVALSHA sha numkeys key ...
+            node = client.get_node_from_key(call.args[2])  # sha numkeys key ...
             by_node.setdefault(node.name, (node, []))[1].append(i)
         replies: list[Any] = [None] * len(calls)
 
@@ -432,39 +403,9 @@ class RedisBuffer:
         with contextlib.suppress(RedisError, OSError):
             await self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
 
-    def _commands(self, calls: list[list[Any]], wait_aof: bool) -> list[tuple[Any, ...]]:
-        """EVALSHA each call, then WAITAOF / WAIT when asked for."""
-        commands: list[tuple[Any, ...]] = [("EVALSHA", *c) for c in calls]
-        if wait_aof:
-            commands.append(("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS))
-        if self.wait_replicas:
-            commands.append(("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS))
-        return commands
-
-    def _confirmed(self, replies: list[Any], calls: int, wait_aof: bool) -> list[Any]:
-        """The calls' replies, once the WAITAOF / WAIT replies after them say the group is
-        as durable as promised (else BufferUnavailable)."""
-        confirmations = replies[calls:]
-        if wait_aof:
-            confirmation = confirmations.pop(0)
-            if isinstance(confirmation, BaseException):
-                raise BufferUnavailable(_describe(confirmation))
-            if int(confirmation[0]) < 1:
-                raise BufferUnavailable("Redis did not confirm the fsync in time")
-        if self.wait_replicas:
-            confirmation = confirmations.pop(0)
-            if isinstance(confirmation, BaseException):
-                raise BufferUnavailable(_describe(confirmation))
-            if int(confirmation) < self.wait_replicas:
-                raise BufferUnavailable(
-                    f"only {int(confirmation)} of {self.wait_replicas} replicas confirmed "
-                    "the write in time"
-                )
-        return replies[:calls]
-
-    async def _pipelined(self, conn: Any, calls: list[list[Any]], wait_aof: bool) -> list[Any]:
+    async def _pipelined(self, conn: Any, calls: list[_Call], wait_aof: bool) -> list[Any]:
         """The group on one of redis-py's connections (a cluster node's), in one write."""
-        commands = self._commands(calls, wait_aof)
+        commands = self.durability.commands([c.args for c in calls], wait_aof)
         await conn.send_packed_command(conn.pack_commands(commands))
         replies: list[Any] = []
         for _ in commands:
@@ -472,17 +413,18 @@ class RedisBuffer:
                 replies.append(await conn.read_response())
             except ResponseError as exc:
                 replies.append(exc)
-        return self._confirmed(replies, len(calls), wait_aof)
+        return self.durability.confirmed(replies, len(calls), wait_aof)
 
-    async def _send(self, calls: list[list[Any]], wait_aof: bool = False) -> list[Any]:
+    async def _send(self, calls: list[_Call], wait_aof: bool = False) -> list[Any]:
         """EVALSHA each call, pipelined on one lean connection (``gateway.pipeline.resp``):
         one write, then the replies in order (an error reply is returned, not raised).
         With ``wait_aof`` the pipeline ends with WAITAOF, and an unconfirmed fsync fails
         the whole group. (Why not redis-py's Pipeline: ``gateway.pipeline.resp``.)"""
         if self._lean is None:
             self._lean = LeanPool(self.client.connection_pool)
-        replies = await self._lean.exchange(self._commands(calls, wait_aof))
-        return self._confirmed(replies, len(calls), wait_aof)
+        commands = self.durability.commands([c.args for c in calls], wait_aof)
+        replies = await self._lean.exchange(commands)
+        return self.durability.confirmed(replies, len(calls), wait_aof)
 
     def close(self) -> None:
         """Close the lean connections (the client, which the caller owns, stays open)."""
@@ -506,7 +448,7 @@ class RedisBuffer:
                 pipe.info("memory")
                 *replies, memory = await pipe.execute()
         except RedisError as exc:
-            raise BufferUnavailable(_describe(exc)) from exc
+            raise BufferUnavailable(describe(exc)) from exc
         lengths = [int(n) for n in replies]
         self.lengths = lengths
         return BufferState(
@@ -540,10 +482,3 @@ class BufferState(NamedTuple):
     lengths: list[int]  # entries not yet flushed, per shard
     memory_used_bytes: int
     maxmemory_bytes: int  # 0: no limit
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).split("\n", 1)[0]
-    if isinstance(exc, OutOfMemoryError) or text.startswith("OOM"):
-        return "Redis is out of memory (maxmemory reached)"
-    return f"Redis unavailable: {type(exc).__name__}"

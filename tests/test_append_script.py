@@ -1,0 +1,143 @@
+"""The append script and its calls (``gateway.pipeline.append_script``): on a single server a
+group commit is one script call however many shards and time buckets it spans, and every
+verdict stays what a call per shard gave. Run against Valkey and Redis (``redis_url``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from gateway.pipeline.append_script import append_call, split_reply
+from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer
+from gateway.pipeline.client import connect_redis
+from gateway.pipeline.keyspace import CONSUMER_GROUP, stream_key
+
+SHARDS = 16
+
+
+@contextlib.asynccontextmanager
+async def buffer_at(url: str, shards: int = SHARDS) -> AsyncIterator[RedisBuffer]:
+    client = connect_redis(url)
+    buffer = RedisBuffer(client, shards, retry_memory_s=600)
+    try:
+        yield buffer
+    finally:
+        buffer.close()
+        await client.aclose()
+
+
+def pairs(name: str, n: int) -> list[tuple[bytes, bytes]]:
+    return [(f"{name}-{i}".encode(), f"value of {name}-{i}".encode()) for i in range(n)]
+
+
+def script_calls(url: str) -> int:
+    with redis.Redis.from_url(url) as client:
+        stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def stream(url: str, shard: int) -> list[bytes]:
+    with redis.Redis.from_url(url) as client:
+        return [fields[b"e"] for _id, fields in client.xrange(stream_key(shard))]
+
+
+async def test_a_group_over_every_shard_is_one_script_call(redis_url: str) -> None:
+    async with buffer_at(redis_url) as buffer:
+        await buffer.append_encoded({0: pairs("warm", 1)}, 0)
+        with redis.Redis.from_url(redis_url) as client:
+            client.config_resetstat()
+        # Concurrent requests, each over all 16 shards: they share group commits.
+        requests = [{s: pairs(f"r{r}s{s}", 3) for s in range(SHARDS)} for r in range(8)]
+        answers = await asyncio.gather(*(buffer.append_encoded(w, 0) for w in requests))
+        assert all(a == {s: [True] * 3 for s in range(SHARDS)} for a in answers)
+        # Groups, not shards, make the calls: 8 requests over 16 shards took at most 8.
+        assert 1 <= script_calls(redis_url) <= 8
+        for s in range(SHARDS):
+            expected = [v for r in range(8) for _i, v in pairs(f"r{r}s{s}", 3)]
+            expected += [b"value of warm-0"] if s == 0 else []
+            assert sorted(stream(redis_url, s)) == sorted(expected)
+            assert buffer.lengths[s] == len(expected)
+        again = await buffer.append_encoded(requests[3], 0)
+        assert again == {s: [False] * 3 for s in range(SHARDS)}
+
+
+async def test_every_new_stream_gets_its_consumer_group(redis_url: str) -> None:
+    async with buffer_at(redis_url) as buffer:
+        await buffer.append_encoded({s: pairs(f"s{s}", 1) for s in range(SHARDS)}, 0)
+    with redis.Redis.from_url(redis_url) as client:
+        for s in range(SHARDS):
+            groups = client.xinfo_groups(stream_key(s))
+            assert [g["name"] for g in groups] == [CONSUMER_GROUP.encode()]
+
+
+async def test_a_section_over_the_lua_stack_limit_is_looked_up_in_chunks(
+    redis_url: str,
+) -> None:
+    """Lua's unpack() stops at 8000 values: one shard's 9,000 events (18,000 arguments,
+    9,000 ids to look up, 18,000 values to record) still go in one call."""
+    many = pairs("many", 9_000)
+    async with buffer_at(redis_url, shards=1) as buffer:
+        first = await buffer.append_encoded({0: many}, 0)
+        assert first == {0: [True] * 9_000}
+        mixed = many[4_500:4_502] + pairs("new", 2)
+        assert await buffer.append_encoded({0: mixed}, 0) == {0: [False, False, True, True]}
+        assert await buffer.append_encoded({0: many}, 0) == {0: [False] * 9_000}
+        assert buffer.lengths == [9_002]
+    assert len(stream(redis_url, 0)) == 9_002
+
+
+async def test_duplicates_inside_one_call_are_told_apart(redis_url: str) -> None:
+    """The same identity twice in one group (two requests, or twice in one) is appended once,
+    including across the two sections of a shard whose group spans a bucket boundary."""
+    async with buffer_at(redis_url, shards=1) as buffer:
+        bucket_ms = buffer.bucket_ms
+        twice = [(b"same", b"first"), (b"other", b"x"), (b"same", b"second")]
+        assert await buffer.append_encoded({0: twice}, 0) == {0: [True, True, False]}
+        # Two requests in one group, in consecutive buckets: two sections of one call.
+        with redis.Redis.from_url(redis_url) as client:
+            client.config_resetstat()
+        early = buffer.append_encoded({0: [(b"edge", b"early"), (b"a", b"1")]}, bucket_ms - 1)
+        late = buffer.append_encoded({0: [(b"edge", b"late"), (b"b", b"2")]}, bucket_ms)
+        assert await asyncio.gather(early, late) == [{0: [True, True]}, {0: [False, True]}]
+        assert script_calls(redis_url) == 1
+    values = stream(redis_url, 0)
+    assert values.count(b"first") == 1 and b"second" not in values
+    assert b"early" in values and b"late" not in values
+
+
+async def test_an_empty_write_is_answered_empty(redis_url: str) -> None:
+    async with buffer_at(redis_url) as buffer:
+        assert await buffer.append_encoded({3: []}, 0) == {3: []}
+        assert await buffer.append_encoded({3: pairs("after", 1)}, 0) == {3: [True]}
+
+
+def test_the_call_and_its_reply_line_up() -> None:
+    keys = [["s0", "c0", "o0", "p0"], ["s1", "c1", "o1", "p1"]]
+    flat = [[b"i1", b"v1", b"i2", b"v2"], [b"i3", b"v3"]]
+    call = append_call(keys, flat, b"900", b"e")
+    assert call[1:10] == [8, "s0", "c0", "o0", "p0", "s1", "c1", "o1", "p1"]
+    assert call[10:] == [b"900", b"e", 4, 2, b"i1", b"v1", b"i2", b"v2", 1, b"i3", b"v3"]
+    assert split_reply([7, 1, 0, 3, 1], [2, 1]) == [[7, 1, 0], [3, 1]]
+    with pytest.raises(ValueError, match="answered 4 values, expected 5"):
+        split_reply([7, 1, 0, 3], [2, 1])
+
+
+async def test_a_reply_of_the_wrong_shape_is_unavailable_not_a_wrong_verdict(
+    redis_url: str,
+) -> None:
+    """A server whose script answered otherwise (another version loaded under the same
+    SHA cannot happen, but a proxy could mangle it) fails the group as a 503."""
+    async with buffer_at(redis_url) as buffer:
+        await buffer.append_encoded({0: pairs("warm", 1)}, 0)
+        original = buffer._sort_replies
+
+        def truncated(calls, replies, done, reload):  # type: ignore[no-untyped-def]
+            return original(calls, [r[:-1] for r in replies], done, reload)
+
+        buffer._sort_replies = truncated  # type: ignore[method-assign]
+        with pytest.raises(BufferUnavailable, match="oddly"):
+            await buffer.append_encoded({0: pairs("next", 2)}, 0)
