@@ -288,3 +288,37 @@ async def test_big_writes_sent_at_once_keep_every_rule(redis_url: str) -> None:
         again = await append(buffer, *batch("r0")[:5], *batch("fresh")[: size - 5])
         assert again == {0: [False] * 5 + [True] * (size - 5)}
     assert stored(redis_url) == 1 + 6 * size + size - 5
+
+
+async def test_small_writes_of_one_turn_go_in_groups_from_their_own_turn(
+    redis_url: str,
+) -> None:
+    """Single events queued in one turn of the loop go to Redis SEND_AT_ONCE_EVENTS at a
+    time from their own turn while a group slot is free (not all after the turn, from the
+    committer); the committer sends only what is left, and never an empty group."""
+    from gateway.pipeline.buffer import SEND_AT_ONCE_EVENTS
+
+    async with buffer_at(redis_url) as buffer:
+        assert await append(buffer, b"warm-up") == {0: [True]}  # opens a lean connection
+        received, groups = 0, []
+        original_receive, original_commit = buffer._receive, buffer._commit
+
+        async def counting(sent: Any) -> Any:
+            nonlocal received
+            received += 1
+            return await original_receive(sent)
+
+        async def watching(group: Any, *args: Any) -> Any:
+            groups.append(len(group))
+            return await original_commit(group, *args)
+
+        buffer._receive = counting  # type: ignore[method-assign]
+        buffer._commit = watching  # type: ignore[method-assign]
+        n = 5 * SEND_AT_ONCE_EVENTS
+        writes = [append(buffer, f"one-{i}".encode()) for i in range(n)]
+        assert await asyncio.gather(*writes) == [{0: [True]}] * n
+        assert received >= 1  # at least one group went from a request's own turn
+        assert 0 not in groups and sum(groups) == n
+        again = await asyncio.gather(*(append(buffer, f"one-{i}".encode()) for i in range(n)))
+        assert again == [{0: [False]}] * n
+    assert stored(redis_url) == 1 + n

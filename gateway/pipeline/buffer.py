@@ -46,12 +46,13 @@ MIN_BUCKET_MS: Final = 1000
 GROUP_TARGET: Final = 48
 GROUP_EVENTS_TARGET: Final = 200
 MAX_IN_FLIGHT: Final = 2
-# A write of this many events goes to Redis from its request's own turn of the loop when a
-# group slot is free (RedisBuffer._send_at_once): Redis then works on it while the process
-# checks the next requests, instead of the two taking turns. Fewer wait for the committer,
-# which gathers small writes into one round trip (sending single events at once cost 10%
-# of the single-event rate; batches of 100 gained 13%: benchmarks/RESULTS.md).
-SEND_AT_ONCE_EVENTS: Final = 50
+# Once this many events are queued they go to Redis from the queueing request's own turn of
+# the loop when a group slot is free (RedisBuffer._send_at_once): Redis then works on them
+# while the process checks the next requests, instead of the two taking turns. Fewer wait
+# for the committer, which gathers small writes into one round trip (sending each single
+# event at once cost 10% of the single-event rate; batches of 100 gained 13%; single events
+# sent 32 at a time gained 13%: benchmarks/RESULTS.md).
+SEND_AT_ONCE_EVENTS: Final = 32
 # WAITAOF holds a group until the server's next fsync (up to its cron tick, ~100 ms): let
 # more groups wait at once, or the fsync wait would cap throughput at 2 groups per tick.
 MAX_IN_FLIGHT_WAITAOF: Final = 16
@@ -165,7 +166,13 @@ class RedisBuffer:
         self._queued_events += sum(len(pairs) for pairs in by_shard.values())
         if len(self._queue) >= GROUP_TARGET or self._queued_events >= GROUP_EVENTS_TARGET:
             self._group_full.set()
-        if (self._committer is None or self._committer.done()) and not self._send_at_once():
+        # Tried at every write, not only when the committer is idle: a turn of the loop that
+        # reads many requests would otherwise queue them all for a committer that runs after
+        # the last, and Redis and the client would wait for the whole turn, then the process
+        # for them (a convoy: a fifth of the core idle, with 64 connections as with 192).
+        if self._send_at_once():
+            return done
+        if self._committer is None or self._committer.done():
             # A context of its own: the committer serves many requests, so it must not
             # carry (and log under) the request id of the one that happened to start it.
             self._committer = asyncio.create_task(
@@ -184,6 +191,8 @@ class RedisBuffer:
             limit = MAX_IN_FLIGHT_WAITAOF if self.durability.waits_for_aof else MAX_IN_FLIGHT
             while len(in_flight) >= limit and not self._group_full.is_set():
                 await asyncio.wait(set(in_flight), return_when="FIRST_COMPLETED")
+            if not self._queue:
+                break  # a request sent what was queued from its own turn meanwhile
             self._group_full.clear()
             group, self._queue, self._queued_events = self._queue, [], 0
             task = asyncio.create_task(self._deliver(group))
