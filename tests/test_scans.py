@@ -384,6 +384,26 @@ def test_entries_are_compact() -> None:
     assert orjson.loads(value) == ["vhd", "E" * 16, "i", "V1", "P1", 1, 2, None]
 
 
+def test_an_encoded_entry_holds_only_its_own_bytes() -> None:
+    """Encoded events wait in memory for their group commit: 48 batches of 100 in flight held
+    19.6 MB when each kept the 4 KiB buffer orjson wrote it in."""
+    import tracemalloc
+
+    from gateway.pipeline.events import ScanEvent, encode_event
+
+    events = [
+        ScanEvent("vhd", f"E{i:015d}", "checkin", "V1", "P1", 1, 2, None) for i in range(1000)
+    ]
+    tracemalloc.start()
+    try:
+        values = [encode_event(event) for event in events]
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(values) == 1000
+    assert held < 1000 * 256  # about 100 bytes each, not 4 KiB
+
+
 # -- the front door (gateway.http.front_door) -------------------------------------------------
 # An exact POST /v1/scans is answered by the front door; with a query string the same request
 # goes through the router, the middleware and the prepare signal. Both must answer alike.

@@ -107,6 +107,7 @@ class ScanIntake:
         verifier, rules, revoked = keyring.verifier(app_id), self.rules, self.revoked.ids
         checked = [check_event(raw, app_id, verifier, rules, now_ms, revoked) for raw in raw_events]
         accepted = [verdict for verdict in checked if isinstance(verdict, ScanEvent)]
+        del doc, raw_events  # not held while the events wait for their group commit
         fresh: list[bool] = []
         if accepted:
             try:
