@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 
 from capacity import (
+    CONNECTIONS_BATCH,
+    CONNECTIONS_SINGLE,
     HERE,
     SHARDS,
     free_port,
@@ -65,7 +67,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=5, help="per server per round")
     parser.add_argument("--batch", type=int, default=1, help="events per request (1 or 100)")
-    parser.add_argument("--connections", type=int, help="default 64 for 1 event, else 16")
+    parser.add_argument(
+        "--connections", type=int, help="default as benchmarks/capacity.py: 64 for 1 event, else 48"
+    )
     args = parser.parse_args()
     for checkout in args.checkouts:
         if not (checkout / "gateway" / "__main__.py").is_file():
@@ -74,7 +78,7 @@ def main() -> int:
         parser.error("--rounds and --seconds must be 1 or more")
     if shutil.which("wrk") is None:
         sys.exit("interleaved: wrk is not installed (apt-get install wrk)")
-    connections = args.connections or (64 if args.batch == 1 else 16)
+    connections = args.connections or (CONNECTIONS_SINGLE if args.batch == 1 else CONNECTIONS_BATCH)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SCANGATE_", "PROMETHEUS_"))}
     with (
         tempfile.TemporaryDirectory(prefix="scangate-interleaved-") as tmp,
@@ -122,8 +126,10 @@ def main() -> int:
                 valkey_us[name].append(valkey_cpu / row.requests * 1e6)
         print(f"\n{args.rounds} rounds of {args.seconds} s, {args.batch} event(s) a request; "
               "rate: events/s (the reference's: requests/s)\n")  # fmt: skip
-        print("| server | median rate | median ratio | ratios, round by round "
-              "| CPU µs a request | Valkey CPU µs a request |")
+        print(
+            "| server | median rate | median ratio | ratios, round by round "
+            "| CPU µs a request | Valkey CPU µs a request |"
+        )
         print("|---|---:|---:|---|---:|---:|")
         for name, rate in rates.items():
             ratios = [r / ref_r for r, ref_r in zip(rate, rates["reference"], strict=True)]
