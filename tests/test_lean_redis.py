@@ -295,7 +295,7 @@ async def test_small_writes_of_one_turn_go_in_groups_from_their_own_turn(
 ) -> None:
     """Single events queued in one turn of the loop go to Redis SEND_AT_ONCE_EVENTS at a
     time from their own turn while a group slot is free (not all after the turn, from the
-    committer); the committer sends only what is left, and never an empty group."""
+    committer); the committer sends only what is left."""
     from gateway.pipeline.buffer import SEND_AT_ONCE_EVENTS
 
     async with buffer_at(redis_url) as buffer:
@@ -322,3 +322,73 @@ async def test_small_writes_of_one_turn_go_in_groups_from_their_own_turn(
         again = await asyncio.gather(*(append(buffer, f"one-{i}".encode()) for i in range(n)))
         assert again == [{0: [False]}] * n
     assert stored(redis_url) == 1 + n
+
+
+async def test_the_committer_sends_no_empty_group_when_a_request_sent_its_queue(
+    redis_url: str,
+) -> None:
+    """The committer waits for a group slot; when one frees, a request of that same turn can
+    send the whole queue from its own turn. The committer then finds nothing to send and
+    stops, rather than committing an empty group."""
+    from gateway.pipeline.buffer import MAX_IN_FLIGHT, SEND_AT_ONCE_EVENTS
+
+    async with buffer_at(redis_url) as buffer:
+        assert await append(buffer, b"warm-up") == {0: [True]}  # opens a lean connection
+        groups: list[int] = []
+        original_commit = buffer._commit
+
+        async def watching(group: Any, *args: Any) -> Any:
+            groups.append(len(group))
+            return await original_commit(group, *args)
+
+        buffer._commit = watching  # type: ignore[method-assign]
+        # Hold every group slot with a stand-in group that waits.
+        gates = [asyncio.Event() for _ in range(MAX_IN_FLIGHT)]
+        holders = [asyncio.create_task(gate.wait()) for gate in gates]
+        for holder in holders:
+            buffer._in_flight.add(holder)
+            holder.add_done_callback(buffer._in_flight.discard)
+        first = asyncio.ensure_future(append(buffer, b"first"))
+        for _ in range(5):  # the committer starts and waits for a slot
+            await asyncio.sleep(0)
+        assert not first.done() and groups == []
+        gates[0].set()
+        # Resumed in the turn the slot frees, before the committer is: queue enough to
+        # send at once from this turn (_enqueue, as a request's own turn does).
+        await holders[0]
+        identities = [f"rest-{i}".encode() for i in range(SEND_AT_ONCE_EVENTS - 1)]
+        rest = [buffer._enqueue({0: [(i, b"event " + i)]}, 0) for i in identities]
+        assert buffer._queue == []  # sent from this turn, "first" with them
+        answers = await asyncio.gather(first, *rest)
+        assert answers == [{0: [True]}] * SEND_AT_ONCE_EVENTS
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert groups == [SEND_AT_ONCE_EVENTS]  # one group; no empty one after it
+        assert buffer._committer is not None and buffer._committer.done()
+        gates[1].set()
+        await holders[1]
+    assert stored(redis_url) == 1 + SEND_AT_ONCE_EVENTS
+
+
+async def test_a_failure_while_sending_at_once_leaves_no_request_unanswered(
+    redis_url: str,
+) -> None:
+    from gateway.pipeline.buffer import SEND_AT_ONCE_EVENTS
+
+    async with buffer_at(redis_url) as buffer:
+        assert await append(buffer, b"warm-up") == {0: [True]}
+        original_calls, failures = buffer._calls, 0
+
+        def failing_once(merged: Any) -> Any:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise RuntimeError("a bug while building the calls")
+            return original_calls(merged)
+
+        buffer._calls = failing_once  # type: ignore[method-assign]
+        identities = [f"e-{i}".encode() for i in range(SEND_AT_ONCE_EVENTS)]
+        answer = await asyncio.wait_for(append(buffer, *identities), 10)
+        assert failures == 1
+        assert answer == {0: [True] * SEND_AT_ONCE_EVENTS}  # the usual path wrote it
+    assert stored(redis_url) == 1 + SEND_AT_ONCE_EVENTS

@@ -28,7 +28,7 @@ APPEND_SCRIPT: Final = (
 -- Returns, per section in order: the stream's length, then per event 1 appended,
 --   0 duplicate.
 local ttl, field, per = ARGV[1], ARGV[2], tonumber(ARGV[3])
--- unpack() stops at the C stack's limit (8000 values): look up and record in chunks.
+-- unpack() fails past the C stack's limit (8000 values): look up and record in chunks.
 local CHUNK = 1000
 local out = {}
 local a = 4

@@ -219,16 +219,19 @@ class RedisBuffer:
             return False
         group, self._queue, self._queued_events = self._queue, [], 0
         self._group_full.clear()
-        calls = self._calls(self._merge(group))
-        wait_aof = self.durability.waits_for_aof
+        sent: _Sent | None = None
         try:
+            calls = self._calls(self._merge(group))
+            wait_aof = self.durability.waits_for_aof
             future = connection.send(self.durability.commands([c.args for c in calls], wait_aof))
-        except RedisError:
-            connection.close()
-            sent = None  # the group's task tries again through the usual path
-        else:
             sent = _Sent(calls, connection, future, wait_aof)
-        task = asyncio.create_task(self._deliver(group, sent, calls), context=contextvars.Context())
+        except Exception:
+            # Whatever failed, the group is out of the queue: its task tries again through
+            # the usual path, and answers every request of it, if only with a 503.
+            connection.close()
+        task = asyncio.create_task(
+            self._deliver(group, sent, sent and sent.calls), context=contextvars.Context()
+        )
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return True
@@ -259,6 +262,8 @@ class RedisBuffer:
         """The whole group's script calls in one round trip; each request's verdicts."""
         if calls is None:
             calls = self._calls(self._merge(group))
+        if not calls:  # nothing to write: every request of the group was empty
+            return [{} for _write in group]
         replies = await (self._run(calls) if sent is None else self._receive(sent))
         cursors = dict.fromkeys(replies, 1)  # reply[0] is the stream length
         results: list[dict[int, list[bool]]] = []
@@ -288,8 +293,9 @@ class RedisBuffer:
 
     def _calls(self, merged: dict[tuple[int, int], list[bytes]]) -> list[_Call]:
         """The script calls for a group's sections: one for all of them on a single server;
-        one per section on a cluster, where a call's keys must share a slot."""
-        chunks = [[key] for key in merged] if self.cluster else [list(merged)]
+        one per section on a cluster, where a call's keys must share a slot; none for no
+        section."""
+        chunks = [[key] for key in merged] if self.cluster or not merged else [list(merged)]
         calls: list[_Call] = []
         for sections in chunks:
             pairs = [merged[key] for key in sections]

@@ -178,6 +178,7 @@ def encode_event(event: ScanEvent) -> bytes:
     )
     # Copied to a bytes object of its own size: orjson's keeps the 4 KiB it was written in,
     # and an encoded event waits for its group commit (48 batches of 100 held 19.6 MB so).
+    # b"%b" makes a real copy; bytes(encoded) would hand back the same object.
     return b"%b" % encoded
 
 
