@@ -149,3 +149,14 @@ async def test_a_reply_of_the_wrong_shape_is_unavailable_not_a_wrong_verdict(
         buffer._sort_replies = truncated  # type: ignore[method-assign]
         with pytest.raises(BufferUnavailable, match="oddly"):
             await buffer.append_encoded({0: pairs("next", 2)}, 0)
+
+
+async def test_a_retry_recorded_in_the_next_bucket_is_still_a_duplicate(redis_url: str) -> None:
+    """A retry's first attempt can sit in the bucket after the current one: another
+    gateway's clock ran ahead, or a later group reached Redis first. It is found there."""
+    async with buffer_at(redis_url, shards=1) as buffer:
+        later = buffer.bucket_ms + 5  # in bucket 1
+        assert await buffer.append_encoded({0: [(b"retry", b"first try")]}, later) == {0: [True]}
+        earlier = await buffer.append_encoded({0: [(b"retry", b"again"), (b"new", b"n")]}, 5)
+        assert earlier == {0: [False, True]}
+    assert stream(redis_url, 0) == [b"first try", b"n"]

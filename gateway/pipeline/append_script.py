@@ -21,8 +21,8 @@ from gateway.pipeline.keyspace import CONSUMER_GROUP
 
 APPEND_SCRIPT: Final = (
     b"""
--- KEYS: per section, ARGV[3] keys: the shard's stream, its current seen-bucket, then its
---   older seen-buckets.
+-- KEYS: per section, ARGV[3] keys: the shard's stream, its current seen-bucket, the bucket
+--   after it, then its older seen-buckets.
 -- ARGV[1]: bucket lifetime (ms); ARGV[2]: the stream field; ARGV[3]: keys per section;
 --   then per section: its event count n, then n (identity, value) pairs.
 -- Returns, per section in order: the stream's length, then per event 1 appended,
@@ -46,14 +46,17 @@ for base = 0, #KEYS - per, per do
   end
   local ids = {}
   for i = 1, n do ids[i] = ARGV[first + 2 * i - 2] end
-  -- Seen: held by the current bucket or an older one (one HMGET per bucket and chunk),
-  -- or earlier in this section.
+  -- Seen: held by one of the buckets (one HMGET per bucket and chunk), or earlier in this
+  -- section. The bucket after the current one holds identities only when another writer's
+  -- clock runs ahead, or a later group reached Redis first: looked in only if it exists.
   local seen = {}
   for k = base + 2, base + per do
-    for from = 1, n, CHUNK do
-      local got = redis.call('HMGET', KEYS[k], unpack(ids, from, math.min(from + CHUNK - 1, n)))
-      for j = 1, #got do
-        if got[j] then seen[from + j - 1] = true end
+    if k ~= base + 3 or redis.call('EXISTS', KEYS[k]) == 1 then
+      for from = 1, n, CHUNK do
+        local got = redis.call('HMGET', KEYS[k], unpack(ids, from, math.min(from + CHUNK - 1, n)))
+        for j = 1, #got do
+          if got[j] then seen[from + j - 1] = true end
+        end
       end
     end
   end

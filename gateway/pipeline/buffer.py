@@ -10,7 +10,10 @@ backlog gauge current for free.
 De-duplication memory is bucketed by time: each bucket is a hash of identities, and a call
 checks the current bucket and the two before it, each bucket lasting half the retry memory.
 So an identity is remembered for at least the retry memory (at most 1.5 times it), for
-about the memory of one hash field per event and no per-event key or expiry.
+about the memory of one hash field per event and no per-event key or expiry. A call also
+checks the bucket after the current one when it exists: it does when another gateway's
+clock runs ahead, or when a group of the next bucket reached Redis before this one, and a
+retry recorded there must still be found.
 """
 
 from __future__ import annotations
@@ -323,14 +326,14 @@ class RedisBuffer:
         return done
 
     def _keys(self, shard: int, bucket: int) -> list[str]:
-        """A section's keys: the stream, then the seen-buckets from the current one back
-        (cached: they change once per bucket)."""
+        """A section's keys: the stream, the current seen-bucket, the one after it, then the
+        older ones (cached: they change once per bucket)."""
         keys = self._section_keys.get((shard, bucket))
         if keys is None:
             if len(self._section_keys) > 4 * self.shards:
                 self._section_keys.clear()
-            keys = [stream_key(shard)]
-            keys += [seen_key(shard, bucket - i) for i in range(SEEN_BUCKETS_CHECKED)]
+            keys = [stream_key(shard), seen_key(shard, bucket), seen_key(shard, bucket + 1)]
+            keys += [seen_key(shard, bucket - i) for i in range(1, SEEN_BUCKETS_CHECKED)]
             self._section_keys[(shard, bucket)] = keys
         return keys
 
