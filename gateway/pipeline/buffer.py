@@ -226,7 +226,7 @@ class RedisBuffer:
         try:
             calls = self._calls(self._merge(group))
             wait_aof = self.durability.waits_for_aof
-            future = connection.send(self.durability.commands([c.args for c in calls], wait_aof))
+            future = connection.send(self._commands(calls, wait_aof))
             sent = _Sent(calls, connection, future, wait_aof)
         except Exception:
             # Whatever failed, the group is out of the queue: its task tries again through
@@ -296,9 +296,10 @@ class RedisBuffer:
 
     def _calls(self, merged: dict[tuple[int, int], list[bytes]]) -> list[_Call]:
         """The script calls for a group's sections: one for all of them on a single server;
-        one per section on a cluster, where a call's keys must share a slot; none for no
-        section."""
-        chunks = [[key] for key in merged] if self.cluster or not merged else [list(merged)]
+        one per section on a cluster, where a call's keys must share a slot."""
+        if not merged:
+            return []
+        chunks = [[key] for key in merged] if self.cluster else [list(merged)]
         calls: list[_Call] = []
         for sections in chunks:
             pairs = [merged[key] for key in sections]
@@ -421,9 +422,13 @@ class RedisBuffer:
         with contextlib.suppress(RedisError, OSError):
             await self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
 
+    def _commands(self, calls: list[_Call], wait_aof: bool) -> list[tuple[Any, ...]]:
+        """The group's EVALSHAs, then the confirmations its durability asks for."""
+        return self.durability.commands([call.args for call in calls], wait_aof)
+
     async def _pipelined(self, conn: Any, calls: list[_Call], wait_aof: bool) -> list[Any]:
         """The group on one of redis-py's connections (a cluster node's), in one write."""
-        commands = self.durability.commands([c.args for c in calls], wait_aof)
+        commands = self._commands(calls, wait_aof)
         await conn.send_packed_command(conn.pack_commands(commands))
         replies: list[Any] = []
         for _ in commands:
@@ -440,7 +445,7 @@ class RedisBuffer:
         the whole group. (Why not redis-py's Pipeline: ``gateway.pipeline.resp``.)"""
         if self._lean is None:
             self._lean = LeanPool(self.client.connection_pool)
-        commands = self.durability.commands([c.args for c in calls], wait_aof)
+        commands = self._commands(calls, wait_aof)
         replies = await self._lean.exchange(commands)
         return self.durability.confirmed(replies, len(calls), wait_aof)
 
