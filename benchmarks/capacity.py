@@ -42,7 +42,7 @@ import psutil
 from results import cpu_model, write_section
 from setup_data import build_data_set, open_keyring
 
-from gateway.pipeline.keyspace import stream_key
+from gateway.pipeline.keyspace import entry_values, stream_key
 from gateway.run.embedded import RedisProcess, valkey_binary
 
 HERE = Path(__file__).resolve().parent
@@ -217,10 +217,18 @@ def accepted_total(url: str) -> int:
 
 
 def stream_total(url: str) -> int:
+    """The events the shard streams hold, counted entry by entry (not the backlog counter,
+    which the gateway's own script keeps)."""
     import redis
 
+    total = 0
     with redis.Redis.from_url(url) as r:
-        return sum(int(r.xlen(stream_key(s))) for s in range(SHARDS))
+        for shard in range(SHARDS):
+            start = "-"
+            while page := r.xrange(stream_key(shard), min=start, count=2000):
+                total += sum(len(entry_values(fields)) for _id, fields in page)
+                start = "(" + page[-1][0].decode()
+    return total
 
 
 def gateway_rss_mb(pid: int) -> float:

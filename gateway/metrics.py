@@ -54,11 +54,11 @@ def multiprocess_enabled() -> bool:
 
 
 def stream_backlog_gauge(registry: CollectorRegistry) -> Gauge:
-    """Entries not yet flushed, per shard: set by the gateway's poll and by the flusher
-    (the most recent value of any process wins under multiprocess mode)."""
+    """Events not yet stored, per shard (its backlog counter): set by the gateway's poll and
+    by the flusher (the most recent value of any process wins under multiprocess mode)."""
     return Gauge(
         "scangate_stream_backlog",
-        "Entries in a shard's stream not yet flushed.",
+        "Events in a shard's stream not yet stored.",
         ["shard"],
         registry=registry,
         multiprocess_mode="mostrecent",
@@ -253,7 +253,7 @@ class FlusherMetrics:
         r = self.registry
         self.flush_batch_size = Histogram(
             "scangate_flush_batch_size",
-            "Entries per flushed batch.",
+            "Events per flushed batch.",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000),
             registry=r,
         )
@@ -278,7 +278,7 @@ class FlusherMetrics:
             registry=r,
         )
         self.dead_letters = Counter(
-            "scangate_dead_letters", "Stream entries that could not be decoded.", registry=r
+            "scangate_dead_letters", "Buffered events that could not be decoded.", registry=r
         )
         self.flush_errors = Counter(
             "scangate_flush_errors",

@@ -14,7 +14,14 @@ import redis
 from gateway.pipeline.append_script import append_call, split_reply
 from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer
 from gateway.pipeline.client import connect_redis
-from gateway.pipeline.keyspace import CONSUMER_GROUP, stream_key
+from gateway.pipeline.keyspace import (
+    CONSUMER_GROUP,
+    EVENTS_FIELD,
+    EVENTS_PER_ENTRY,
+    backlog_key,
+    entry_values,
+    stream_key,
+)
 
 SHARDS = 16
 
@@ -42,7 +49,43 @@ def script_calls(url: str) -> int:
 
 def stream(url: str, shard: int) -> list[bytes]:
     with redis.Redis.from_url(url) as client:
-        return [fields[b"e"] for _id, fields in client.xrange(stream_key(shard))]
+        return [v for _id, fields in client.xrange(stream_key(shard)) for v in entry_values(fields)]
+
+
+def entry_sizes(url: str, shard: int) -> list[int]:
+    with redis.Redis.from_url(url) as client:
+        return [len(entry_values(fields)) for _id, fields in client.xrange(stream_key(shard))]
+
+
+def backlog(url: str, shard: int) -> int:
+    with redis.Redis.from_url(url) as client:
+        return int(client.get(backlog_key(shard)) or 0)
+
+
+async def test_a_section_s_new_events_are_one_entry_and_counted_in_the_backlog(
+    redis_url: str,
+) -> None:
+    """A shard's new events of one call go in one stream entry, one per line, and raise the
+    backlog counter by their number; a duplicate is cut out of the entry."""
+    async with buffer_at(redis_url, shards=1) as buffer:
+        assert await buffer.append_encoded({0: pairs("a", 5)}, 0) == {0: [True] * 5}
+        assert entry_sizes(redis_url, 0) == [5]
+        assert backlog(redis_url, 0) == 5 and buffer.lengths == [5]
+        mixed = [pairs("a", 5)[2], *pairs("b", 2), pairs("a", 5)[4]]
+        assert await buffer.append_encoded({0: mixed}, 0) == {0: [False, True, True, False]}
+        assert entry_sizes(redis_url, 0) == [5, 2]
+        assert stream(redis_url, 0)[5:] == [b"value of b-0", b"value of b-1"]
+        assert await buffer.append_encoded({0: pairs("a", 5)}, 0) == {0: [False] * 5}
+        assert entry_sizes(redis_url, 0) == [5, 2]
+        assert backlog(redis_url, 0) == 7 and buffer.lengths == [7]
+        # Over EVENTS_PER_ENTRY new events, with a duplicate among them: full entries, then
+        # the rest.
+        many = [pairs("b", 1)[0], *pairs("c", 2 * EVENTS_PER_ENTRY + 3)]
+        answer = await buffer.append_encoded({0: many}, 0)
+        assert answer == {0: [False] + [True] * (2 * EVENTS_PER_ENTRY + 3)}
+        assert entry_sizes(redis_url, 0) == [5, 2, EVENTS_PER_ENTRY, EVENTS_PER_ENTRY, 3]
+        assert stream(redis_url, 0)[7:] == [v for _i, v in pairs("c", 2 * EVENTS_PER_ENTRY + 3)]
+        assert backlog(redis_url, 0) == 2 * EVENTS_PER_ENTRY + 10
 
 
 async def test_a_group_over_every_shard_is_one_script_call_not_one_per_shard(
@@ -95,6 +138,8 @@ async def test_a_section_over_the_lua_stack_limit_is_looked_up_in_chunks(
         assert await buffer.append_encoded({0: many}, 0) == {0: [False] * 9_001}
         assert buffer.lengths == [9_004]
     assert len(stream(redis_url, 0)) == 9_004
+    # In entries of at most EVENTS_PER_ENTRY events: 91 for the 9,001, one for the 2 new.
+    assert entry_sizes(redis_url, 0) == [1] + [EVENTS_PER_ENTRY] * 90 + [1, 2]
 
 
 async def test_duplicates_inside_one_call_are_told_apart(redis_url: str) -> None:
@@ -124,11 +169,12 @@ async def test_an_empty_write_is_answered_empty(redis_url: str) -> None:
 
 
 def test_the_call_and_its_reply_line_up() -> None:
-    keys = [["s0", "c0", "o0", "p0"], ["s1", "c1", "o1", "p1"]]
-    flat = [[b"i1", b"v1", b"i2", b"v2"], [b"i3", b"v3"]]
-    call = append_call(keys, flat, b"900", b"e")
-    assert call[1:10] == [8, "s0", "c0", "o0", "p0", "s1", "c1", "o1", "p1"]
-    assert call[10:] == [b"900", b"e", 4, 2, b"i1", b"v1", b"i2", b"v2", 1, b"i3", b"v3"]
+    keys = [["s0", "b0", "c0", "o0", "p0"], ["s1", "b1", "c1", "o1", "p1"]]
+    sections = [[(b"i1", b"v1"), (b"i2", b"v2")], [(b"i3", b"v3")]]
+    call = append_call(keys, sections, b"900")
+    assert call[1:12] == [10, "s0", "b0", "c0", "o0", "p0", "s1", "b1", "c1", "o1", "p1"]
+    head = [b"900", EVENTS_FIELD, 5, EVENTS_PER_ENTRY]
+    assert call[12:] == [*head, 2, b"i1", b"i2", b"v1\nv2", 1, b"i3", b"v3"]
     assert split_reply([7, 1, 0, 3, 1], [2, 1]) == [[7, 1, 0], [3, 1]]
     with pytest.raises(ValueError, match="answered 4 values, expected 5"):
         split_reply([7, 1, 0, 3], [2, 1])

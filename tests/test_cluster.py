@@ -9,20 +9,19 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 
 from .harness import GatewayStarter
-from .ledger import phase_s, until
+from .ledger import events_in_streams, phase_s, until
 from .servers import LocalCluster
 from .test_faults import rig
 
 
 async def cluster_backlog(cluster: LocalCluster) -> int:
-    """Stream lengths summed over the masters (``backlog`` asks one node: not enough)."""
+    """Events in the streams of every master (``backlog`` asks one node: not enough)."""
     client: Any = RedisCluster.from_url(cluster.url)
     try:
-        return sum([await client.xlen(stream_key(s)) for s in range(4)])
+        return await events_in_streams(client, 4)
     finally:
         await client.aclose()
 

@@ -25,12 +25,11 @@ from gateway import Settings
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.client import connect_redis
 from gateway.pipeline.flusher import Flusher
-from gateway.pipeline.keyspace import stream_key
 from signing import Keyring
 from storage import Storage, connect_storage
 
 from .harness import GatewayStarter, GatewayUnderTest
-from .ledger import Load, phase_s, until
+from .ledger import Load, events_in_streams, phase_s, until
 from .servers import free_loopback_port, scangate_env
 
 SHARDS = 4
@@ -39,7 +38,7 @@ SHARDS = 4
 async def backlog(url: str) -> int:
     client = aioredis.Redis.from_url(url)
     try:
-        return sum([await client.xlen(stream_key(s)) for s in range(SHARDS)])
+        return await events_in_streams(client, SHARDS)
     finally:
         await client.aclose()
 

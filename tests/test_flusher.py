@@ -9,15 +9,25 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import OutOfMemoryError
 
 from gateway import Settings
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.events import encode_event
 from gateway.pipeline.flusher import Flusher, pairing_rules
-from gateway.pipeline.keyspace import CONSUMER_GROUP, EVENT_FIELD, dead_letter_key, stream_key
+from gateway.pipeline.keyspace import (
+    CONSUMER_GROUP,
+    EVENT_FIELD,
+    EVENTS_FIELD,
+    backlog_key,
+    dead_letter_key,
+    shard_of,
+    stream_key,
+)
 from storage import ScanEvent, Storage, derive_visits
 from tests.fixtures_servers import open_test_storage
 
@@ -34,16 +44,33 @@ def flusher_settings(**over: Any) -> Settings:
     )
 
 
-async def push(client: aioredis.Redis, events: list[ScanEvent]) -> None:
-    """Put events straight into their shard streams, as the gateway's script does."""
-    from gateway.pipeline.keyspace import shard_of
+async def push(client: aioredis.Redis, events: list[ScanEvent], per_entry: int = 3) -> None:
+    """Put events straight into their shard streams as the gateway's script does: up to
+    ``per_entry`` in an entry, one per line, counted in the shard's backlog."""
+    by_shard: dict[int, list[bytes]] = {}
+    for e in events:
+        by_shard.setdefault(shard_of(e.app_id, e.event_id, SHARDS), []).append(encode_event(e))
+    pipe = client.pipeline(transaction=False)
+    for shard, values in by_shard.items():
+        for at in range(0, len(values), per_entry):
+            lines = values[at : at + per_entry]
+            pipe.xadd(stream_key(shard), {EVENTS_FIELD: b"\n".join(lines)})
+            pipe.incrby(backlog_key(shard), len(lines))
+    await pipe.execute()
 
+
+async def push_one_per_entry(client: aioredis.Redis, events: list[ScanEvent]) -> None:
+    """Events as versions before packed entries wrote them: one per entry, not counted."""
     pipe = client.pipeline(transaction=False)
     for e in events:
         pipe.xadd(
             stream_key(shard_of(e.app_id, e.event_id, SHARDS)), {EVENT_FIELD: encode_event(e)}
         )
     await pipe.execute()
+
+
+async def backlogs(client: aioredis.Redis) -> list[int]:
+    return [int(await client.get(backlog_key(s)) or 0) for s in range(SHARDS)]
 
 
 async def drain(flusher: Flusher, client: aioredis.Redis, rounds: int = 200) -> None:
@@ -159,7 +186,7 @@ async def test_undecodable_entries_go_to_dead_letters_and_never_block(
     s = flusher_settings()
     good = [
         ScanEvent("vhd", f"GOOD{i:06d}", "checkin", "V1", f"P{i}", BASE_MS, BASE_MS, None)
-        for i in range(5)
+        for i in range(6)
     ]
     metrics = FlusherMetrics()
     async with redis_client(redis_url) as client:
@@ -167,15 +194,22 @@ async def test_undecodable_entries_go_to_dead_letters_and_never_block(
         await client.xadd(stream_key(0), {EVENT_FIELD: b"not json"})
         await client.xadd(stream_key(1), {b"other": b"field"})
         await client.xadd(stream_key(2), {EVENT_FIELD: b'["vhd", 1]'})
-        await push(client, good[2:])
+        await push(client, good[2:4])
+        # One bad line among good ones: the good ones are stored, the bad one kept.
+        mixed = b"\n".join([encode_event(good[4]), b"{broken", encode_event(good[5])])
+        mixed_id = await client.xadd(stream_key(3), {EVENTS_FIELD: mixed})
+        await client.incrby(backlog_key(3), 3)
         flusher = Flusher(client, storage, s, metrics, consumer="c1")
         await drain(flusher, client)
         dead = sum([await client.xlen(dead_letter_key(sh)) for sh in range(SHARDS)])
-        assert dead == 3
+        assert dead == 4
         entry = (await client.xrange(dead_letter_key(0)))[0][1]
         assert entry[EVENT_FIELD] == b"not json" and entry[b"reason"]
-    assert await storage.count_events() == 5
-    assert metrics.dead_letters._value.get() == 3
+        ((_id, line),) = await client.xrange(dead_letter_key(3))
+        assert line[EVENTS_FIELD] == b"{broken" and line[b"id"] == mixed_id and line[b"reason"]
+        assert await backlogs(client) == [0] * SHARDS
+    assert await storage.count_events() == 6
+    assert metrics.dead_letters._value.get() == 4
 
 
 async def test_entries_a_dead_consumer_left_pending_are_claimed_and_stored_once(
@@ -201,6 +235,7 @@ async def test_entries_a_dead_consumer_left_pending_are_claimed_and_stored_once(
         await drain(alive, client)
         for shard in range(SHARDS):
             assert (await client.xpending(stream_key(shard), CONSUMER_GROUP))["pending"] == 0
+        assert await backlogs(client) == [0] * SHARDS
     ids = await storage.event_identities()
     assert len(ids) == len(set(ids)) == 30
     assert sorted(await storage.all_visits()) == expected_visits(events, s)
@@ -270,3 +305,92 @@ async def test_concurrent_flushers_store_each_event_once_with_the_right_visits(
         ids = await one.event_identities()
         assert len(ids) == len(set(ids)) == 300
         assert sorted(await one.all_visits()) == expected_visits(events, s)
+
+
+def scans(prefix: str, n: int) -> list[ScanEvent]:
+    return [
+        ScanEvent("vhd", f"{prefix}{i:06d}", "checkin", "V1", f"P{i}", BASE_MS + i, BASE_MS, None)
+        for i in range(n)
+    ]
+
+
+async def test_entries_of_several_events_are_stored_whole_and_counted_off(
+    redis_url: str, storage: Storage
+) -> None:
+    events = scans("MANY", 40)
+    metrics = FlusherMetrics()
+    async with redis_client(redis_url) as client:
+        await push(client, events, per_entry=7)
+        assert sum(await backlogs(client)) == 40
+        await drain(Flusher(client, storage, flusher_settings(), metrics), client)
+        assert await backlogs(client) == [0] * SHARDS
+        assert metrics.flushed_events._value.get() == 40
+    assert sorted(await storage.event_identities()) == sorted(("vhd", e.event_id) for e in events)
+
+
+async def test_an_entry_acknowledged_twice_is_counted_off_once(
+    redis_url: str, storage: Storage
+) -> None:
+    """Two flushers can store one entry (one claimed it from the other while it was slow):
+    only the one whose delete took it lowers the backlog."""
+    async with redis_client(redis_url) as client:
+        await push(client, scans("TWICE", 12), per_entry=4)
+        slow = Flusher(client, storage, flusher_settings(), FlusherMetrics(), consumer="slow")
+        await slow.ensure_groups()
+        batch = await slow.collect()
+        assert sum(entry.events for entry in batch) == 12
+        await slow.flush(batch)
+        await slow.flush(batch)
+        assert await backlogs(client) == [0] * SHARDS
+    assert await storage.count_events() == 12
+
+
+async def test_entries_of_one_event_each_from_before_the_counter_still_drain(
+    redis_url: str, storage: Storage
+) -> None:
+    """A backlog an upgrade left behind (an entry per event, not counted) drains with the
+    new entries, and the counter keeps counting only the new ones."""
+    async with redis_client(redis_url) as client:
+        await push_one_per_entry(client, scans("OLD", 6))
+        await push(client, scans("NEW", 6))
+        assert sum(await backlogs(client)) == 6
+        await drain(Flusher(client, storage, flusher_settings(), FlusherMetrics()), client)
+        assert await backlogs(client) == [0] * SHARDS
+    assert await storage.count_events() == 12
+
+
+async def test_a_batch_is_sized_in_events_not_entries(redis_url: str, storage: Storage) -> None:
+    """A batch closes once it holds flush_batch events: read in entries, it could hold
+    EVENTS_PER_ENTRY times more persons than storage is sized to lock."""
+    async with redis_client(redis_url) as client:
+        await push(client, scans("SIZE", 120), per_entry=3)
+        flusher = Flusher(client, storage, flusher_settings(flush_batch=10), FlusherMetrics())
+        await flusher.ensure_groups()
+        batch = await flusher.collect()
+        held = sum(entry.events for entry in batch)
+        # Each read takes at most one entry (3 events) per stream until 10 are held.
+        assert 10 <= held < 10 + SHARDS * 3, held
+
+
+async def test_at_maxmemory_the_flusher_still_counts_what_it_drains(
+    private_redis: Any, storage: Storage
+) -> None:
+    """A full Redis refuses writes that grow it; lowering the backlog counter and keeping an
+    undecodable event must not be among them, or the backlog would read high forever after
+    and the event would be lost with its entry."""
+    server = private_redis("valkey", appendonly=False)
+    async with redis_client(server.url) as client:
+        flusher = Flusher(client, storage, flusher_settings(), FlusherMetrics())
+        await flusher.ensure_groups()  # as the gateway's script does with a new stream
+        await push(client, scans("FULL", 30))
+        await client.xadd(stream_key(1), {EVENTS_FIELD: b"{broken"})
+        await client.incrby(backlog_key(1), 1)
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", used // 2)
+        with pytest.raises(OutOfMemoryError):
+            await client.incrby(backlog_key(0), 1)
+        await drain(flusher, client)
+        assert await backlogs(client) == [0] * SHARDS
+        assert await client.xlen(dead_letter_key(1)) == 1  # kept, not lost with its entry
+    assert await storage.count_events() == 30

@@ -41,7 +41,7 @@ from gateway import Settings
 from gateway.http.keys import KEYRING, STORAGE
 from gateway.http.people import ANSWER_KEYS
 from gateway.pipeline.events import ScanEvent, decode_event
-from gateway.pipeline.keyspace import stream_key
+from gateway.pipeline.keyspace import entry_values, stream_key
 from signing import Keyring
 from signing.codes import format_code, parse_code
 
@@ -154,7 +154,7 @@ class Gate:
                 "list[tuple[bytes, dict[bytes, bytes]]]",
                 await self.redis.xrange(stream_key(shard)),
             )
-            out.extend(decode_event(fields[b"e"]) for _id, fields in entries)
+            out.extend(decode_event(v) for _id, fields in entries for v in entry_values(fields))
         return out
 
     # -- raw HTTP/1.1 over TCP, for what a well-behaved client library will not send ---------

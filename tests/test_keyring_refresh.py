@@ -108,4 +108,4 @@ def test_the_readme_quick_start_posts_an_accepted_scan_at_the_first_paste(
     assert [e["event_id"] for e in stored["events"]] == ["EVT00000001"], stored
     assert [v["venue_id"] for v in stored["visits"]] == ["SHOP42"]
     table = "\n".join(result.stdout.splitlines()[2:])
-    assert "backlog        0 entries" in table and "storage        sqlite: 1 events" in table
+    assert "backlog        0 events" in table and "storage        sqlite: 1 events" in table

@@ -22,7 +22,7 @@ from gateway.http.access import CALLER_APP, ROUTE
 from gateway.http.keys import KEYRING, METRICS
 from gateway.logs import bind_request_id
 from gateway.pipeline.events import decode_event
-from gateway.pipeline.keyspace import stream_key
+from gateway.pipeline.keyspace import entry_values, stream_key
 from signing import Keyring
 from signing.codes import format_code, parse_code
 
@@ -70,7 +70,7 @@ class World:
         out = []
         for shard in range(SHARDS):
             for _id, fields in await self.redis.xrange(stream_key(shard)):
-                out.append(decode_event(fields[b"e"]))
+                out.extend(decode_event(value) for value in entry_values(fields))
         return out
 
 

@@ -11,7 +11,7 @@ from typing import Any, Final
 import pytest
 
 from gateway.http.keys import STORAGE
-from gateway.pipeline.keyspace import LAST_FLUSH_KEY, stream_key
+from gateway.pipeline.keyspace import EVENTS_FIELD, LAST_FLUSH_KEY, backlog_key, stream_key
 from storage import PairingRules, ScanEvent
 
 from .harness import GatewayStarter
@@ -65,10 +65,12 @@ async def test_the_status_shows_the_backlog_the_last_flush_and_what_is_stored(
     assert before["buffer"]["backlog"] == 0 and before["buffer"]["last_flush"] is None
     assert before["storage"] == {"kind": storage_kind, "events": 0, "visits": 0, "exact": True}
     assert before["outbox"] == {"pending": 0}
-    # Three entries waiting in shard 2, the oldest a minute old; a flush ten seconds ago.
+    # Three entries of six events waiting in shard 2, the oldest a minute old, counted as
+    # the gateway's script counts them; a flush ten seconds ago.
     now = int(time.time() * 1000)
-    for age_ms in (60_000, 30_000, 1_000):
-        await gateway.redis.xadd(stream_key(2), {b"e": b"[]"}, id=f"{now - age_ms}-0")
+    for age_ms, lines in ((60_000, b"[]"), (30_000, b"[]\n[]"), (1_000, b"[]\n[]\n[]")):
+        await gateway.redis.xadd(stream_key(2), {EVENTS_FIELD: lines}, id=f"{now - age_ms}-0")
+    await gateway.redis.incrby(backlog_key(2), 6)
     await gateway.redis.set(LAST_FLUSH_KEY, now - 10_000)
     await storage.store_batch(
         [ScanEvent("vhd", "A1", "checkin", "MARKET", "P1", now - MINUTE, now, None)],
@@ -76,8 +78,8 @@ async def test_the_status_shows_the_backlog_the_last_flush_and_what_is_stored(
     )
     doc: dict[str, Any] = await (await gateway.client.get("/v1/status", headers=auth)).json()
     buffer = doc["buffer"]
-    assert buffer["backlog"] == 3
-    assert [s["backlog"] for s in buffer["shards"]] == [0, 0, 3, 0]
+    assert buffer["backlog"] == 6
+    assert [s["backlog"] for s in buffer["shards"]] == [0, 0, 6, 0]
     assert 59 <= buffer["oldest_age_s"] <= 70 and 9 <= buffer["last_flush_age_s"] <= 20
     assert doc["storage"]["events"] == 1 and doc["storage"]["visits"] == 1
     assert (await gateway.client.get("/v1/status")).status == 401

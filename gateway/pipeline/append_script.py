@@ -7,6 +7,12 @@ bucket. On a single server a whole group commit is one call, so the per-call wor
 server's command dispatch, the script's start) is paid once, not once per shard. On a Redis
 Cluster every key of a call must sit in one slot, so each section is a call of its own.
 
+A section's new events go to its stream as one entry, one event per line (up to
+``EVENTS_PER_ENTRY``), not one entry each: an entry's cost to the server (the XADD, its id,
+its line in the append-only file) is then paid per section. The events come as one value,
+so a section is n + 2 arguments, not 2n + 1. The call also raises the shard's backlog
+counter by the events it appended, since the stream's length counts entries.
+
 Atomic per call: the identity checks, the records and the appends run as one script, so a
 retried request finds exactly what the first attempt wrote.
 """
@@ -17,41 +23,43 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
 
-from gateway.pipeline.keyspace import CONSUMER_GROUP
+from gateway.pipeline.keyspace import CONSUMER_GROUP, EVENTS_FIELD, EVENTS_PER_ENTRY
 
 APPEND_SCRIPT: Final = (
     b"""
--- KEYS: per section, ARGV[3] keys: the shard's stream, its current seen-bucket, the bucket
---   after it, then its older seen-buckets.
+-- KEYS: per section, ARGV[3] keys: the shard's stream, its backlog counter, its current
+--   seen-bucket, the bucket after it, then its older seen-buckets.
 -- ARGV[1]: bucket lifetime (ms); ARGV[2]: the stream field; ARGV[3]: keys per section;
---   then per section: its event count n, then n (identity, value) pairs.
--- Returns, per section in order: the stream's length, then per event 1 appended,
+--   ARGV[4]: most events per stream entry; then per section: its event count n, the n
+--   identities, and the n encoded events in one value, one per line.
+-- Returns, per section in order: the shard's backlog, then per event 1 appended,
 --   0 duplicate.
-local ttl, field, per = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ttl, field, per, most = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 -- unpack() fails past the C stack's limit (8000 values): look up and record in chunks.
 local CHUNK = 1000
 local out = {}
-local a = 4
+local a = 5
 for base = 0, #KEYS - per, per do
-  local stream, current = KEYS[base + 1], KEYS[base + 2]
+  local stream, backlog, current = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
   local n = tonumber(ARGV[a])
-  local first = a + 1  -- event i: identity ARGV[first + 2i - 2], value ARGV[first + 2i - 1]
-  a = first + 2 * n
+  local first = a + 1  -- identity i: ARGV[first + i - 1]
+  local lines = ARGV[first + n]
+  a = first + n + 1
   -- A new stream gets its consumer group at once: creating one later is refused once
   -- Redis is at maxmemory, and then no flusher could ever drain the stream.
   if redis.call('EXISTS', stream) == 0 then
     redis.call('XGROUP', 'CREATE', stream, '"""
     + CONSUMER_GROUP.encode()
-    + b"""', '0', 'MKSTREAM')
+    + rb"""', '0', 'MKSTREAM')
   end
   local ids = {}
-  for i = 1, n do ids[i] = ARGV[first + 2 * i - 2] end
+  for i = 1, n do ids[i] = ARGV[first + i - 1] end
   -- Seen: held by one of the buckets (one HMGET per bucket and chunk), or earlier in this
   -- section. The bucket after the current one holds identities only when another writer's
   -- clock runs ahead, or a later group reached Redis first: looked in only if it exists.
   local seen = {}
-  for k = base + 2, base + per do
-    if k ~= base + 3 or redis.call('EXISTS', KEYS[k]) == 1 then
+  for k = base + 3, base + per do
+    if k ~= base + 4 or redis.call('EXISTS', KEYS[k]) == 1 then
       for from = 1, n, CHUNK do
         local got = redis.call('HMGET', KEYS[k], unpack(ids, from, math.min(from + CHUNK - 1, n)))
         for j = 1, #got do
@@ -70,9 +78,27 @@ for base = 0, #KEYS - per, per do
     else
       here[identity] = true
       fresh[#fresh + 1] = identity
-      redis.call('XADD', stream, '*', field, ARGV[first + 2 * i - 1])
       out[#out + 1] = 1
     end
+  end
+  -- The usual case, every event new and few enough for one entry, appends the value as
+  -- it came; otherwise the new events' lines are cut out and appended in entries of at
+  -- most `most` events.
+  if #fresh == n and n <= most then
+    redis.call('XADD', stream, '*', field, lines)
+  elseif #fresh > 0 then
+    local kept, i = {}, 0
+    for line in string.gmatch(lines, '[^\n]+') do
+      i = i + 1
+      if out[at + i] == 1 then
+        kept[#kept + 1] = line
+        if #kept == most then
+          redis.call('XADD', stream, '*', field, table.concat(kept, '\n'))
+          kept = {}
+        end
+      end
+    end
+    if #kept > 0 then redis.call('XADD', stream, '*', field, table.concat(kept, '\n')) end
   end
   for from = 1, #fresh, CHUNK do
     local record = {}
@@ -82,8 +108,12 @@ for base = 0, #KEYS - per, per do
     end
     redis.call('HSET', current, unpack(record))
   end
-  if #fresh > 0 then redis.call('PEXPIRE', current, ttl) end
-  out[at] = redis.call('XLEN', stream)
+  if #fresh > 0 then
+    redis.call('PEXPIRE', current, ttl)
+    out[at] = redis.call('INCRBY', backlog, #fresh)
+  else
+    out[at] = tonumber(redis.call('GET', backlog) or 0)
+  end
 end
 return out
 """
@@ -93,25 +123,25 @@ APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT, usedforsecurity=False).hexdigest
 
 def append_call(
     keys: Sequence[Sequence[Any]],
-    pairs: Sequence[Sequence[bytes]],
+    sections: Sequence[Sequence[tuple[bytes, bytes]]],
     ttl_ms: bytes,
-    field: bytes,
 ) -> list[Any]:
     """EVALSHA's arguments for sections with these keys (each the same number: stream,
-    current bucket, older buckets) and these flattened (identity, value) pairs."""
+    backlog, current bucket, the next, older buckets) and these (identity, value) pairs."""
     per = len(keys[0])
     call: list[Any] = [APPEND_SHA, per * len(keys)]
     for section_keys in keys:
         call += section_keys
-    call += (ttl_ms, field, per)
-    for flat in pairs:
-        call.append(len(flat) // 2)
-        call += flat
+    call += (ttl_ms, EVENTS_FIELD, per, EVENTS_PER_ENTRY)
+    for pairs in sections:
+        call.append(len(pairs))
+        call += [identity for identity, _value in pairs]
+        call.append(b"\n".join([value for _identity, value in pairs]))
     return call
 
 
 def split_reply(reply: Sequence[Any], sizes: Sequence[int]) -> list[list[Any]]:
-    """A call's reply cut into its sections' replies: [stream length, flag per event]."""
+    """A call's reply cut into its sections' replies: [backlog, flag per event]."""
     sections: list[list[Any]] = []
     at = 0
     for size in sizes:

@@ -3,9 +3,10 @@
 Concurrent requests' events go to Redis together (the group commit): on a single server
 as one script call (``gateway.pipeline.append_script``), on a Redis Cluster as one call per
 shard, pipelined (one round trip). The script checks each event's identity against its
-shard's recent seen-buckets, records it, and appends the event to the stream, atomically;
-it answers per event (appended or duplicate) and each stream's length, which keeps the
-backlog gauge current for free.
+shard's recent seen-buckets, records it, and appends the new events of each shard to its
+stream as one entry (up to ``EVENTS_PER_ENTRY`` events), atomically; it answers per event
+(appended or duplicate) and each shard's backlog counter, which keeps the backlog gauge
+current for free.
 
 De-duplication memory is bucketed by time: each bucket is a hash of identities, and a call
 checks the current bucket and the two before it, each bucket lasting half the retry memory.
@@ -32,7 +33,7 @@ from gateway.pipeline.append_script import APPEND_SCRIPT, append_call, split_rep
 from gateway.pipeline.durability import BufferUnavailable, Durability, describe
 from gateway.pipeline.events import ScanEvent, encode_event
 from gateway.pipeline.keyspace import (
-    EVENT_FIELD,
+    backlog_key,
     seen_field,
     seen_key,
     shard_of,
@@ -111,7 +112,8 @@ class RedisBuffer:
         self.shards = shards
         self.bucket_ms = max(MIN_BUCKET_MS, int(retry_memory_s * 1000) // 2)
         self._bucket_ttl_ms = str(self.bucket_ms * SEEN_BUCKETS_CHECKED).encode()
-        # Last known stream length per shard: updated by every append and every poll.
+        # Last known backlog per shard (events not yet stored): updated by every append and
+        # every poll.
         self.lengths: list[int] = [0] * shards
         self._queue: list[_Write] = []
         self._group_full = asyncio.Event()
@@ -157,7 +159,8 @@ class RedisBuffer:
         self, by_shard: Mapping[int, Sequence[tuple[bytes, bytes]]], now_ms: int
     ) -> dict[int, list[bool]]:
         """``append`` below the stream format: (identity, value) pairs already sharded and
-        encoded; per shard, True where appended and False where a duplicate."""
+        encoded (a value holds no newline: an entry keeps one event per line); per shard,
+        True where appended and False where a duplicate."""
         return await self._enqueue(by_shard, now_ms)
 
     def _enqueue(
@@ -268,7 +271,7 @@ class RedisBuffer:
         if not calls:  # nothing to write: every request of the group was empty
             return [{} for _write in group]
         replies = await (self._run(calls) if sent is None else self._receive(sent))
-        cursors = dict.fromkeys(replies, 1)  # reply[0] is the stream length
+        cursors = dict.fromkeys(replies, 1)  # reply[0] is the shard's backlog
         results: list[dict[int, list[bool]]] = []
         for write in group:
             out: dict[int, list[bool]] = {}
@@ -283,18 +286,15 @@ class RedisBuffer:
         return results
 
     @staticmethod
-    def _merge(group: list[_Write]) -> dict[tuple[int, int], list[bytes]]:
-        """The group's sections: per (shard, bucket), every request's pairs, flattened."""
-        merged: dict[tuple[int, int], list[bytes]] = {}
+    def _merge(group: list[_Write]) -> dict[tuple[int, int], list[tuple[bytes, bytes]]]:
+        """The group's sections: per (shard, bucket), every request's pairs."""
+        merged: dict[tuple[int, int], list[tuple[bytes, bytes]]] = {}
         for write in group:
             for shard, pairs in write.by_shard.items():
-                flat = merged.setdefault((shard, write.bucket), [])
-                for identity, value in pairs:
-                    flat.append(identity)
-                    flat.append(value)
+                merged.setdefault((shard, write.bucket), []).extend(pairs)
         return merged
 
-    def _calls(self, merged: dict[tuple[int, int], list[bytes]]) -> list[_Call]:
+    def _calls(self, merged: dict[tuple[int, int], list[tuple[bytes, bytes]]]) -> list[_Call]:
         """The script calls for a group's sections: one for all of them on a single server;
         one per section on a cluster, where a call's keys must share a slot."""
         if not merged:
@@ -304,8 +304,8 @@ class RedisBuffer:
         for sections in chunks:
             pairs = [merged[key] for key in sections]
             keys = [self._keys(*key) for key in sections]
-            args = append_call(keys, pairs, self._bucket_ttl_ms, EVENT_FIELD)
-            calls.append(_Call(sections, [len(flat) // 2 for flat in pairs], args))
+            args = append_call(keys, pairs, self._bucket_ttl_ms)
+            calls.append(_Call(sections, [len(section) for section in pairs], args))
         return calls
 
     async def _receive(self, sent: _Sent) -> dict[tuple[int, int], list[Any]]:
@@ -327,13 +327,14 @@ class RedisBuffer:
         return done
 
     def _keys(self, shard: int, bucket: int) -> list[str]:
-        """A section's keys: the stream, the current seen-bucket, the one after it, then the
-        older ones (cached: they change once per bucket)."""
+        """A section's keys: the stream, its backlog counter, the current seen-bucket, the
+        one after it, then the older ones (cached: they change once per bucket)."""
         keys = self._section_keys.get((shard, bucket))
         if keys is None:
             if len(self._section_keys) > 4 * self.shards:
                 self._section_keys.clear()
-            keys = [stream_key(shard), seen_key(shard, bucket), seen_key(shard, bucket + 1)]
+            keys = [stream_key(shard), backlog_key(shard)]
+            keys += [seen_key(shard, bucket), seen_key(shard, bucket + 1)]
             keys += [seen_key(shard, bucket - i) for i in range(1, SEEN_BUCKETS_CHECKED)]
             self._section_keys[(shard, bucket)] = keys
         return keys
@@ -455,15 +456,15 @@ class RedisBuffer:
             self._lean.close()
 
     async def poll_lengths(self) -> list[int]:
-        """Every shard's stream length (entries not yet flushed), in one round trip."""
+        """Every shard's backlog (events not yet stored), in one round trip."""
         return (await self.poll()).lengths
 
     async def poll(self) -> BufferState:
-        """Every shard's stream length and the server's memory, in one round trip."""
+        """Every shard's backlog and the server's memory, in one round trip."""
         try:
             pipe = self.client.pipeline(transaction=False)
             for shard in range(self.shards):
-                pipe.xlen(stream_key(shard))
+                pipe.get(backlog_key(shard))
             if self.cluster:
                 replies = await pipe.execute()
                 memory = await self._fullest_primary()
@@ -472,7 +473,7 @@ class RedisBuffer:
                 *replies, memory = await pipe.execute()
         except RedisError as exc:
             raise BufferUnavailable(describe(exc)) from exc
-        lengths = [int(n) for n in replies]
+        lengths = [int(n or 0) for n in replies]
         self.lengths = lengths
         return BufferState(
             lengths, int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
@@ -502,6 +503,6 @@ class RedisBuffer:
 class BufferState(NamedTuple):
     """What a poll of the buffer reads (``RedisBuffer.poll``)."""
 
-    lengths: list[int]  # entries not yet flushed, per shard
+    lengths: list[int]  # events not yet stored, per shard
     memory_used_bytes: int
     maxmemory_bytes: int  # 0: no limit

@@ -1,14 +1,17 @@
 """The flusher: the sink that moves buffered events from the shard streams into storage.
 
 One consumer group per shard stream; many flusher processes may read at once (each entry
-goes to one of them). A batch closes at ``flush_batch`` entries or ``flush_max_age`` after
-its first entry. It is written to storage in one transaction (events plus re-derived
-visits); only after the commit are its entries acknowledged and deleted from the stream,
-so the stream length is the unflushed backlog. The next batch is read while one is being
+goes to one of them). An entry holds one or more events, one per line. A batch closes at
+``flush_batch`` events or ``flush_max_age`` after its first entry. It is written to storage
+in one transaction (events plus re-derived visits); only after the commit are its entries
+acknowledged and deleted from the stream, and the shard's backlog counter lowered by the
+events they held, in one script, so an entry two flushers stored is counted off once. The
+next batch is read while one is being
 stored, but batches are stored one at a time, in order. A flusher that dies leaves its entries
 pending; after ``flush_claim_idle`` another one claims them (XAUTOCLAIM) and stores them
-again, which storage's unique key turns into exactly-once rows. An entry that cannot be
-decoded goes to the shard's dead-letter stream and never blocks its shard.
+again, which storage's unique key turns into exactly-once rows. An event that cannot be
+decoded goes to the shard's dead-letter stream (the rest of its entry is stored) and never
+blocks its shard.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
@@ -32,8 +36,12 @@ from gateway.pipeline.events import ScanEvent, decode_event
 from gateway.pipeline.keyspace import (
     CONSUMER_GROUP,
     EVENT_FIELD,
+    EVENTS_FIELD,
+    EVENTS_PER_ENTRY,
     LAST_FLUSH_KEY,
+    backlog_key,
     dead_letter_key,
+    entry_values,
     stream_key,
 )
 from gateway.settings import Settings
@@ -55,11 +63,47 @@ VENUE_KINDS_EVERY_S: Final = 30.0
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 STORE_ATTEMPT_TIMEOUT_S: Final = 120.0
 
+# Acknowledges and deletes a shard's stored entries, and lowers its backlog counter by the
+# events of those this call deleted: an entry two flushers stored (one claimed it from the
+# other) is counted off once. Its undecodable events go to the dead-letter stream in the same
+# call, so they are kept if and only if their entry is deleted. allow-oom: at maxmemory a
+# flusher must still drain, and deleting is what frees the memory.
+ACK_SCRIPT: Final = b"""#!lua flags=allow-oom
+-- KEYS: the stream, its backlog counter, its dead-letter stream. ARGV[1]: the consumer
+--   group; ARGV[2]: the number of dead letters, then each as its length k and k field and
+--   value arguments; then per entry its id and the events it counts in the backlog.
+local a = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local k = tonumber(ARGV[a])
+  redis.call('XADD', KEYS[3], '*', unpack(ARGV, a + 1, a + k))
+  a = a + k + 1
+end
+local gone = 0
+for i = a, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then gone = gone + tonumber(ARGV[i + 1]) end
+end
+if gone > 0 then redis.call('DECRBY', KEYS[2], gone) end
+return gone
+"""
+
 
 class Entry(NamedTuple):
     shard: int
     entry_id: bytes
     fields: dict[bytes, bytes]
+
+    @property
+    def events(self) -> int:
+        """How many events it holds (an undecodable entry: one, for the dead-letter stream)."""
+        packed = self.fields.get(EVENTS_FIELD)
+        return 1 if packed is None else packed.count(b"\n") + 1
+
+    @property
+    def counted(self) -> int:
+        """How many of its events the backlog counter holds: entries written before the
+        counter (one event in ``EVENT_FIELD``) are not in it."""
+        return 0 if EVENTS_FIELD not in self.fields else self.events
 
 
 def pairing_rules(settings: Settings) -> PairingRules:
@@ -117,6 +161,7 @@ class Flusher:
         self._last_venue_kinds = never
         # Entries read while the previous batch was being stored: the next batch.
         self._read_ahead: list[Entry] = []
+        self._ack = client.register_script(ACK_SCRIPT)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -156,7 +201,7 @@ class Flusher:
 
     async def step(self, stop: asyncio.Event | None = None) -> int:
         """One round: claim abandoned entries when due, read a batch, store it, purge when
-        due. The number of entries handled."""
+        due. The number of events handled."""
         await self.ensure_groups()
         now = time.monotonic()
         handled = 0
@@ -168,7 +213,7 @@ class Flusher:
             claimed = await self.claim_abandoned()
             if claimed:
                 await self.flush(claimed, stop)
-                handled += len(claimed)
+                handled += sum(entry.events for entry in claimed)
         batch, self._read_ahead = self._read_ahead, []
         if not batch:
             batch = await self.collect(stop)
@@ -182,7 +227,7 @@ class Flusher:
                 self._read_ahead = await self.collect(stop, until=storing)
             finally:
                 await storing
-            handled += len(batch)
+            handled += sum(entry.events for entry in batch)
         if now - self._last_backlog >= BACKLOG_EVERY_S:
             self._last_backlog = now
             await self._report_backlog()
@@ -216,7 +261,8 @@ class Flusher:
     async def collect(
         self, stop: asyncio.Event | None = None, until: asyncio.Future[None] | None = None
     ) -> list[Entry]:
-        """Read until the batch is full or ``flush_max_age`` after its first entry.
+        """Read until the batch holds ``flush_batch`` events or ``flush_max_age`` has passed
+        since its first entry.
 
         With ``until`` (the batch being stored) it reads ahead: until a first entry comes
         it polls without blocking, and gives up as soon as ``until`` is done, so the caller
@@ -226,8 +272,9 @@ class Flusher:
         max_age_s = self.settings.flush_max_age_s
         streams = len(self._streams)
         entries: list[Entry] = []
+        events = 0
         deadline: float | None = None
-        while len(entries) < size and not (stop is not None and stop.is_set()):
+        while events < size and not (stop is not None and stop.is_set()):
             block_ms: int | None
             if deadline is None:
                 block_ms = MAX_BLOCK_MS if until is None else None  # None: do not block
@@ -236,10 +283,12 @@ class Flusher:
                 if block_ms <= 0:
                     break
             try:
-                # COUNT is per stream: share what is left of the batch among them, so a
-                # batch is at most flush_batch + shards - 1 entries (not shards times
-                # flush_batch, which can hold more persons than storage can lock).
-                reply = await self._read(-(-(size - len(entries)) // streams), block_ms)
+                # COUNT is per stream, in entries of up to EVENTS_PER_ENTRY events: share
+                # what is left of the batch among them, so a batch holds under flush_batch
+                # + shards * EVENTS_PER_ENTRY events (not shards times flush_batch, which
+                # can hold more persons than storage can lock).
+                per_read = streams * EVENTS_PER_ENTRY
+                reply = await self._read(-(-(size - events) // per_read), block_ms)
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # the server lost its streams (restart, no AOF)
                     self._groups_ready = False
@@ -248,7 +297,10 @@ class Flusher:
                 raise
             for key, messages in reply or []:
                 shard = self._streams[key.decode() if isinstance(key, bytes) else key]
-                entries.extend(Entry(shard, eid, fields) for eid, fields in messages)
+                for eid, fields in messages:
+                    entry = Entry(shard, eid, fields)
+                    entries.append(entry)
+                    events += entry.events
             if entries and deadline is None:
                 deadline = time.monotonic() + max_age_s
             if not entries:
@@ -281,7 +333,9 @@ class Flusher:
     async def claim_abandoned(self) -> list[Entry]:
         """Take over entries another (dead or stuck) consumer has held too long."""
         idle_ms = int(self.settings.flush_claim_idle_s * 1000)
+        size = self.settings.flush_batch
         claimed: list[Entry] = []
+        events = 0
         for key, shard in self._streams.items():
             start = "0-0"
             while True:
@@ -291,14 +345,17 @@ class Flusher:
                     self.consumer,
                     idle_ms,
                     start_id=start,
-                    count=self.settings.flush_batch,
+                    count=-(-(size - events) // EVENTS_PER_ENTRY),
                 )
                 start, messages = reply[0], reply[1]
-                claimed.extend(
-                    Entry(shard, eid, fields) for eid, fields in messages if fields is not None
-                )
-                if start in (b"0-0", "0-0") or len(claimed) >= self.settings.flush_batch:
+                for eid, fields in messages:
+                    if fields is not None:  # None: deleted since it was read
+                        claimed.append(Entry(shard, eid, fields))
+                        events += claimed[-1].events
+                if start in (b"0-0", "0-0") or events >= size:
                     break
+            if events >= size:
+                break
         if claimed:
             log.info("flusher %s: claimed %d abandoned entries", self.consumer, len(claimed))
         return claimed
@@ -306,12 +363,10 @@ class Flusher:
     async def flush(self, batch: Sequence[Entry], stop: asyncio.Event | None = None) -> None:
         """Store a batch, retrying storage until it commits, then acknowledge it."""
         events: list[ScanEvent] = []
-        dead: list[tuple[Entry, str]] = []
+        dead: list[tuple[Entry, dict[bytes, bytes]]] = []
         for entry in batch:
-            try:
-                events.append(decode_event(entry.fields[EVENT_FIELD]))
-            except (KeyError, ValueError) as exc:
-                dead.append((entry, str(exc) if isinstance(exc, ValueError) else "no event field"))
+            events_dead = _decode_entry(entry, events)
+            dead.extend((entry, fields) for fields in events_dead)
         started = time.perf_counter()
         attempt = 0
         while True:
@@ -340,7 +395,7 @@ class Flusher:
         await self._acknowledge(batch, dead, int(committed_ms))
         m = self.metrics
         m.flush_duration.observe(time.perf_counter() - started)
-        m.flush_batch_size.observe(len(batch))
+        m.flush_batch_size.observe(len(events) + len(dead))
         m.flushed_events.inc(result.inserted)
         m.storage_duplicates.inc(result.duplicates)
         observe_many(
@@ -349,32 +404,42 @@ class Flusher:
         )
 
     async def _acknowledge(
-        self, batch: Sequence[Entry], dead: list[tuple[Entry, str]], committed_ms: int
-    ) -> None:
-        by_shard: dict[int, list[bytes]] = {}
+        self, batch: Sequence[Entry], dead: list[tuple[Entry, dict[bytes, bytes]]],
+        committed_ms: int,
+    ) -> None:  # fmt: skip
+        """Per shard, one call of ``ACK_SCRIPT`` (concurrently), then the last flush's time.
+        If this fails the entries stay pending and are stored again later: harmless."""
+        letters: dict[int, list[Any]] = {}
+        for entry, fields in dead:
+            flat = [part for pair in fields.items() for part in pair]
+            letters.setdefault(entry.shard, []).extend((len(flat), *flat))
+        acks: dict[int, list[Any]] = {}
         for entry in batch:
-            by_shard.setdefault(entry.shard, []).append(entry.entry_id)
-        pipe = self.client.pipeline(transaction=False)
-        for entry, reason in dead:
-            fields: dict[Any, Any] = {**entry.fields, b"id": entry.entry_id}
-            fields[b"reason"] = reason.encode()[:200]
-            pipe.xadd(dead_letter_key(entry.shard), fields)
-        for shard, ids in by_shard.items():
-            pipe.xack(stream_key(shard), CONSUMER_GROUP, *ids)
-            pipe.xdel(stream_key(shard), *ids)
-        pipe.set(LAST_FLUSH_KEY, committed_ms)
-        # If this fails the entries stay pending and are stored again later: harmless.
-        await pipe.execute()
+            acks.setdefault(entry.shard, []).extend((entry.entry_id, entry.counted))
+        dead_per_shard = Counter(entry.shard for entry, _fields in dead)
+        await asyncio.gather(
+            *(
+                self._ack(
+                    keys=[stream_key(shard), backlog_key(shard), dead_letter_key(shard)],
+                    args=[CONSUMER_GROUP, dead_per_shard[shard], *letters.get(shard, ()), *ids],
+                )
+                for shard, ids in acks.items()
+            )
+        )
+        # At maxmemory this write is refused until a delete frees room: the next batch's
+        # sets it. (Each batch's acknowledgement above is what frees it.)
+        with contextlib.suppress(OutOfMemoryError):
+            await self.client.set(LAST_FLUSH_KEY, committed_ms)
         if dead:
             self.metrics.dead_letters.inc(len(dead))
-            log.error("flusher: %d undecodable entries moved to dead-letter streams", len(dead))
+            log.error("flusher: %d undecodable events moved to dead-letter streams", len(dead))
 
     async def _report_backlog(self) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for key in self._streams:
-            pipe.xlen(key)
+        for shard in self._streams.values():
+            pipe.get(backlog_key(shard))
         for shard, n in enumerate(await pipe.execute()):
-            self.metrics.stream_backlog.labels(str(shard)).set(n)
+            self.metrics.stream_backlog.labels(str(shard)).set(int(n or 0))
 
     async def refresh_venue_stays(self) -> None:
         """Registered venues of a kind with its own maximum stay (a hospital, a hotel) pair
@@ -407,6 +472,23 @@ class Flusher:
             audit_entries,
             result.partitions_dropped,
         )
+
+
+def _decode_entry(entry: Entry, into: list[ScanEvent]) -> list[dict[bytes, bytes]]:
+    """Decode an entry's events into ``into``; a dead-letter entry for each that fails (the
+    value, the stream entry's id and why), or for the whole entry when it holds no events."""
+    values = entry_values(entry.fields)
+    if not values:
+        return [{**entry.fields, b"id": entry.entry_id, b"reason": b"no event field"}]
+    field = EVENTS_FIELD if EVENTS_FIELD in entry.fields else EVENT_FIELD
+    dead: list[dict[bytes, bytes]] = []
+    for value in values:
+        try:
+            into.append(decode_event(value))
+        except ValueError as exc:
+            reason = str(exc).encode()[:200]
+            dead.append({field: value, b"id": entry.entry_id, b"reason": reason})
+    return dead
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

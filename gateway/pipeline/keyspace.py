@@ -13,8 +13,23 @@ KEY_PREFIX: Final = "sg"
 CONSUMER_GROUP: Final = "scangate-flushers"
 # When a flusher last committed a batch (epoch ms): what ``scangate status`` shows.
 LAST_FLUSH_KEY: Final = f"{KEY_PREFIX}:last-flush"
-# The one field of a stream entry: the event as a compact JSON array (see gateway.pipeline.events).
+# The one field of a stream entry: up to EVENTS_PER_ENTRY events, each a compact JSON array
+# (see gateway.pipeline.events), one per line. One entry per section of a group commit, not
+# one per event: Valkey's work per event fell by two fifths (benchmarks/RESULTS.md).
+EVENTS_FIELD: Final = b"events"
+EVENTS_PER_ENTRY: Final = 100
+# The field of an entry written before entries held several events: one event, not counted
+# in the backlog counter. Flushers still read it, so a backlog left by an upgrade drains.
 EVENT_FIELD: Final = b"e"
+
+
+def entry_values(fields: dict[bytes, bytes]) -> list[bytes]:
+    """The encoded events a stream entry holds, in order ([] for neither field)."""
+    packed = fields.get(EVENTS_FIELD)
+    if packed is not None:
+        return packed.split(b"\n")
+    single = fields.get(EVENT_FIELD)
+    return [] if single is None else [single]
 
 
 def shard_of(app_id: str, event_id: str, shards: int) -> int:
@@ -30,6 +45,13 @@ def stream_key(shard: int) -> str:
 def seen_key(shard: int, bucket: int) -> str:
     """A hash of the event identities a shard accepted in one time bucket (de-duplication)."""
     return f"{KEY_PREFIX}:{{{shard}}}:seen:{bucket}"
+
+
+def backlog_key(shard: int) -> str:
+    """How many events of the shard's stream are not yet stored: raised by the append script
+    as it appends, lowered by a flusher as it deletes what it stored. The stream's own length
+    counts entries, which hold a varying number of events."""
+    return f"{KEY_PREFIX}:{{{shard}}}:backlog"
 
 
 def dead_letter_key(shard: int) -> str:

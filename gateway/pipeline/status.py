@@ -1,9 +1,10 @@
 """What an operator asks first: is the buffer draining, and what has reached storage?
 (``scangate status``, ``GET /v1/status``.)
 
-- the buffer: each shard's backlog (entries accepted and not yet stored: flushers delete an
-  entry once its batch commits) and the age of its oldest entry (a stream entry's id is its
-  arrival time in milliseconds), and when a flusher last committed a batch;
+- the buffer: each shard's backlog (events accepted and not yet stored: the append script
+  counts them in, a flusher counts them off as it deletes the entries its batch committed)
+  and the age of its oldest entry (a stream entry's id is its arrival time in
+  milliseconds), and when a flusher last committed a batch;
 - storage: the events and visits it holds (estimated on a large PostgreSQL database);
 - the outbox: exposure notices waiting to be delivered.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from gateway.pipeline.keyspace import LAST_FLUSH_KEY, stream_key
+from gateway.pipeline.keyspace import LAST_FLUSH_KEY, backlog_key, stream_key
 from storage import Storage
 from storage.times import format_time_ms
 
@@ -25,7 +26,7 @@ async def buffer_status(client: Any, shards: int, now_ms: int) -> dict[str, Any]
     try:
         pipe = client.pipeline(transaction=False)
         for shard in range(shards):
-            pipe.xlen(stream_key(shard))
+            pipe.get(backlog_key(shard))
             pipe.xrange(stream_key(shard), count=1)
         pipe.get(LAST_FLUSH_KEY)
         *replies, last_flush = await pipe.execute()
@@ -33,7 +34,7 @@ async def buffer_status(client: Any, shards: int, now_ms: int) -> dict[str, Any]
         return {"error": f"Redis does not answer: {type(exc).__name__}"}
     rows = []
     for shard in range(shards):
-        length, first = int(replies[2 * shard]), replies[2 * shard + 1]
+        length, first = int(replies[2 * shard] or 0), replies[2 * shard + 1]
         oldest_ms = int(first[0][0].split(b"-")[0]) if first else None
         rows.append(
             {
@@ -75,7 +76,7 @@ def status_table(doc: dict[str, Any]) -> str:
         oldest = buffer["oldest_age_s"]
         flushed = buffer["last_flush"]
         lines += [
-            f"backlog        {buffer['backlog']:,} entries"
+            f"backlog        {buffer['backlog']:,} events"
             + ("" if oldest is None else f", the oldest {oldest:.1f} s old"),
             "last flush     "
             + (
