@@ -166,11 +166,14 @@ async def test_an_empty_write_is_answered_empty(redis_url: str) -> None:
         assert await buffer.append_encoded({}, 0) == {}
         assert await buffer.append_encoded({3: []}, 0) == {3: []}
         assert await buffer.append_encoded({3: pairs("after", 1)}, 0) == {3: [True]}
+    # Nothing was appended for the empty writes: an empty entry would be a dead letter.
+    assert entry_sizes(redis_url, 3) == [1] and backlog(redis_url, 3) == 1
 
 
 def test_the_call_and_its_reply_line_up() -> None:
     keys = [["s0", "b0", "c0", "o0", "p0"], ["s1", "b1", "c1", "o1", "p1"]]
-    sections = [[(b"i1", b"v1"), (b"i2", b"v2")], [(b"i3", b"v3")]]
+    # Section 0's lines came from two requests: joined with a newline between them.
+    sections = [([b"i1", b"i2"], [b"v1", b"v2"]), ([b"i3"], [b"v3"])]
     call = append_call(keys, sections, b"900")
     assert call[1:12] == [10, "s0", "b0", "c0", "o0", "p0", "s1", "b1", "c1", "o1", "p1"]
     head = [b"900", EVENTS_FIELD, 5, EVENTS_PER_ENTRY]

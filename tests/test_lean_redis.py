@@ -357,7 +357,7 @@ async def test_the_committer_sends_no_empty_group_when_a_request_sent_its_queue(
         # send at once from this turn (_enqueue, as a request's own turn does).
         await holders[0]
         identities = [f"rest-{i}".encode() for i in range(SEND_AT_ONCE_EVENTS - 1)]
-        rest = [buffer._enqueue({0: [(i, b"event " + i)]}, 0) for i in identities]
+        rest = [buffer._enqueue({0: ([i], b"event " + i)}, 0) for i in identities]
         assert buffer._queue == []  # sent from this turn, "first" with them
         answers = await asyncio.gather(first, *rest)
         assert answers == [{0: [True]}] * SEND_AT_ONCE_EVENTS

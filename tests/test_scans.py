@@ -762,3 +762,24 @@ async def test_a_client_that_is_not_reading_gets_aiohttp_s_writing(
     assert (await resp.json())["accepted"] == 1
     assert resp.headers["Cache-Control"] == "no-store"
     assert written == ["aiohttp"]
+
+
+def test_a_batch_s_events_are_encoded_as_lines_that_hold_only_their_own_bytes() -> None:
+    """A batch's events of one shard go to Redis as one value, one event per line: each line
+    decodes as ``encode_event``'s value does, and the value keeps none of orjson's buffers."""
+    import tracemalloc
+
+    from gateway.pipeline.events import ScanEvent, decode_event, encode_event, encode_lines
+
+    events = [
+        ScanEvent("vhd", f"E{i:015d}", "checkout", "V1", "P\n1", 1, 2, "dev") for i in range(1000)
+    ]
+    tracemalloc.start()
+    try:
+        lines = encode_lines(events)
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1000 * 256
+    assert lines.split(b"\n") == [encode_event(event) for event in events]
+    assert [decode_event(line) for line in lines.split(b"\n")] == events

@@ -84,7 +84,7 @@ for base = 0, #KEYS - per, per do
   -- The usual case, every event new and few enough for one entry, appends the value as
   -- it came; otherwise the new events' lines are cut out and appended in entries of at
   -- most `most` events.
-  if #fresh == n and n <= most then
+  if #fresh > 0 and #fresh == n and n <= most then
     redis.call('XADD', stream, '*', field, lines)
   elseif #fresh > 0 then
     local kept, i = {}, 0
@@ -123,20 +123,21 @@ APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT, usedforsecurity=False).hexdigest
 
 def append_call(
     keys: Sequence[Sequence[Any]],
-    sections: Sequence[Sequence[tuple[bytes, bytes]]],
+    sections: Sequence[tuple[Sequence[bytes], Sequence[bytes]]],
     ttl_ms: bytes,
 ) -> list[Any]:
     """EVALSHA's arguments for sections with these keys (each the same number: stream,
-    backlog, current bucket, the next, older buckets) and these (identity, value) pairs."""
+    backlog, current bucket, the next, older buckets): per section its identities and its
+    events' lines, in one or more pieces (one per request), each one event per line."""
     per = len(keys[0])
     call: list[Any] = [APPEND_SHA, per * len(keys)]
     for section_keys in keys:
         call += section_keys
     call += (ttl_ms, EVENTS_FIELD, per, EVENTS_PER_ENTRY)
-    for pairs in sections:
-        call.append(len(pairs))
-        call += [identity for identity, _value in pairs]
-        call.append(b"\n".join([value for _identity, value in pairs]))
+    for identities, pieces in sections:
+        call.append(len(identities))
+        call += identities
+        call.append(pieces[0] if len(pieces) == 1 else b"\n".join(pieces))
     return call
 
 

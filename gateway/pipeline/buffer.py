@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.pipeline.append_script import APPEND_SCRIPT, append_call, split_reply
 from gateway.pipeline.durability import BufferUnavailable, Durability, describe
-from gateway.pipeline.events import ScanEvent, encode_event
+from gateway.pipeline.events import ScanEvent, encode_event, encode_lines
 from gateway.pipeline.keyspace import (
     backlog_key,
     seen_field,
@@ -62,10 +62,15 @@ SEND_AT_ONCE_EVENTS: Final = 32
 MAX_IN_FLIGHT_WAITAOF: Final = 16
 
 
+# A request's events of one shard: their identities, and their values one per line (the
+# form a stream entry holds them in).
+_Events = tuple[Sequence[bytes], bytes]
+
+
 class _Write(NamedTuple):
     """One request's events waiting for the next group commit."""
 
-    by_shard: Mapping[int, Sequence[tuple[bytes, bytes]]]
+    by_shard: Mapping[int, _Events]
     bucket: int
     done: asyncio.Future[dict[int, list[bool]]]
 
@@ -135,18 +140,26 @@ class RedisBuffer:
         if len(events) == 1:  # a single scan, the most common request: no bookkeeping
             event = events[0]
             shard = shard_of(event.app_id, event.event_id, shards)
-            pair = (seen_field(event.app_id, event.event_id), encode_event(event))
-            return (await self._enqueue({shard: (pair,)}, now_ms))[shard]
+            identity = seen_field(event.app_id, event.event_id)
+            return (await self._enqueue({shard: ((identity,), encode_event(event))}, now_ms))[shard]
         placed: list[int] = []
-        by_shard: dict[int, list[tuple[bytes, bytes]]] = {}
+        identities: dict[int, list[bytes]] = {}
+        members: dict[int, list[ScanEvent]] = {}
         for event in events:
             shard = shard_of(event.app_id, event.event_id, shards)
-            by_shard.setdefault(shard, []).append(
-                (seen_field(event.app_id, event.event_id), encode_event(event))
-            )
+            identity = seen_field(event.app_id, event.event_id)
+            if shard in members:
+                members[shard].append(event)
+                identities[shard].append(identity)
+            else:
+                members[shard] = [event]
+                identities[shard] = [identity]
             placed.append(shard)
-        if not by_shard:
+        if not members:
             return []
+        by_shard = {
+            shard: (identities[shard], encode_lines(group)) for shard, group in members.items()
+        }
         appended = await self._enqueue(by_shard, now_ms)
         cursors = dict.fromkeys(appended, 0)
         fresh: list[bool] = []
@@ -161,15 +174,21 @@ class RedisBuffer:
         """``append`` below the stream format: (identity, value) pairs already sharded and
         encoded (a value holds no newline: an entry keeps one event per line); per shard,
         True where appended and False where a duplicate."""
-        return await self._enqueue(by_shard, now_ms)
+        events = {
+            shard: ([identity for identity, _value in pairs], b"\n".join([v for _i, v in pairs]))
+            for shard, pairs in by_shard.items()
+            if pairs
+        }
+        appended = await self._enqueue(events, now_ms) if events else {}
+        return {shard: appended.get(shard, []) for shard in by_shard}
 
     def _enqueue(
-        self, by_shard: Mapping[int, Sequence[tuple[bytes, bytes]]], now_ms: int
+        self, by_shard: Mapping[int, _Events], now_ms: int
     ) -> asyncio.Future[dict[int, list[bool]]]:
         """Queue a write for the group commit (starting it if idle); its answer's future."""
         done: asyncio.Future[dict[int, list[bool]]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Write(by_shard, now_ms // self.bucket_ms, done))
-        self._queued_events += sum(len(pairs) for pairs in by_shard.values())
+        self._queued_events += sum(len(ids) for ids, _lines in by_shard.values())
         if len(self._queue) >= GROUP_TARGET or self._queued_events >= GROUP_EVENTS_TARGET:
             self._group_full.set()
         # Tried at every write, not only when the committer is idle: a turn of the loop that
@@ -275,26 +294,33 @@ class RedisBuffer:
         results: list[dict[int, list[bool]]] = []
         for write in group:
             out: dict[int, list[bool]] = {}
-            for shard, pairs in write.by_shard.items():
+            for shard, (ids, _lines) in write.by_shard.items():
                 key = (shard, write.bucket)
                 reply, at = replies[key], cursors[key]
-                out[shard] = [flag == 1 for flag in reply[at : at + len(pairs)]]
-                cursors[key] = at + len(pairs)
+                out[shard] = [flag == 1 for flag in reply[at : at + len(ids)]]
+                cursors[key] = at + len(ids)
             results.append(out)
         for (shard, _bucket), reply in replies.items():
             self.lengths[shard] = int(reply[0])
         return results
 
     @staticmethod
-    def _merge(group: list[_Write]) -> dict[tuple[int, int], list[tuple[bytes, bytes]]]:
-        """The group's sections: per (shard, bucket), every request's pairs."""
-        merged: dict[tuple[int, int], list[tuple[bytes, bytes]]] = {}
+    def _merge(group: list[_Write]) -> dict[tuple[int, int], tuple[list[bytes], list[bytes]]]:
+        """The group's sections: per (shard, bucket), every request's identities, and their
+        lines in one piece per request."""
+        merged: dict[tuple[int, int], tuple[list[bytes], list[bytes]]] = {}
         for write in group:
-            for shard, pairs in write.by_shard.items():
-                merged.setdefault((shard, write.bucket), []).extend(pairs)
+            for shard, (ids, lines) in write.by_shard.items():
+                key = (shard, write.bucket)
+                section = merged.get(key)
+                if section is None:
+                    merged[key] = (list(ids), [lines])
+                else:
+                    section[0].extend(ids)
+                    section[1].append(lines)
         return merged
 
-    def _calls(self, merged: dict[tuple[int, int], list[tuple[bytes, bytes]]]) -> list[_Call]:
+    def _calls(self, merged: dict[tuple[int, int], tuple[list[bytes], list[bytes]]]) -> list[_Call]:
         """The script calls for a group's sections: one for all of them on a single server;
         one per section on a cluster, where a call's keys must share a slot."""
         if not merged:
@@ -302,10 +328,10 @@ class RedisBuffer:
         chunks = [[key] for key in merged] if self.cluster else [list(merged)]
         calls: list[_Call] = []
         for sections in chunks:
-            pairs = [merged[key] for key in sections]
+            parts = [merged[key] for key in sections]
             keys = [self._keys(*key) for key in sections]
-            args = append_call(keys, pairs, self._bucket_ttl_ms)
-            calls.append(_Call(sections, [len(section) for section in pairs], args))
+            args = append_call(keys, parts, self._bucket_ttl_ms)
+            calls.append(_Call(sections, [len(ids) for ids, _lines in parts], args))
         return calls
 
     async def _receive(self, sent: _Sent) -> dict[tuple[int, int], list[Any]]:
