@@ -209,3 +209,13 @@ async def test_a_retry_recorded_in_the_next_bucket_is_still_a_duplicate(redis_ur
         earlier = await buffer.append_encoded({0: [(b"retry", b"again"), (b"new", b"n")]}, 5)
         assert earlier == {0: [False, True]}
     assert stream(redis_url, 0) == [b"first try", b"n"]
+
+
+async def test_a_value_that_is_not_one_line_is_refused_before_redis(redis_url: str) -> None:
+    """Events travel one per line: an empty value or one holding a newline would shift the
+    lines against their identities."""
+    async with buffer_at(redis_url, shards=1) as buffer:
+        for bad in (b"", b"two\nlines"):
+            with pytest.raises(ValueError, match="one non-empty line"):
+                await buffer.append_encoded({0: [(b"a", b"fine"), (b"b", bad)]}, 0)
+    assert entry_sizes(redis_url, 0) == [] and backlog(redis_url, 0) == 0

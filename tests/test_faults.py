@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import Settings
+from gateway.http.keys import BUFFER
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.client import connect_redis
 from gateway.pipeline.flusher import Flusher
@@ -115,6 +116,9 @@ class Rig:
         await load.settle()
         assert self.settings.redis_url is not None
         await wait_drained(self.settings.redis_url, count=drained)
+        # The backlog counters agree with the streams: every event counted in, counted off.
+        counters = await self.gateway.app[BUFFER].poll_lengths()
+        assert counters == [0] * self.settings.shards, counters
         await self.stop_flusher()
         load.ledger.check(await stored_ids(self.settings.resolved_storage_url))
         assert load.answered() > 200, f"the load hardly ran: {load.ledger.statuses}"

@@ -394,3 +394,34 @@ async def test_at_maxmemory_the_flusher_still_counts_what_it_drains(
         assert await backlogs(client) == [0] * SHARDS
         assert await client.xlen(dead_letter_key(1)) == 1  # kept, not lost with its entry
     assert await storage.count_events() == 30
+
+
+async def test_an_entry_acknowledged_twice_keeps_its_dead_letter_once(
+    redis_url: str, storage: Storage
+) -> None:
+    async with redis_client(redis_url) as client:
+        mixed = b"\n".join([encode_event(scans("ONCE", 1)[0]), b"{broken"])
+        await client.xadd(stream_key(0), {EVENTS_FIELD: mixed})
+        await client.incrby(backlog_key(0), 2)
+        metrics = FlusherMetrics()
+        slow = Flusher(client, storage, flusher_settings(), metrics, consumer="slow")
+        await slow.ensure_groups()
+        batch = await slow.collect()
+        await slow.flush(batch)
+        await slow.flush(batch)
+        assert await client.xlen(dead_letter_key(0)) == 1
+        assert metrics.dead_letters._value.get() == 1
+        assert await backlogs(client) == [0] * SHARDS
+    assert await storage.count_events() == 1
+
+
+async def test_a_counter_that_drifted_is_put_right_when_its_shard_drains(
+    redis_url: str, storage: Storage
+) -> None:
+    """An older flusher during an upgrade deletes counted entries without counting them off,
+    and an operator may delete a stream by hand: once the shard drains, its counter is 0."""
+    async with redis_client(redis_url) as client:
+        await client.incrby(backlog_key(1), 500)  # events no longer in any stream
+        await push(client, scans("DRIFT", 20))
+        await drain(Flusher(client, storage, flusher_settings(), FlusherMetrics()), client)
+        assert await backlogs(client) == [0] * SHARDS

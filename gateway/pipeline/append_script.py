@@ -87,9 +87,11 @@ for base = 0, #KEYS - per, per do
   if #fresh > 0 and #fresh == n and n <= most then
     redis.call('XADD', stream, '*', field, lines)
   elseif #fresh > 0 then
-    local kept, i = {}, 0
-    for line in string.gmatch(lines, '[^\n]+') do
-      i = i + 1
+    local kept, from = {}, 1
+    for i = 1, n do
+      local stop = string.find(lines, '\n', from, true) or #lines + 1
+      local line = string.sub(lines, from, stop - 1)
+      from = stop + 1
       if out[at + i] == 1 then
         kept[#kept + 1] = line
         if #kept == most then

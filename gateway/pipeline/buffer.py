@@ -174,6 +174,8 @@ class RedisBuffer:
         """``append`` below the stream format: (identity, value) pairs already sharded and
         encoded (a value holds no newline: an entry keeps one event per line); per shard,
         True where appended and False where a duplicate."""
+        if any(not value or b"\n" in value for pairs in by_shard.values() for _i, value in pairs):
+            raise ValueError("an encoded event is one non-empty line")
         events = {
             shard: ([identity for identity, _value in pairs], b"\n".join([v for _i, v in pairs]))
             for shard, pairs in by_shard.items()

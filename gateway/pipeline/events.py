@@ -193,7 +193,7 @@ REASON_TEXT: Final[dict[str, str]] = {
 
 
 def encode_event(event: ScanEvent) -> bytes:
-    """The stream entry's value: a JSON array, smaller in Redis than one field per column."""
+    """One event's line in a stream entry: a JSON array, smaller than a field per column."""
     encoded = orjson.dumps(
         [
             event.app_id,

@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
@@ -65,27 +64,42 @@ STORE_ATTEMPT_TIMEOUT_S: Final = 120.0
 
 # Acknowledges and deletes a shard's stored entries, and lowers its backlog counter by the
 # events of those this call deleted: an entry two flushers stored (one claimed it from the
-# other) is counted off once. Its undecodable events go to the dead-letter stream in the same
-# call, so they are kept if and only if their entry is deleted. allow-oom: at maxmemory a
-# flusher must still drain, and deleting is what frees the memory.
+# other) is counted off once, and its undecodable events go to the dead-letter stream once,
+# by the call whose delete took it. A stream left empty sets its counter to zero: the append
+# script counts in the same call that appends, so nothing can be uncounted then, and a
+# counter that drifted (an older flusher deleting counted entries during an upgrade, an
+# operator deleting by hand) is put right whenever its shard drains. allow-oom: at
+# maxmemory a flusher must still drain, and deleting is what frees the memory.
 ACK_SCRIPT: Final = b"""#!lua flags=allow-oom
 -- KEYS: the stream, its backlog counter, its dead-letter stream. ARGV[1]: the consumer
---   group; ARGV[2]: the number of dead letters, then each as its length k and k field and
---   value arguments; then per entry its id and the events it counts in the backlog.
-local a = 3
-for _ = 1, tonumber(ARGV[2]) do
-  local k = tonumber(ARGV[a])
-  redis.call('XADD', KEYS[3], '*', unpack(ARGV, a + 1, a + k))
-  a = a + k + 1
+--   group; then per entry: its id, the events it counts in the backlog, its number of dead
+--   letters d, then each dead letter as its length k and k field and value arguments.
+local a, gone, kept = 2, 0, 0
+while a <= #ARGV do
+  local id, counted, dead = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  local deleted = redis.call('XDEL', KEYS[1], id) == 1
+  if deleted then gone = gone + counted end
+  for _ = 1, dead do
+    local k = tonumber(ARGV[a])
+    if deleted then
+      redis.call('XADD', KEYS[3], '*', unpack(ARGV, a + 1, a + k))
+      kept = kept + 1
+    end
+    a = a + k + 1
+  end
 end
-local gone = 0
-for i = a, #ARGV, 2 do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then gone = gone + tonumber(ARGV[i + 1]) end
+if redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], 0)
+elseif gone > 0 then
+  redis.call('DECRBY', KEYS[2], gone)
 end
-if gone > 0 then redis.call('DECRBY', KEYS[2], gone) end
-return gone
+return {gone, kept}
 """
+# Shards acknowledged at once: each is a call of its own (its keys share one slot), and a
+# cluster node's client holds a bounded number of connections.
+ACK_CONCURRENCY: Final = 16
 
 
 class Entry(NamedTuple):
@@ -407,32 +421,39 @@ class Flusher:
         self, batch: Sequence[Entry], dead: list[tuple[Entry, dict[bytes, bytes]]],
         committed_ms: int,
     ) -> None:  # fmt: skip
-        """Per shard, one call of ``ACK_SCRIPT`` (concurrently), then the last flush's time.
-        If this fails the entries stay pending and are stored again later: harmless."""
-        letters: dict[int, list[Any]] = {}
+        """Per shard, one call of ``ACK_SCRIPT``, then the last flush's time. If this fails
+        the entries stay pending and are stored again later: harmless."""
+        letters: dict[tuple[int, bytes], list[Any]] = {}  # entry ids repeat across streams
         for entry, fields in dead:
             flat = [part for pair in fields.items() for part in pair]
-            letters.setdefault(entry.shard, []).extend((len(flat), *flat))
+            letters.setdefault((entry.shard, entry.entry_id), []).append((len(flat), *flat))
         acks: dict[int, list[Any]] = {}
         for entry in batch:
-            acks.setdefault(entry.shard, []).extend((entry.entry_id, entry.counted))
-        dead_per_shard = Counter(entry.shard for entry, _fields in dead)
-        await asyncio.gather(
-            *(
-                self._ack(
-                    keys=[stream_key(shard), backlog_key(shard), dead_letter_key(shard)],
-                    args=[CONSUMER_GROUP, dead_per_shard[shard], *letters.get(shard, ()), *ids],
+            own = letters.get((entry.shard, entry.entry_id), [])
+            args = acks.setdefault(entry.shard, [CONSUMER_GROUP])
+            args += (entry.entry_id, entry.counted, len(own))
+            for letter in own:
+                args += letter
+        calls = list(acks.items())
+        kept = 0
+        for start in range(0, len(calls), ACK_CONCURRENCY):
+            replies = await asyncio.gather(
+                *(
+                    self._ack(
+                        keys=[stream_key(shard), backlog_key(shard), dead_letter_key(shard)],
+                        args=args,
+                    )
+                    for shard, args in calls[start : start + ACK_CONCURRENCY]
                 )
-                for shard, ids in acks.items()
             )
-        )
+            kept += sum(int(reply[1]) for reply in replies)
         # At maxmemory this write is refused until a delete frees room: the next batch's
         # sets it. (Each batch's acknowledgement above is what frees it.)
         with contextlib.suppress(OutOfMemoryError):
             await self.client.set(LAST_FLUSH_KEY, committed_ms)
-        if dead:
-            self.metrics.dead_letters.inc(len(dead))
-            log.error("flusher: %d undecodable events moved to dead-letter streams", len(dead))
+        if kept:
+            self.metrics.dead_letters.inc(kept)
+            log.error("flusher: %d undecodable events moved to dead-letter streams", kept)
 
     async def _report_backlog(self) -> None:
         pipe = self.client.pipeline(transaction=False)

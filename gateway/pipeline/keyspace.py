@@ -55,7 +55,7 @@ def backlog_key(shard: int) -> str:
 
 
 def dead_letter_key(shard: int) -> str:
-    """Entries of a shard's stream that could not be decoded, kept for a person to look at."""
+    """Events of a shard's stream that could not be decoded, kept for a person to look at."""
     return f"{KEY_PREFIX}:{{{shard}}}:dead"
 
 
