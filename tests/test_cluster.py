@@ -7,8 +7,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+import redis
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer
+from gateway.pipeline.keyspace import (
+    CONSUMER_GROUP,
+    backlog_key,
+    entry_values,
+    seen_key,
+    stream_key,
+)
 from signing import Keyring
 
 from .harness import GatewayStarter
@@ -91,3 +101,128 @@ async def test_kill_9_a_master_with_wait_replicas_loses_nothing_accepted(
         assert await until(lambda: len(load.ledger.accepted) > accepted + 100, 30)
         await r.finish(load, drained=lambda: cluster_backlog(redis_cluster))
     assert load.ledger.statuses.get(503, 0) + sum(load.ledger.failures.values()) > 0
+
+
+# -- redirects: a slot moved, or being moved, under the buffer's feet ----------------------
+
+
+class SlotMove:
+    """Moving one shard's slot from the primary that holds it to another, by hand, in the
+    steps ``redis-cli --cluster reshard`` takes (each step a test may stop after)."""
+
+    def __init__(self, cluster: LocalCluster, shard: int) -> None:
+        self.key = stream_key(shard)
+        self.nodes = {n.port: redis.Redis(port=n.port) for n in cluster.nodes}
+        self.slot = int(self.nodes[cluster.nodes[0].port].cluster("keyslot", self.key))
+        owner = {
+            int(node[1]): node[2].decode()
+            for row in self.nodes[cluster.nodes[0].port].execute_command("CLUSTER", "SLOTS")
+            for node in [row[2]]
+            if row[0] <= self.slot <= row[1]
+        }
+        self.source_port = next(iter(owner))
+        masters = [p for p, role in cluster.roles().items() if role == "master"]
+        self.target_port = next(p for p in masters if p != self.source_port)
+        self.masters = masters
+        self.source, self.target = self.nodes[self.source_port], self.nodes[self.target_port]
+
+    def node_id(self, port: int) -> str:
+        return str(self.nodes[port].execute_command("CLUSTER", "MYID").decode())
+
+    def open(self) -> None:
+        """The slot marked IMPORTING on the target and MIGRATING on the source."""
+        slot = self.slot
+        self.target.execute_command(
+            "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(self.source_port)
+        )
+        self.source.execute_command(
+            "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(self.target_port)
+        )
+
+    def move_keys(self) -> None:
+        keys = self.source.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 1000)
+        if keys:
+            self.source.execute_command(
+                "MIGRATE", "127.0.0.1", self.target_port, "", 0, 5000, "KEYS", *keys
+            )
+
+    def finish(self) -> None:
+        """Every primary told the slot is the target's."""
+        target_id = self.node_id(self.target_port)
+        for port in [self.target_port, self.source_port, *self.masters]:
+            self.nodes[port].execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", target_id)
+
+    def on_target(self, *command: Any) -> Any:
+        """A command on the target while it imports the slot (after ASKING, on the same
+        connection)."""
+        pipe = self.target.pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.execute_command(*command)
+        return pipe.execute()[1]
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+
+
+def entry_events(entries: list[Any]) -> list[bytes]:
+    return [line for _id, fields in entries for line in entry_values(fields)]
+
+
+async def test_writes_follow_a_slot_that_moved_to_another_node(
+    redis_cluster: LocalCluster,
+) -> None:
+    """A resharding finished behind the buffer's back: its next write is answered MOVED,
+    and goes to the new node at once instead of failing (a 503)."""
+    client: Any = RedisCluster.from_url(redis_cluster.url)
+    buffer = RedisBuffer(client, 4, retry_memory_s=600)
+    move = SlotMove(redis_cluster, shard=1)
+    now_ms = 1_800_000_000_000
+    try:
+        assert await buffer.append_encoded({1: [(b"id-1", b"first")]}, now_ms) == {1: [True]}
+        move.open()
+        move.move_keys()
+        move.finish()
+        # The seen-bucket moved with the stream: the retry of id-1 is still a duplicate.
+        got = await buffer.append_encoded({1: [(b"id-2", b"second"), (b"id-1", b"first")]}, now_ms)
+        assert got == {1: [True, False]}
+        assert entry_events(move.target.xrange(move.key)) == [b"first", b"second"]
+        assert move.source.execute_command("CLUSTER", "COUNTKEYSINSLOT", move.slot) == 0
+    finally:
+        move.close()
+        await client.aclose()
+
+
+async def test_writes_follow_ask_to_the_importing_node_and_fail_while_keys_are_split(
+    redis_cluster: LocalCluster,
+) -> None:
+    """A slot being migrated. The source holds none of a call's keys, so it answers ASK, and
+    the call goes to the importing node after ASKING. That node runs the script only when
+    it holds every key the script names: while it does not, it answers TRYAGAIN, and the
+    write fails as unavailable (a 503 the scanner retries), with nothing half-written."""
+    client: Any = RedisCluster.from_url(redis_cluster.url)
+    buffer = RedisBuffer(client, 4, retry_memory_s=600)
+    move = SlotMove(redis_cluster, shard=2)
+    now_ms = 1_800_000_000_000
+    bucket = now_ms // buffer.bucket_ms
+    try:
+        move.open()
+        with pytest.raises(BufferUnavailable, match="TryAgainError"):
+            await buffer.append_encoded({2: [(b"id-1", b"first")]}, now_ms)
+        assert move.on_target("EXISTS", move.key) == 0
+        # The importing node is given every key the script names (its stream with the
+        # flushers' group, the backlog counter, the seen-buckets it reads).
+        move.on_target("XGROUP", "CREATE", move.key, CONSUMER_GROUP, "$", "MKSTREAM")
+        move.on_target("SET", backlog_key(2), 0)
+        for b in (bucket, bucket + 1, bucket - 1, bucket - 2):
+            move.on_target("HSET", seen_key(2, b), "placeholder", 1)
+        assert await buffer.append_encoded({2: [(b"id-1", b"first")]}, now_ms) == {2: [True]}
+        assert entry_events(move.on_target("XRANGE", move.key, "-", "+")) == [b"first"]
+        # The migration ends: the next write is answered MOVED and follows it.
+        move.finish()
+        got = await buffer.append_encoded({2: [(b"id-1", b"first")]}, now_ms)
+        assert got == {2: [False]}
+        assert move.target.get(backlog_key(2)) == b"1"
+    finally:
+        move.close()
+        await client.aclose()

@@ -1,8 +1,9 @@
 """The group commit's lean RESP pipe (``gateway.pipeline.resp``) keeps everything redis-py's
 client did for the buffer: Unix sockets, passwords and users, a database number, TLS,
 WAIT and WAITAOF, reloading a script the server lost, and LOADING and out-of-memory
-answered as BufferUnavailable (503). Redis Cluster keeps redis-py's client, which follows
-MOVED and ASK (tests/test_cluster.py). Every server here is a private one."""
+answered as BufferUnavailable (503). Redis Cluster keeps redis-py's connections, and its
+writes follow MOVED and ASK redirects (tests/test_cluster.py). Every server here is a
+private one."""
 
 from __future__ import annotations
 

@@ -20,16 +20,16 @@ retry recorded there must still be found.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.pipeline.append_script import APPEND_SCRIPT, append_call, split_reply
+from gateway.pipeline.cluster_writes import ClusterWrites
 from gateway.pipeline.durability import BufferUnavailable, Durability, describe
 from gateway.pipeline.events import ScanEvent, encode_event, encode_lines
 from gateway.pipeline.keyspace import (
@@ -114,6 +114,9 @@ class RedisBuffer:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
         self.durability = Durability(fsync_always, wait_replicas)
+        self._cluster_writes = (
+            ClusterWrites(client, self.durability) if isinstance(client, RedisCluster) else None
+        )
         self.shards = shards
         self.bucket_ms = max(MIN_BUCKET_MS, int(retry_memory_s * 1000) // 2)
         self._bucket_ttl_ms = str(self.bucket_ms * SEEN_BUCKETS_CHECKED).encode()
@@ -395,8 +398,10 @@ class RedisBuffer:
         wait_aof = await self.durability.needs_waitaof(self.client)
         for attempt in range(2):
             try:
-                if self.cluster:
-                    replies = await self._send_cluster(pending, wait_aof)
+                if self._cluster_writes is not None:
+                    replies = await self._cluster_writes.send(
+                        [call.args for call in pending], wait_aof
+                    )
                 else:
                     replies = await self._send(pending, wait_aof)
             except RedisError as exc:
@@ -413,59 +418,9 @@ class RedisBuffer:
             pending = missing
         return done
 
-    async def _send_cluster(self, calls: list[_Call], wait_aof: bool) -> list[Any]:
-        """``_send`` for a Redis Cluster: the calls grouped by the node that holds their
-        slot (each call's keys share one hash tag), every node's group pipelined on one of
-        its connections, the nodes concurrently. A node that answers MOVED or fails makes
-        the client re-read the cluster's layout before the next write."""
-        client: Any = self.client
-        await client.initialize()  # the slot map, read once (a no-op afterwards)
-        by_node: dict[str, tuple[Any, list[int]]] = {}
-        for i, call in enumerate(calls):
-            node = client.get_node_from_key(call.args[2])  # sha numkeys key ...
-            by_node.setdefault(node.name, (node, []))[1].append(i)
-        replies: list[Any] = [None] * len(calls)
-
-        async def on_node(node: Any, indexes: list[int]) -> None:
-            conn = node.acquire_connection()
-            try:
-                got = await self._pipelined(conn, [calls[i] for i in indexes], wait_aof)
-            except BaseException:
-                await conn.disconnect()
-                raise
-            finally:
-                node.release(conn)
-            for i, reply in zip(indexes, got, strict=True):
-                replies[i] = reply
-
-        try:
-            await asyncio.gather(*(on_node(n, idx) for n, idx in by_node.values()))
-        except (RedisError, OSError, BufferUnavailable):
-            await self._refresh_layout()
-            raise
-        if any(isinstance(r, ResponseError) and not isinstance(r, NoScriptError) for r in replies):
-            await self._refresh_layout()  # MOVED, ASK, CLUSTERDOWN: the layout changed
-        return replies
-
-    async def _refresh_layout(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
-
     def _commands(self, calls: list[_Call], wait_aof: bool) -> list[tuple[Any, ...]]:
         """The group's EVALSHAs, then the confirmations its durability asks for."""
         return self.durability.commands([call.args for call in calls], wait_aof)
-
-    async def _pipelined(self, conn: Any, calls: list[_Call], wait_aof: bool) -> list[Any]:
-        """The group on one of redis-py's connections (a cluster node's), in one write."""
-        commands = self._commands(calls, wait_aof)
-        await conn.send_packed_command(conn.pack_commands(commands))
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return self.durability.confirmed(replies, len(calls), wait_aof)
 
     async def _send(self, calls: list[_Call], wait_aof: bool = False) -> list[Any]:
         """EVALSHA each call, pipelined on one lean connection (``gateway.pipeline.resp``):

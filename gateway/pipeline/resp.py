@@ -2,11 +2,12 @@
 Protocol, so a group's replies cost one callback per socket read instead of redis-py's
 per-reply path (an awaited read, a timeout context and a parser call for each).
 
-Only the buffer's writes to a single server take it. Everything else (polls, script loads,
-the flusher, Redis Cluster, whose MOVED/ASK redirects redis-py follows) keeps redis-py's
-client. The connection is made as that client would make it, from the same pool's
-arguments: a Unix socket, TCP or TLS (redis-py's own TLS context, so ``rediss://`` options
-mean the same), AUTH with the URL's user and password, SELECT of its database.
+Only the buffer's writes to a single server take it. Everything else (polls, script
+loads, the flusher, and Redis Cluster, whose writes follow MOVED and ASK redirects in
+``gateway.pipeline.cluster_writes``) keeps redis-py's client. The connection is made as
+that client would make it, from the same pool's arguments: a Unix socket, TCP or TLS
+(redis-py's own TLS context, so ``rediss://`` options mean the same), AUTH with the URL's
+user and password, SELECT of its database.
 
 Error replies come back as redis-py's exception classes (``NoScriptError``,
 ``OutOfMemoryError``, ``BusyLoadingError``, ``ResponseError``) in the place of their reply,
