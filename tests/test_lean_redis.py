@@ -259,6 +259,17 @@ async def test_a_restarted_server_is_reconnected_to(private_redis: PrivateRedisF
         assert await append(buffer, b"b", b"a") == {0: [True, False]}
 
 
+async def test_a_connection_the_server_closed_while_idle_costs_no_failed_write(
+    private_redis: PrivateRedisFactory,
+) -> None:
+    server = private_redis("valkey", appendonly=True)
+    async with buffer_at(server.url) as buffer:
+        assert await append(buffer, b"a") == {0: [True]}
+        server.restart()  # between two writes: the idle connection is closed
+        await asyncio.sleep(0.2)  # the loop sees the connection end
+        assert await append(buffer, b"b", b"a") == {0: [True, False]}
+
+
 async def test_big_writes_sent_at_once_keep_every_rule(redis_url: str) -> None:
     """Writes of SEND_AT_ONCE_EVENTS or more go to Redis from their request's own turn
     (``RedisBuffer._send_at_once``): concurrent ones are each stored once, a lost script is

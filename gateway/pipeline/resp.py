@@ -193,16 +193,23 @@ class LeanPool:
         self._idle: list[LeanConnection] = []
 
     async def exchange(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        idle = self._idle
-        connection = idle.pop() if idle else await LeanConnection.open(self._pool)
+        connection = self.take_idle() or await LeanConnection.open(self._pool)
         try:
             return await connection.exchange(commands)  # a failed connection is closed
         finally:
             self.give_back(connection)
 
     def take_idle(self) -> LeanConnection | None:
-        """An open connection no exchange is using, if there is one (no waiting)."""
-        return self._idle.pop() if self._idle else None
+        """An open connection no exchange is using, if there is one (no waiting). One the
+        server closed while it sat idle (a restart, an idle timeout) is dropped here, so
+        that it costs no failed write."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if connection.usable:
+                return connection
+            connection.close()
+        return None
 
     def give_back(self, connection: LeanConnection) -> None:
         if connection.usable:
