@@ -35,6 +35,7 @@ from gateway.http.app import create_app
 from gateway.http.keys import REDIS, SETTINGS, STORAGE
 from gateway.http.openapi import OPENAPI_BODY, TAGS, openapi_document
 from gateway.http.people import ANSWER_KEYS
+from gateway.http.protocol import ConnectionLimits, GuardedRunner
 from gateway.http.web import is_web_route
 from gateway.metrics import FlusherMetrics
 from gateway.pipeline.flusher import Flusher
@@ -214,7 +215,7 @@ class LiveGateway:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
-        self.runner: web.AppRunner | None = None
+        self.runner: GuardedRunner | None = None
         self.base_url = ""
 
     def run(self, work: Coroutine[Any, Any, T]) -> T:
@@ -238,7 +239,9 @@ class LiveGateway:
             self._close()
 
     async def _start(self) -> str:
-        self.runner = web.AppRunner(create_app(self.settings))
+        # As ``scangate serve`` runs it: a POST /v1/scans enters by the front door
+        # (gateway.http.front_door), everything else by the router.
+        self.runner = GuardedRunner(create_app(self.settings), ConnectionLimits.of(self.settings))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
