@@ -27,10 +27,11 @@ from cryptography.x509.oid import NameOID
 from gateway.pipeline.buffer import BufferUnavailable, RedisBuffer
 from gateway.pipeline.client import connect_redis
 from gateway.pipeline.keyspace import entry_values, stream_key
+from gateway.pipeline.resp import LeanPool
 from gateway.run.embedded import RedisProcess
 
 from .fixtures_servers import PrivateRedisFactory
-from .servers import server_binary
+from .servers import free_loopback_port, server_binary
 
 SHARDS = 2
 
@@ -169,6 +170,40 @@ async def test_wait_holds_the_answer_until_replicas_confirm(redis_url: str) -> N
     async with buffer_at(redis_url, wait_replicas=1) as buffer:
         with pytest.raises(BufferUnavailable, match="only 0 of 1 replicas"):
             await append(buffer, b"a")
+
+
+async def test_wait_answers_once_a_replica_has_the_write(
+    private_redis: PrivateRedisFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a live replica the group's WAIT 1 is met: the write is answered, the replica
+    holds it, and it went on a lean connection (not through redis-py's client)."""
+    primary = private_redis("valkey", appendonly=False, port=free_loopback_port())
+    replica = private_redis(
+        "valkey",
+        appendonly=False,
+        port=free_loopback_port(),
+        extra_args=["--replicaof", "127.0.0.1", str(primary.port)],
+    )
+    with redis.Redis.from_url(replica.url) as client:
+        for _ in range(100):
+            if client.info("replication").get("master_link_status") == "up":
+                break
+            await asyncio.sleep(0.1)
+        assert client.info("replication")["master_link_status"] == "up"
+    exchanges: list[int] = []
+    real_exchange = LeanPool.exchange
+
+    async def counted(pool: LeanPool, commands: Any) -> list[Any]:
+        exchanges.append(len(commands))
+        return await real_exchange(pool, commands)
+
+    monkeypatch.setattr(LeanPool, "exchange", counted)
+    async with buffer_at(primary.url, wait_replicas=1) as buffer:
+        assert await append(buffer, b"a") == {0: [True]}
+    # Every exchange is the script call and its WAIT (the first also finds the script
+    # not loaded yet on this new server, and is sent again once it is).
+    assert exchanges and set(exchanges) == {2}
+    assert stored(replica.url) == 1
 
 
 async def test_waitaof_where_the_server_has_it(private_redis: PrivateRedisFactory) -> None:

@@ -20,7 +20,7 @@ from gateway import Settings
 from gateway.http import scans
 from gateway.http.access import CALLER_APP, ROUTE
 from gateway.http.keys import KEYRING, METRICS
-from gateway.logs import bind_request_id
+from gateway.logs import RequestIdStamp, bind_request_id
 from gateway.pipeline.events import decode_event
 from gateway.pipeline.keyspace import entry_values, stream_key
 from signing import Keyring
@@ -569,6 +569,45 @@ async def test_the_front_door_keeps_the_request_id_metrics_and_access_log(
     assert count(after, "401") - count(before, "401") == 2
     assert logged.count(("/v1/scans", "vhd", 200)) == 2
     assert logged.count(("/v1/scans", None, 401)) == 2
+
+
+async def test_an_unexpected_failure_is_a_500_that_tells_nothing_on_both_ways(
+    make_world: WorldFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the intake: both ways answer the same JSON 500 with every header, the
+    request id included, and log the traceback under that id; the answer names nothing
+    of what failed."""
+
+    async def broken(self: Any, request: web.Request) -> bytes:
+        raise RuntimeError("secret detail of the failure")
+
+    # Before the gateway starts: the front door binds the intake's method once.
+    monkeypatch.setattr(scans.ScanIntake, "take", broken)
+    world: World = await make_world()
+    sent = iter(["fail-front-1", "fail-routed-2"])
+
+    async def make(path: str) -> Any:
+        answer = await world.client.post(
+            path, json={"events": [world.event(1)]},
+            headers={**world.auth(), "X-Request-Id": next(sent)},
+        )  # fmt: skip
+        return answer
+
+    caplog.handler.addFilter(RequestIdStamp())  # as the gateway's own log handler has it
+    with caplog.at_level("ERROR", logger="gateway.http.front_door"):
+        direct, routed = await _both_ways(world, monkeypatch, make)
+    for answer, request_id in ((direct, "fail-front-1"), (routed, "fail-routed-2")):
+        assert answer.status == 500
+        assert answer.headers["X-Request-Id"] == request_id
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Content-Type"] == "application/json"
+        text = await answer.text()
+        assert orjson.loads(text)["error"] == "internal_error"
+        assert "secret" not in text and "RuntimeError" not in text
+    failures = [r for r in caplog.records if r.exc_info]
+    assert len(failures) == 2
+    assert all("secret detail" in str(r.exc_info[1]) for r in failures if r.exc_info)
+    assert [getattr(r, "request_id", None) for r in failures] == ["fail-front-1", "fail-routed-2"]
 
 
 async def test_expect_100_continue_and_other_methods_take_the_router(world: World) -> None:
