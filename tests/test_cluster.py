@@ -5,6 +5,8 @@ against the exact ledger of the fault suite."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -106,24 +108,26 @@ async def test_kill_9_a_master_with_wait_replicas_loses_nothing_accepted(
 # -- redirects: a slot moved, or being moved, under the buffer's feet ----------------------
 
 
+def node_of_slot(nodes: dict[int, redis.Redis], slot: int) -> int:
+    """The port of the primary that serves ``slot``, as the cluster says now."""
+    any_node = next(iter(nodes.values()))
+    for first, last, primary, *_replicas in any_node.execute_command("CLUSTER", "SLOTS"):
+        if first <= slot <= last:
+            return int(primary[1])
+    raise AssertionError(f"no node serves slot {slot}")
+
+
 class SlotMove:
     """Moving one shard's slot from the primary that holds it to another, by hand, in the
     steps ``redis-cli --cluster reshard`` takes (each step a test may stop after)."""
 
     def __init__(self, cluster: LocalCluster, shard: int) -> None:
         self.key = stream_key(shard)
-        self.nodes = {n.port: redis.Redis(port=n.port) for n in cluster.nodes}
-        self.slot = int(self.nodes[cluster.nodes[0].port].cluster("keyslot", self.key))
-        owner = {
-            int(node[1]): node[2].decode()
-            for row in self.nodes[cluster.nodes[0].port].execute_command("CLUSTER", "SLOTS")
-            for node in [row[2]]
-            if row[0] <= self.slot <= row[1]
-        }
-        self.source_port = next(iter(owner))
-        masters = [p for p, role in cluster.roles().items() if role == "master"]
-        self.target_port = next(p for p in masters if p != self.source_port)
-        self.masters = masters
+        self.nodes = {n.port: redis.Redis(port=n.port) for n in cluster.nodes if n.port}
+        self.slot = int(next(iter(self.nodes.values())).cluster("keyslot", self.key))
+        self.source_port = node_of_slot(self.nodes, self.slot)
+        self.masters = [p for p, role in cluster.roles().items() if role == "master"]
+        self.target_port = next(p for p in self.masters if p != self.source_port)
         self.source, self.target = self.nodes[self.source_port], self.nodes[self.target_port]
 
     def node_id(self, port: int) -> str:
@@ -169,60 +173,102 @@ def entry_events(entries: list[Any]) -> list[bytes]:
     return [line for _id, fields in entries for line in entry_values(fields)]
 
 
+@contextlib.asynccontextmanager
+async def cluster_buffer(cluster: LocalCluster, **options: Any) -> AsyncIterator[RedisBuffer]:
+    client: Any = RedisCluster.from_url(cluster.url)
+    try:
+        yield RedisBuffer(client, 4, retry_memory_s=600, **options)
+    finally:
+        await client.aclose()
+
+
+NOW_MS = 1_800_000_000_000
+
+
 async def test_writes_follow_a_slot_that_moved_to_another_node(
     redis_cluster: LocalCluster,
 ) -> None:
     """A resharding finished behind the buffer's back: its next write is answered MOVED,
     and goes to the new node at once instead of failing (a 503)."""
-    client: Any = RedisCluster.from_url(redis_cluster.url)
-    buffer = RedisBuffer(client, 4, retry_memory_s=600)
-    move = SlotMove(redis_cluster, shard=1)
-    now_ms = 1_800_000_000_000
-    try:
-        assert await buffer.append_encoded({1: [(b"id-1", b"first")]}, now_ms) == {1: [True]}
-        move.open()
-        move.move_keys()
-        move.finish()
-        # The seen-bucket moved with the stream: the retry of id-1 is still a duplicate.
-        got = await buffer.append_encoded({1: [(b"id-2", b"second"), (b"id-1", b"first")]}, now_ms)
-        assert got == {1: [True, False]}
-        assert entry_events(move.target.xrange(move.key)) == [b"first", b"second"]
-        assert move.source.execute_command("CLUSTER", "COUNTKEYSINSLOT", move.slot) == 0
-    finally:
-        move.close()
-        await client.aclose()
+    async with cluster_buffer(redis_cluster) as buffer:
+        move = SlotMove(redis_cluster, shard=1)
+        try:
+            assert await buffer.append_encoded({1: [(b"id-1", b"first")]}, NOW_MS) == {1: [True]}
+            move.open()
+            move.move_keys()
+            move.finish()
+            # The seen-bucket moved with the stream: the retry of id-1 is still a duplicate.
+            got = await buffer.append_encoded(
+                {1: [(b"id-2", b"second"), (b"id-1", b"first")]}, NOW_MS
+            )
+            assert got == {1: [True, False]}
+            assert entry_events(move.target.xrange(move.key)) == [b"first", b"second"]
+            assert move.source.execute_command("CLUSTER", "COUNTKEYSINSLOT", move.slot) == 0
+        finally:
+            move.close()
 
 
-async def test_writes_follow_ask_to_the_importing_node_and_fail_while_keys_are_split(
-    redis_cluster: LocalCluster,
+async def test_with_wait_replicas_writes_follow_a_failover(redis_cluster: LocalCluster) -> None:
+    """A replica took over its primary's slots (a coordinated failover) and the buffer has
+    not read the layout since. The old primary, now a replica, answers the script MOVED and
+    refuses the group's WAIT 1: the write still goes to the new primary, and is confirmed
+    there by its own WAIT, instead of failing with a 503."""
+    async with cluster_buffer(redis_cluster, wait_replicas=1) as buffer:
+        nodes = {n.port: redis.Redis(port=n.port) for n in redis_cluster.nodes if n.port}
+        try:
+            assert await buffer.append_encoded({3: [(b"id-1", b"first")]}, NOW_MS) == {3: [True]}
+            slot = int(next(iter(nodes.values())).cluster("keyslot", stream_key(3)))
+            primary = node_of_slot(nodes, slot)
+            replica = int(nodes[primary].info("replication")["slave0"]["port"])
+            await asyncio.to_thread(redis_cluster.failover, replica)
+
+            def taken_over() -> bool:
+                return (
+                    redis_cluster.roles()[replica] == "master"
+                    and nodes[replica].info("replication")["connected_slaves"] >= 1
+                )
+
+            assert await until(taken_over, 20, 0.2)
+            got = await buffer.append_encoded(
+                {3: [(b"id-2", b"second"), (b"id-1", b"first")]}, NOW_MS
+            )
+            assert got == {3: [True, False]}
+            assert entry_events(nodes[replica].xrange(stream_key(3))) == [b"first", b"second"]
+        finally:
+            for node in nodes.values():
+                node.close()
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+async def test_writes_follow_ask_to_the_importing_node_when_it_holds_the_keys(
+    redis_cluster: LocalCluster, wait_replicas: int
 ) -> None:
-    """A slot being migrated. The source holds none of a call's keys, so it answers ASK, and
-    the call goes to the importing node after ASKING. That node runs the script only when
-    it holds every key the script names: while it does not, it answers TRYAGAIN, and the
-    write fails as unavailable (a 503 the scanner retries), with nothing half-written."""
-    client: Any = RedisCluster.from_url(redis_cluster.url)
-    buffer = RedisBuffer(client, 4, retry_memory_s=600)
-    move = SlotMove(redis_cluster, shard=2)
-    now_ms = 1_800_000_000_000
-    bucket = now_ms // buffer.bucket_ms
-    try:
-        move.open()
-        with pytest.raises(BufferUnavailable, match="TryAgainError"):
-            await buffer.append_encoded({2: [(b"id-1", b"first")]}, now_ms)
-        assert move.on_target("EXISTS", move.key) == 0
-        # The importing node is given every key the script names (its stream with the
-        # flushers' group, the backlog counter, the seen-buckets it reads).
-        move.on_target("XGROUP", "CREATE", move.key, CONSUMER_GROUP, "$", "MKSTREAM")
-        move.on_target("SET", backlog_key(2), 0)
-        for b in (bucket, bucket + 1, bucket - 1, bucket - 2):
-            move.on_target("HSET", seen_key(2, b), "placeholder", 1)
-        assert await buffer.append_encoded({2: [(b"id-1", b"first")]}, now_ms) == {2: [True]}
-        assert entry_events(move.on_target("XRANGE", move.key, "-", "+")) == [b"first"]
-        # The migration ends: the next write is answered MOVED and follows it.
-        move.finish()
-        got = await buffer.append_encoded({2: [(b"id-1", b"first")]}, now_ms)
-        assert got == {2: [False]}
-        assert move.target.get(backlog_key(2)) == b"1"
-    finally:
-        move.close()
-        await client.aclose()
+    """A slot being migrated. Its source holds none of a call's keys, so it answers ASK,
+    and the call goes to the importing node after ASKING. That node runs the script only
+    if every key the script names exists there: until then it answers TRYAGAIN, and the
+    write fails as unavailable (a 503 the scanner retries), with nothing written. (A call
+    names the seen-bucket after the current one, which rarely exists, so in practice a
+    migrating slot answers TRYAGAIN until it has moved.)"""
+    async with cluster_buffer(redis_cluster, wait_replicas=wait_replicas) as buffer:
+        move = SlotMove(redis_cluster, shard=2)
+        bucket = NOW_MS // buffer.bucket_ms
+        try:
+            move.open()
+            with pytest.raises(BufferUnavailable, match="TryAgainError"):
+                await buffer.append_encoded({2: [(b"id-1", b"first")]}, NOW_MS)
+            assert move.on_target("EXISTS", move.key) == 0
+            # The importing node is given every key the script names (its stream with the
+            # flushers' group, the backlog counter, the seen-buckets it reads).
+            move.on_target("XGROUP", "CREATE", move.key, CONSUMER_GROUP, "$", "MKSTREAM")
+            move.on_target("SET", backlog_key(2), 0)
+            for b in (bucket, bucket + 1, bucket - 1, bucket - 2):
+                move.on_target("HSET", seen_key(2, b), "placeholder", 1)
+            assert await buffer.append_encoded({2: [(b"id-1", b"first")]}, NOW_MS) == {2: [True]}
+            assert entry_events(move.on_target("XRANGE", move.key, "-", "+")) == [b"first"]
+            # The migration ends: the next write is answered MOVED and follows it.
+            move.finish()
+            got = await buffer.append_encoded({2: [(b"id-1", b"first")]}, NOW_MS)
+            assert got == {2: [False]}
+            assert move.target.get(backlog_key(2)) == b"1"
+        finally:
+            move.close()

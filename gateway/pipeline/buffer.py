@@ -26,7 +26,7 @@ from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.pipeline.append_script import APPEND_SCRIPT, append_call, split_reply
 from gateway.pipeline.cluster_writes import ClusterWrites
@@ -404,7 +404,7 @@ class RedisBuffer:
                     )
                 else:
                     replies = await self._send(pending, wait_aof)
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:
                 self.durability.forget()
                 raise BufferUnavailable(describe(exc)) from exc
             missing = self._sort_replies(pending, replies, done, reload=attempt == 0)

@@ -8,9 +8,15 @@ followed as redis-py's own commands follow them:
 - ASK: the slot is being migrated and its source holds none of the call's keys. The call
   goes to the node importing the slot, after ``ASKING``. That node runs the script only if
   it holds every key the script names; otherwise it answers TRYAGAIN.
-- TRYAGAIN (a migration has split the call's keys between two nodes), CLUSTERDOWN, or a
-  node that fails: the write fails, which the gateway answers with a 503 and Retry-After,
-  and the layout is read again before the next write.
+- TRYAGAIN, CLUSTERDOWN, or a node that fails: the write fails, which the gateway answers
+  with a 503 and Retry-After, and the layout is read again before the next write.
+
+While a slot migrates, a call mostly gets TRYAGAIN: Redis runs a multi-key command there
+only when every key it names exists on the node, and a call names the seen-bucket after
+the current one, which exists only when a clock ran ahead. So a shard answers 503 from the
+start of its slot's migration to its end (scanners retry), and MOVED is what carries the
+writes to the new node afterwards. redis-py's own commands retry TRYAGAIN after 50 ms; a
+migration takes longer than a request should wait, so the write fails at once instead.
 
 A MOVED or ASK reply means the node ran nothing, so sending the call again is safe (and a
 call is idempotent anyway: the script skips identities it has seen).
@@ -24,7 +30,14 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from gateway.pipeline.durability import BufferUnavailable, Durability
 
@@ -60,7 +73,7 @@ class ClusterWrites:
                         for node, asking, indexes in groups
                     )
                 )
-            except (RedisError, OSError, BufferUnavailable):
+            except (RedisError, RedisClusterException, OSError, BufferUnavailable):
                 await self.refresh_layout()
                 raise
             for (_node, _asking, indexes), node_replies in zip(groups, got, strict=True):
@@ -71,10 +84,14 @@ class ClusterWrites:
                 break
             if any(isinstance(replies[i], MovedError) for i in redirected):
                 await self.refresh_layout()
+            sent_to = targets
             targets = {}
             for i in redirected:
                 error: AskError = replies[i]
-                node = client.get_node(host=error.host, port=error.port)
+                # A node may name itself with no host ("MOVED 3999 :6381"): the host it
+                # was reached on, then, as redis-py reads it.
+                host = error.host or sent_to[i][0].host
+                node = client.get_node(host=host, port=error.port)
                 if node is not None:  # a node the layout does not know: the error stands
                     targets[i] = (node, not isinstance(error, MovedError))
             if not targets:
@@ -84,7 +101,9 @@ class ClusterWrites:
         return replies
 
     async def refresh_layout(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        """Read the cluster's slots again. A failure to (no node answers, slots uncovered)
+        leaves the old layout: the write that asked already fails, and the next asks again."""
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await self.client.nodes_manager.initialize()
 
     async def _on_node(
@@ -118,4 +137,10 @@ class ClusterWrites:
                 replies.append(exc)
         if asking:
             replies = replies[1 : 2 * n : 2] + replies[2 * n :]
+        calls_replies = replies[: len(calls)]
+        if all(isinstance(reply, AskError) for reply in calls_replies):
+            # Every call was sent elsewhere: this node wrote nothing, so its WAIT / WAITAOF
+            # confirms nothing (a primary that became a replica even refuses them), and
+            # the nodes the calls go to next confirm them there.
+            return calls_replies
         return self.durability.confirmed(replies, len(calls), wait_aof)
