@@ -48,6 +48,7 @@ from gateway.run.embedded import RedisProcess, valkey_binary
 
 HERE = Path(__file__).resolve().parent
 SERVER_CPU, CLIENT_CPU = 0, 1
+REWRITE_TIMEOUT_S = 120  # Valkey's AOF rewrite of an emptied buffer
 SHARDS = 16
 # wrk's connections at the maximum rate. The reference's core is busy with 64. Batches of
 # 100 need more in flight than 16 to keep the gateway and Valkey working at once: on
@@ -242,18 +243,22 @@ def empty_buffer(url: str) -> None:
 
     with redis.Redis.from_url(url) as r:
 
-        def rewriting() -> bool:
-            info = r.info("persistence")
-            return bool(info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"])
+        def wait_for_no_rewrite() -> None:
+            deadline = time.monotonic() + REWRITE_TIMEOUT_S
+            while True:
+                info = r.info("persistence")
+                if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Valkey's AOF rewrite ran over {REWRITE_TIMEOUT_S} s")
+                time.sleep(0.1)
 
         # SYNC: Valkey 8 frees a FLUSHALL's memory in a background thread by default
         # (lazyfree-lazy-user-flush), which would then run during the next row.
         r.execute_command("FLUSHALL", "SYNC")
-        while rewriting():  # a rewrite already under way refuses a new one
-            time.sleep(0.1)
+        wait_for_no_rewrite()  # a rewrite already under way refuses a new one
         r.bgrewriteaof()
-        while rewriting():
-            time.sleep(0.1)
+        wait_for_no_rewrite()
 
 
 def gateway_rss_mb(pid: int) -> float:

@@ -31,7 +31,7 @@ from gateway.pipeline.resp import LeanPool
 from gateway.run.embedded import RedisProcess
 
 from .fixtures_servers import PrivateRedisFactory
-from .servers import free_loopback_port, server_binary
+from .servers import server_binary
 
 SHARDS = 2
 
@@ -177,12 +177,9 @@ async def test_wait_answers_once_a_replica_has_the_write(
 ) -> None:
     """With a live replica the group's WAIT 1 is met: the write is answered, the replica
     holds it, and it went on a lean connection (not through redis-py's client)."""
-    primary = private_redis("valkey", appendonly=False, port=free_loopback_port())
+    primary = private_redis("valkey", appendonly=False)
     replica = private_redis(
-        "valkey",
-        appendonly=False,
-        port=free_loopback_port(),
-        extra_args=["--replicaof", "127.0.0.1", str(primary.port)],
+        "valkey", appendonly=False, extra_args=["--replicaof", "127.0.0.1", str(primary.port)]
     )
     with redis.Redis.from_url(replica.url) as client:
         for _ in range(100):
@@ -297,6 +294,8 @@ async def test_a_restarted_server_is_reconnected_to(private_redis: PrivateRedisF
 async def test_a_connection_the_server_closed_while_idle_costs_no_failed_write(
     private_redis: PrivateRedisFactory,
 ) -> None:
+    """A restart between two writes: once the event loop has seen the idle connection
+    end, the next write opens a new one instead of failing on the old (a 503)."""
     server = private_redis("valkey", appendonly=True)
     async with buffer_at(server.url) as buffer:
         assert await append(buffer, b"a") == {0: [True]}
